@@ -1,0 +1,238 @@
+"""``check(model, inputs)``: prove the optimised model computes what the original computes.
+
+Two levels: the whole model (loss, outputs, every trainable gradient, original against optimised
+on the same inputs and random state) and each rewritten region alone (the original subgraph
+against its fused op, forward and backward, on the activations that region really saw).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from fastft.passes.rewrite import REWRITE_META, AppliedRewrite
+
+from .errors import CheckError
+from .optimize import state_of
+from .tolerances import tolerance_for
+
+
+@dataclass
+class Comparison:
+    name: str
+    dtype: str
+    max_abs_error: float
+    rel_l2_error: float
+    ok: bool
+    bound: str
+
+    def __str__(self) -> str:
+        verdict = "ok  " if self.ok else "FAIL"
+        return (f"{verdict} {self.name} [{self.dtype}] max|Δ|={self.max_abs_error:.3g} "
+                f"rel_l2={self.rel_l2_error:.3g} ({self.bound})")
+
+
+@dataclass
+class CheckResult:
+    model: list[Comparison] = field(default_factory=list)  # loss, outputs, gradients
+    regions: list[Comparison] = field(default_factory=list)  # one per rewritten region and tensor
+    problems: list[str] = field(default_factory=list)  # what could not be compared, and why
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and all(c.ok for c in self.model + self.regions)
+
+    @property
+    def errors(self) -> list[Comparison]:
+        return [c for c in self.model + self.regions if not c.ok]
+
+    @property
+    def region_errors(self) -> list[Comparison]:
+        return [c for c in self.regions if not c.ok]
+
+    @property
+    def regions_checked(self) -> int:
+        return len({c.name.split(" ", 1)[0] for c in self.regions})
+
+    def __str__(self) -> str:
+        head = (f"fastft.check: {'PASS' if self.ok else 'FAIL'} ({len(self.model)} model comparisons, "
+                f"{self.regions_checked} regions)")
+        lines = [head] + [f"  {p}" for p in self.problems]
+        shown = self.errors if not self.ok else self.model[:3]
+        lines += [f"  {c}" for c in shown]
+        return "\n".join(lines)
+
+
+def check(model: nn.Module, inputs: dict | tuple, loss_fn: Callable[[Any], torch.Tensor] | None = None,
+          seed: int = 0) -> CheckResult:
+    """Run the original and the optimised model on ``inputs`` and compare everything.
+
+    ``inputs``: keyword arguments (dict) or positional ones (tuple). The loss is ``loss_fn(output)``,
+    else ``output.loss`` / ``output["loss"]`` / a scalar output. Parameter gradients are restored.
+    """
+    state = state_of(model)
+    if state is None:
+        raise CheckError(f"{type(model).__name__} was not optimised: call fastft.optimize(model) first")
+    if not isinstance(inputs, (dict, tuple)):
+        raise CheckError(f"inputs must be a dict of keyword arguments or a tuple, not {type(inputs).__name__}")
+
+    def run() -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
+        for p in trainable.values():
+            p.grad = None
+        with torch.random.fork_rng(devices=_devices(model)):
+            torch.manual_seed(seed)
+            out = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+            loss = _loss_of(out, loss_fn)
+            loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in trainable.items() if p.grad is not None}
+        return out, loss.detach(), grads
+
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    saved = {n: p.grad for n, p in trainable.items()}
+    calls: list[tuple[Any, list]] = []
+    try:
+        with state.original():
+            out0, loss0, grads0 = run()
+        with state.observing(lambda graph, args: calls.append((graph, _snapshot(args)))):
+            out1, loss1, grads1 = run()
+    finally:
+        for n, p in trainable.items():
+            p.grad = saved[n]
+
+    result = CheckResult()
+    result.model.append(_compare("loss", loss1, loss0, elementwise=False))
+    outs0, outs1 = _tensors(out0, "output"), _tensors(out1, "output")
+    for name, ref in outs0.items():
+        if name in outs1:
+            result.model.append(_compare(name, outs1[name], ref, elementwise=False))
+    for name, ref in grads0.items():
+        if name not in grads1:
+            result.problems.append(f"gradient of {name} exists originally but not after optimisation")
+            continue
+        result.model.append(_compare(f"grad {name}", grads1[name], ref, elementwise=False))
+    for name in grads1.keys() - grads0.keys():
+        result.problems.append(f"gradient of {name} appears only after optimisation")
+
+    if not calls and state.entry_points and not any(e.failed for e in state.entry_points):
+        result.problems.append("no captured graph ran: the optimised model did not go through fastft")
+    generator = torch.Generator().manual_seed(seed)
+    for graph, args in calls:
+        with torch.no_grad():
+            _RegionRunner(graph.gm, result, generator).run(*args)
+    return result
+
+
+class _RegionRunner(fx.Interpreter):
+    """Runs a rewritten graph; at each fused op, also runs the region it replaced, and compares."""
+
+    def __init__(self, gm: fx.GraphModule, result: CheckResult, generator: torch.Generator) -> None:
+        super().__init__(gm)
+        self.result, self.generator = result, generator
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op == "call_function" and n.target is torch.ops.higher_order.tag_activation_checkpoint:
+            body, *operands = self.map_nodes_to_values(n.args, n)
+            return _RegionRunner(body, self.result, self.generator).run(*operands)
+        out = super().run_node(n)
+        applied = n.meta.get(REWRITE_META)
+        if isinstance(applied, AppliedRewrite):
+            args = self.map_nodes_to_values(n.args, n)
+            self._compare_region(applied, n, args)
+        return out
+
+    def _compare_region(self, applied: AppliedRewrite, n: fx.Node, args: tuple) -> None:
+        where = f"{applied.pattern.name}@{applied.module_path or '<model>'}:{n.name}"
+        positions = [i for i, a in enumerate(n.args) if isinstance(a, fx.Node)]
+        with torch.enable_grad():
+            leaves_ref = [_leaf(args[i]) for i in positions]
+            leaves_new = [_leaf(args[i]) for i in positions]
+            ref = applied.region(*leaves_ref)
+            fused_args = list(args)
+            for i, leaf in zip(positions, leaves_new):
+                fused_args[i] = leaf
+            new = n.target(*fused_args, **n.kwargs)
+            self.result.regions.append(_compare(f"{where} output", new, ref, elementwise=True))
+            if not ref.requires_grad:
+                return
+            grad_out = torch.randn(ref.shape, generator=self.generator, dtype=torch.float32).to(ref)
+            want = [x for x in leaves_ref if x.requires_grad]
+            have = [x for x in leaves_new if x.requires_grad]
+            g_ref = torch.autograd.grad(ref, want, grad_out, allow_unused=True)
+            g_new = torch.autograd.grad(new, have, grad_out, allow_unused=True)
+        for k, (a, b) in enumerate(zip(g_new, g_ref)):
+            if a is None or b is None:
+                if (a is None) != (b is None):
+                    self.result.problems.append(f"{where}: gradient of input {k} exists on one side only")
+                continue
+            self.result.regions.append(_compare(f"{where} grad[{k}]", a, b, elementwise=False))
+
+
+def _leaf(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone().requires_grad_(value.is_floating_point())
+    return value
+
+
+def _snapshot(args: tuple) -> list:
+    return [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def _compare(name: str, new: torch.Tensor, ref: torch.Tensor, elementwise: bool) -> Comparison:
+    tol = tolerance_for(ref.dtype if ref.is_floating_point() else torch.float32)
+    if new.shape != ref.shape:
+        return Comparison(name, str(ref.dtype), float("inf"), float("inf"), False,
+                          f"shape {tuple(new.shape)} vs {tuple(ref.shape)}")
+    a, b = new.detach().double(), ref.detach().double()
+    finite = bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())
+    diff = (a - b).abs()
+    max_abs = float(diff.max()) if diff.numel() else 0.0
+    rel = float((a - b).norm() / b.norm().clamp_min(1e-30)) if diff.numel() else 0.0
+    if elementwise:
+        ok = finite and bool(torch.allclose(a, b, atol=tol.atol, rtol=tol.rtol))
+        bound = f"atol={tol.atol:g} rtol={tol.rtol:g}"
+    else:
+        ok = finite and (rel <= tol.rel_l2 or max_abs <= tol.atol)
+        bound = f"rel_l2<={tol.rel_l2:g}"
+    return Comparison(name, str(ref.dtype).replace("torch.", ""), max_abs, rel, ok, bound)
+
+
+def _loss_of(out: Any, loss_fn: Callable | None) -> torch.Tensor:
+    if loss_fn is not None:
+        loss = loss_fn(out)
+    elif isinstance(out, torch.Tensor):
+        loss = out
+    elif getattr(out, "loss", None) is not None:
+        loss = out.loss
+    elif isinstance(out, dict) and out.get("loss") is not None:
+        loss = out["loss"]
+    else:
+        raise CheckError(f"cannot find a loss in the model's output ({type(out).__name__}): "
+                         f"pass labels, or loss_fn=lambda out: ...")
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise CheckError(f"the loss must be a scalar tensor, got {type(loss).__name__} "
+                         f"of shape {tuple(getattr(loss, 'shape', ()))}")
+    return loss
+
+
+def _tensors(out: Any, prefix: str) -> dict[str, torch.Tensor]:
+    found: dict[str, torch.Tensor] = {}
+    if isinstance(out, torch.Tensor):
+        found[prefix] = out
+    elif isinstance(out, dict):
+        for k, v in out.items():
+            found.update(_tensors(v, f"{prefix}.{k}"))
+    elif dataclasses.is_dataclass(out) and not isinstance(out, type):
+        for f in dataclasses.fields(out):
+            found.update(_tensors(getattr(out, f.name), f"{prefix}.{f.name}"))
+    elif isinstance(out, (tuple, list)):
+        for i, v in enumerate(out):
+            found.update(_tensors(v, f"{prefix}[{i}]"))
+    return found
+
+
+def _devices(model: nn.Module) -> list[int]:
+    return sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})

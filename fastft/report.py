@@ -1,0 +1,104 @@
+"""The Report: what was rewritten where, what almost matched and why, where capture broke."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+
+def _natural(path: str) -> list:
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.split(".")]
+
+
+@dataclass(frozen=True)
+class RewriteRecord:
+    pattern: str
+    family: str
+    module_path: str
+    kernel: str
+    graph: str  # which captured graph it lives in (entry point and capture number)
+
+
+@dataclass(frozen=True)
+class NearMiss:
+    region: str  # module path and node name
+    pattern: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class GraphBreak:
+    entry: str
+    reason: str
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class CaptureFailure:
+    entry: str
+    error: str
+
+
+@dataclass
+class Report:
+    """Filled as graphs are captured; read by ``fastft.report(model)`` and ``fastft-inspect``.
+
+    A graph is captured again on a recompile (new shapes, train/eval); its records replace the
+    earlier capture's instead of adding to them, so counts describe the model, not its history.
+    """
+
+    by_graph: dict[str, list[RewriteRecord]] = field(default_factory=dict)
+    misses_by_graph: dict[str, list[NearMiss]] = field(default_factory=dict)
+    graph_breaks: list[GraphBreak] = field(default_factory=list)
+    capture_failures: list[CaptureFailure] = field(default_factory=list)
+    graphs_captured: int = 0
+
+    @property
+    def rewrites(self) -> list[RewriteRecord]:
+        """One record per rewritten region of the model: the same region captured by two entry
+        points (the model and its backbone) or by a recompile counts once."""
+        unique: dict[tuple, RewriteRecord] = {}
+        for records in self.by_graph.values():
+            seen: Counter = Counter()
+            for r in records:
+                seen[(r.pattern, r.module_path)] += 1
+                unique.setdefault((r.pattern, r.module_path, seen[(r.pattern, r.module_path)]), r)
+        return sorted(unique.values(), key=lambda r: (r.family, _natural(r.module_path)))
+
+    @property
+    def near_misses(self) -> list[NearMiss]:
+        seen = dict.fromkeys(m for misses in self.misses_by_graph.values() for m in misses)
+        return list(seen)
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(r.family for r in self.rewrites))
+
+    def record_graph(self, key: str, rewrites: list[RewriteRecord], misses: list[NearMiss]) -> None:
+        self.graphs_captured += 1
+        self.by_graph[key] = rewrites
+        self.misses_by_graph[key] = misses
+
+    def record_graph_break(self, entry: str, reason: str, count: int) -> None:
+        for i, old in enumerate(self.graph_breaks):
+            if old.entry == entry and old.reason == reason:
+                self.graph_breaks[i] = GraphBreak(entry, reason, old.count + count)
+                return
+        self.graph_breaks.append(GraphBreak(entry, reason, count))
+
+    def to_dict(self) -> dict:
+        return {
+            "counts": self.counts(),
+            "rewrites": [asdict(r) for r in self.rewrites],
+            "near_misses": [asdict(m) for m in self.near_misses],
+            "graph_breaks": [asdict(g) for g in self.graph_breaks],
+            "capture_failures": [asdict(f) for f in self.capture_failures],
+            "graphs_captured": self.graphs_captured,
+        }
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def __str__(self) -> str:
+        from .table import format_report
+
+        return format_report(self)

@@ -1,0 +1,36 @@
+"""What a pattern is: its math as an expression, a constraint check, and the op that replaces it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .matcher import Expr, Match
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """A call to ``target(*args)`` that computes what the matched region computed."""
+
+    target: Callable[..., Any]
+    args: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A declarative rewrite rule.
+
+    ``expr`` is matched at every node; ``check`` returns None to accept a match or the reason it
+    is rejected (which the Report shows as a near miss); ``replace`` builds the fused call.
+    ``anchors`` are canonical ops whose presence means "this family is probably here": an
+    anchor left outside every rewrite becomes a near miss. ``reference`` is the PyTorch math the
+    pattern stands for, the oracle shared by kernel tests and the checker.
+    """
+
+    name: str
+    family: str
+    expr: Expr
+    check: Callable[[Match], "str | None"]
+    replace: Callable[[Match], Replacement]
+    anchors: frozenset[str]
+    reference: Callable[..., Any]
+    kernel: str

@@ -1,0 +1,92 @@
+"""Normalisation patterns. RMSNorm, from its math:
+
+    y = x_f * rsqrt(mean(x_f ** 2, -1, keepdim) + eps)     x_f = x, upcast or not
+    y = y.to(norm_dtype)                                     optional: round before the weight
+    y = y * (w + offset)                                     optional weight, offset 0 or 1
+    y = y.to(out_dtype)                                      optional final cast
+
+Spellings the canonical view folds together (pow vs x*x, rsqrt vs 1/sqrt, .float() vs .to())
+need no variant here; the variants that change the numbers (where the casts are, ``1 + w``) are
+bindings of the one expression, and the kernel takes them as arguments.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastft.kernels.rms_norm import rms_norm_reference
+from fastft.passes.canonical import dtype_of, tensor_meta
+from fastft.passes.matcher import Cast, Lit, Match, Op, Var
+from fastft.passes.pattern import Pattern, Replacement
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _last_dim_only(dims, canon) -> bool:
+    return dims == (canon.attrs["ndim"] - 1,)
+
+
+def _rms_norm_expr():
+    x = Var("x")
+    xf = Cast(x, "upcast")
+    mean_sq = Op("mean", Op("pow", xf, 2) | Op("mul", xf, xf), dims=_last_dim_only, keepdim=True,
+                 name="mean_sq")
+    denom = Op("add", mean_sq, Lit("eps"), commutative=True)
+    inv_rms = Op("rsqrt", denom) | Op("reciprocal", Op("sqrt", denom)) | Op("div", 1, Op("sqrt", denom))
+    normed = Op("mul", xf, inv_rms, commutative=True, name="normed") | Op(
+        "div", xf, Op("sqrt", denom), name="normed")
+    weight = Cast(Var("weight"), "weight_cast")
+    scale = weight | Op("add", weight, Lit("offset"), commutative=True)
+    weighted = Op("mul", Cast(normed, "norm_cast"), scale, commutative=True, name="weighted")
+    return Cast(weighted, "out_cast") | Cast(normed, "out_cast")
+
+
+def _check_rms_norm(m: Match) -> str | None:
+    b = m.bindings
+    x = tensor_meta(b["x"])
+    if x.dtype not in _KERNEL_DTYPES:
+        return f"input dtype {x.dtype} has no fused kernel (supported: float32, bfloat16, float16)"
+    if dtype_of(b["mean_sq"]) != torch.float32:
+        return (f"the mean of squares is computed in {dtype_of(b['mean_sq'])}; the fused kernel "
+                f"accumulates in float32 and would not reproduce it")
+    eps = b["eps"]
+    if not isinstance(eps, (int, float)) or eps < 0:
+        return f"eps {eps!r} is not a non-negative number"
+    if "weight" in b:
+        w = tensor_meta(b["weight"])
+        if w.dim() != 1 or w.shape[0] != x.shape[-1]:
+            return f"weight of shape {tuple(w.shape)} is not a vector over the last dim ({x.shape[-1]})"
+        if w.dtype not in _KERNEL_DTYPES:
+            return f"weight dtype {w.dtype} has no fused kernel"
+        if b["weight_cast"] not in (None, torch.float32):
+            return f"the weight is rounded to {b['weight_cast']} before the multiply"
+        if not isinstance(b.get("offset", 0), (int, float)):
+            return f"weight offset {b['offset']!r} is not a number"
+        if b["out_cast"] is not None and dtype_of(b["weighted"]) != torch.float32:
+            return "the product is rounded twice (to its own dtype, then cast)"
+    if tensor_meta(m.root).shape != x.shape:
+        return f"output shape {tuple(tensor_meta(m.root).shape)} differs from the input's {tuple(x.shape)}"
+    return None
+
+
+def _replace_rms_norm(m: Match) -> Replacement:
+    b = m.bindings
+    norm_dtype = b.get("norm_cast")
+    if norm_dtype == torch.float32:
+        norm_dtype = None  # rounding an fp32 value to fp32 is the identity
+    return Replacement(
+        torch.ops.fastft.rms_norm.default,
+        (b["x"], b.get("weight"), float(b["eps"]), float(b.get("offset", 0.0)), norm_dtype,
+         dtype_of(m.root)),
+    )
+
+
+RMS_NORM = Pattern(
+    name="rms_norm",
+    family="rms_norm",
+    expr=_rms_norm_expr(),
+    check=_check_rms_norm,
+    replace=_replace_rms_norm,
+    anchors=frozenset({"rsqrt"}),
+    reference=rms_norm_reference,
+    kernel="fastft::rms_norm",
+)
