@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import types
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -36,9 +37,10 @@ class EntryPoint:
         self.module, self.path, self.state = module, path, state
         self.name = path or "<model>"
         self.failed: str | None = None
+        self.captures = 0
         backend = make_backend(state.options.patterns, state.options.lower, self._on_capture)
-        self.compiled = torch.compile(module._call_impl, backend=backend, fullgraph=state.options.fullgraph,
-                                      dynamic=state.options.dynamic)
+        self.compiled = torch.compile(_entry_function(module), backend=backend,
+                                      fullgraph=state.options.fullgraph, dynamic=state.options.dynamic)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling() or self.state.bypass or self.failed is not None:
@@ -54,16 +56,23 @@ class EntryPoint:
                                    f"(entry '{self.name}') in one graph: {_first_line(error)}") from error
             # Run unoptimised (a user error shows up again here, and propagates); report why.
             out = self.module._call_impl(*args, **kwargs)
-            self.failed = f"{type(error).__name__}: {_first_line(error)}"
-            self.state.report.capture_failures.append(CaptureFailure(self.name, self.failed))
-            warnings.warn(f"fastft: capture of '{self.name}' failed, it runs unoptimised: {self.failed}")
+            self._fail(f"{type(error).__name__}: {_first_line(error)}")
             return out
+        if self.captures == 0:
+            self._fail("Dynamo ran the call without capturing a graph (its recompile limit was reached, "
+                       "or it skipped the frame)")
         for reason, count in counters["graph_break"].items():
             if count > before.get(reason, 0):
                 self.state.report.record_graph_break(self.name, _first_line(reason), count - before.get(reason, 0))
         return out
 
+    def _fail(self, reason: str) -> None:
+        self.failed = reason
+        self.state.report.capture_failures.append(CaptureFailure(self.name, reason))
+        warnings.warn(f"fastft: capture of '{self.name}' failed, it runs unoptimised: {reason}")
+
     def _on_capture(self, captured: CapturedGraph) -> None:
+        self.captures += 1
         prefix = f"{self.path}." if self.path else ""
         key = f"{self.name}#{captured.key}"
         records = [RewriteRecord(a.pattern.name, a.pattern.family, prefix + a.module_path if a.module_path else self.path,
@@ -166,6 +175,21 @@ def _entry_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
         paths = {id(m): n for n, m in model.named_modules()}
         entries.append((paths.get(id(backbone), "base_model"), backbone))
     return entries
+
+
+def _entry_function(module: nn.Module):
+    """A function calling ``module`` with a code object of its own.
+
+    Dynamo caches compiled frames per code object, and every module's ``_call_impl`` shares one:
+    compiling it directly would let a few optimised models exhaust the recompile limit of all.
+    """
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return module._call_impl(*args, **kwargs)
+
+    fn = types.FunctionType(call.__code__.replace(co_name=f"fastft_entry_{id(module):x}"), call.__globals__,
+                            call.__name__, call.__defaults__, call.__closure__)
+    return fn
 
 
 def _first_line(error: Any) -> str:

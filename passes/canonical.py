@@ -155,8 +155,7 @@ def module_path(node: fx.Node) -> str:
 def _clean_module_path(path: str) -> str:
     import re
 
-    path = re.sub(r"^L\['self'\]\.?", "", path)
-    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
-    path = re.sub(r"^_modules\['([^']+)'\]", r"\1", path)
+    path = re.sub(r"^L\['[^']+'\]\.?", "", path)  # the captured module itself
+    path = re.sub(r"\.?(?:__dict__\['_modules'\]|_modules)\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     return path.strip(".")

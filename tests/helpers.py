@@ -1,0 +1,46 @@
+"""Shared test helpers: tiny models and a training loop to compare optimised and original runs."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from fastft.tolerances import tolerance_for
+
+
+def train_steps(model: nn.Module, batches: list[dict], lr: float = 1e-2) -> list[float]:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for batch in batches:
+        opt.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def assert_same_training(reference: nn.Module, optimised: nn.Module, batches: list[dict]) -> None:
+    """Same losses step by step and same trainable parameters at the end, within tolerance."""
+    want = train_steps(reference, batches)
+    have = train_steps(optimised, batches)
+    dtype = next(reference.parameters()).dtype
+    tol = tolerance_for(dtype)
+    for step, (a, b) in enumerate(zip(have, want)):
+        assert abs(a - b) <= tol.rel_l2 * abs(b) + tol.atol, f"step {step}: loss {a} vs {b}"
+    ref_params = dict(reference.named_parameters())
+    for name, p in optimised.named_parameters():
+        if p.requires_grad:
+            q = ref_params[name]
+            rel = ((p.double() - q.double()).norm() / q.double().norm().clamp_min(1e-12)).item()
+            assert rel <= tol.rel_l2, f"parameter {name} differs after training: rel_l2={rel:.3g}"
+
+
+def twin(model: nn.Module) -> nn.Module:
+    """An unoptimised copy with the same weights."""
+    return copy.deepcopy(model)
+
+
+def count_modules(model: nn.Module, class_suffix: str) -> int:
+    return sum(type(m).__name__.endswith(class_suffix) for m in model.modules())
