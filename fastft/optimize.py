@@ -56,7 +56,8 @@ class EntryPoint:
                                    f"(entry '{self.name}') in one graph: {_first_line(error)}") from error
             # Run unoptimised (a user error shows up again here, and propagates); report why.
             out = self.module._call_impl(*args, **kwargs)
-            self._fail(f"{type(error).__name__}: {_first_line(error)}")
+            cause = getattr(error, "inner_exception", None) or error  # the backend's own error
+            self._fail(f"{type(cause).__name__}: {_first_line(cause)}")
             return out
         if self.captures == 0:
             self._fail("Dynamo ran the call without capturing a graph (its recompile limit was reached, "

@@ -55,15 +55,20 @@ class Report:
 
     @property
     def rewrites(self) -> list[RewriteRecord]:
-        """One record per rewritten region of the model: the same region captured by two entry
-        points (the model and its backbone) or by a recompile counts once."""
-        unique: dict[tuple, RewriteRecord] = {}
+        """One record per rewritten region of the model. Graphs of one entry point (fragments
+        around a graph break) add up; the same region captured again through a second entry
+        point (the backbone, called directly) counts once; a recompile replaces its graph."""
+        per_entry: dict[str, dict[tuple, list[RewriteRecord]]] = {}
         for records in self.by_graph.values():
-            seen: Counter = Counter()
             for r in records:
-                seen[(r.pattern, r.module_path)] += 1
-                unique.setdefault((r.pattern, r.module_path, seen[(r.pattern, r.module_path)]), r)
-        return sorted(unique.values(), key=lambda r: (r.family, _natural(r.module_path)))
+                per_entry.setdefault(r.graph, {}).setdefault((r.pattern, r.module_path), []).append(r)
+        best: dict[tuple, list[RewriteRecord]] = {}
+        for regions in per_entry.values():
+            for key, records in regions.items():
+                if len(records) > len(best.get(key, [])):
+                    best[key] = records
+        unique = [r for records in best.values() for r in records]
+        return sorted(unique, key=lambda r: (r.family, _natural(r.module_path)))
 
     @property
     def near_misses(self) -> list[NearMiss]:

@@ -1,0 +1,211 @@
+"""The public API's contract: plain modules, bad input, graph breaks, failed captures, failing checks,
+HF Trainer, and the fastft-inspect command."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastft
+from fastft.cli import main as inspect_main
+from fastft.passes.pattern import Pattern, Replacement
+from fastft.patterns import RMS_NORM
+from fastft.tiny import build_tiny_model, random_batch
+
+from helpers import assert_same_training, twin
+
+
+class Norm(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(width))
+
+    def forward(self, x):
+        h = x.float()
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+
+@dataclasses.dataclass
+class Out:
+    hidden: torch.Tensor
+    loss: torch.Tensor
+
+
+class Plain(nn.Module):
+    def __init__(self, returns: str) -> None:
+        super().__init__()
+        self.returns = returns
+        self.lin = nn.Linear(6, 10)
+        self.norm = Norm(10)
+
+    def forward(self, x):
+        h = self.norm(self.lin(x))
+        loss = h.square().mean()
+        if self.returns == "tensor":
+            return loss
+        if self.returns == "tuple":
+            return loss, h
+        return Out(hidden=h, loss=loss)
+
+
+@pytest.mark.parametrize("returns", ["tensor", "tuple", "dataclass"])
+def test_plain_modules(returns):
+    torch.manual_seed(0)
+    model = Plain(returns)
+    x = torch.randn(5, 6)
+    fastft.optimize(model)
+    loss_fn = (lambda out: out[0]) if returns == "tuple" else None
+    result = fastft.check(model, (x,), loss_fn=loss_fn)
+    assert result.ok, str(result)
+    assert fastft.report(model).counts() == {"rms_norm": 1}
+    assert result.regions_checked == 1
+
+
+def test_not_a_module():
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        fastft.optimize(lambda x: x)
+
+
+def test_unknown_option():
+    with pytest.raises(TypeError, match="unknown option"):
+        fastft.optimize(Plain("tensor"), turbo=True)
+
+
+def test_unsupported_parameter_dtype_names_the_parameter():
+    model = Plain("tensor").double()
+    with pytest.raises(TypeError, match=r"'lin.weight' is torch.float64"):
+        fastft.optimize(model)
+
+
+def test_report_and_check_need_an_optimised_model():
+    with pytest.raises(ValueError, match="not optimised"):
+        fastft.report(Plain("tensor"))
+    with pytest.raises(fastft.CheckError, match="not optimised"):
+        fastft.check(Plain("tensor"), (torch.randn(2, 6),))
+
+
+def test_check_without_a_loss_says_so():
+    model = fastft.optimize(nn.Sequential(nn.Linear(4, 4)))
+    with pytest.raises(fastft.CheckError, match="loss"):
+        fastft.check(model, (torch.randn(3, 4),))
+
+
+class Breaks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = Norm(8)
+
+    def forward(self, x):
+        h = self.norm(x)
+        if h.sum() > 0:  # data-dependent control flow: Dynamo must break the graph here
+            h = h * 2
+        return self.norm(h).mean()
+
+
+def test_graph_break_is_reported_and_model_still_correct():
+    torch.manual_seed(0)
+    model = Breaks()
+    reference = twin(model)
+    fastft.optimize(model)
+    x = torch.randn(4, 8)
+    loss = model(x)
+    assert torch.allclose(loss, reference(x), atol=1e-5)
+    report = fastft.report(model)
+    assert report.graph_breaks, str(report)
+    assert report.counts() == {"rms_norm": 2}
+    assert fastft.check(model, (x,)).ok
+
+
+def test_graph_break_with_fullgraph_is_an_error():
+    model = fastft.optimize(Breaks(), fullgraph=True)
+    with pytest.raises(fastft.CaptureError, match="one graph"):
+        model(torch.randn(4, 8))
+
+
+def _broken_replace(match):
+    raise RuntimeError("deliberately broken pattern")
+
+
+def test_failed_capture_falls_back_to_unoptimised_and_is_reported():
+    broken = dataclasses.replace(RMS_NORM, name="broken_rms_norm", replace=_broken_replace)
+    torch.manual_seed(0)
+    model = Plain("tensor")
+    reference = twin(model)
+    fastft.optimize(model, patterns=[broken])
+    x = torch.randn(5, 6)
+    with pytest.warns(UserWarning, match="runs unoptimised"):
+        loss = model(x)
+    assert torch.allclose(loss, reference(x))
+    failures = fastft.report(model).capture_failures
+    assert failures and "deliberately broken" in failures[0].error
+
+
+def _wrong_eps_replace(match):
+    good = RMS_NORM.replace(match)
+    args = list(good.args)
+    args[2] = 0.5  # a replacement that computes something else
+    return Replacement(good.target, tuple(args))
+
+
+def test_check_names_a_region_whose_rewrite_is_wrong():
+    wrong = dataclasses.replace(RMS_NORM, name="wrong_rms_norm", replace=_wrong_eps_replace)
+    torch.manual_seed(0)
+    model = fastft.optimize(Plain("tensor"), patterns=[wrong])
+    result = fastft.check(model, (torch.randn(5, 6),))
+    assert not result.ok
+    assert any("wrong_rms_norm@norm" in c.name for c in result.region_errors), str(result)
+    assert "FAIL" in str(result) and "wrong_rms_norm@norm" in str(result)
+
+
+def test_trainer_runs_and_saves(tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    model = build_tiny_model("llama")
+    fastft.optimize(model)
+    rows = [random_batch(model, batch=1, seq=16, seed=s) for s in range(8)]
+    data = Dataset.from_list([{k: v[0].tolist() for k, v in r.items()} for r in rows])
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2,
+                             report_to=[], use_cpu=True, save_strategy="no", logging_steps=1)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    out = trainer.train()
+    assert out.global_step == 2 and torch.isfinite(torch.tensor(out.training_loss))
+    assert fastft.report(model).counts() == {"rms_norm": 5}
+    trainer.save_model(str(tmp_path / "saved"))
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved"))
+    for (n, p), (m, q) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert n == m and torch.equal(p, q), n
+
+
+def test_inspect_default_and_json(capsys):
+    assert inspect_main([]) == 0
+    text = capsys.readouterr().out
+    assert "rms_norm" in text and "fastft::rms_norm" in text
+    assert inspect_main(["qwen3", "--json", "--check"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["counts"] == {"rms_norm": 9} and data["check"]["ok"] is True
+
+
+def test_inspect_local_folder(tmp_path, capsys):
+    build_tiny_model("mistral").save_pretrained(tmp_path)
+    assert inspect_main([str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["counts"] == {"rms_norm": 5}
+
+
+def test_inspect_unknown_model(capsys):
+    assert inspect_main(["no_such_architecture"]) == 2
+    assert "no_such_architecture" in capsys.readouterr().err
+
+
+def test_training_steps_match_for_plain_module():
+    torch.manual_seed(0)
+    model = Plain("dataclass")
+    reference = twin(model)
+    fastft.optimize(model)
+    batches = [{"x": torch.randn(5, 6)} for _ in range(3)]
+    assert_same_training(reference, model, batches)
