@@ -55,18 +55,17 @@ class Report:
 
     @property
     def rewrites(self) -> list[RewriteRecord]:
-        """One record per rewritten region of the model. Graphs of one entry point (fragments
-        around a graph break) add up; the same region captured again through a second entry
-        point (the backbone, called directly) counts once; a recompile replaces its graph."""
-        per_entry: dict[str, dict[tuple, list[RewriteRecord]]] = {}
-        for records in self.by_graph.values():
-            for r in records:
-                per_entry.setdefault(r.graph, {}).setdefault((r.pattern, r.module_path), []).append(r)
+        """One record per rewritten region of the model. The same region is captured again by a
+        recompile (new shapes, train/eval, a call without labels) or by a second entry point (the
+        backbone, called directly): per module, the graph with the most rewrites there counts."""
         best: dict[tuple, list[RewriteRecord]] = {}
-        for regions in per_entry.values():
-            for key, records in regions.items():
-                if len(records) > len(best.get(key, [])):
-                    best[key] = records
+        for records in self.by_graph.values():
+            here: dict[tuple, list[RewriteRecord]] = {}
+            for r in records:
+                here.setdefault((r.pattern, r.module_path), []).append(r)
+            for key, found in here.items():
+                if len(found) > len(best.get(key, [])):
+                    best[key] = found
         unique = [r for records in best.values() for r in records]
         return sorted(unique, key=lambda r: (r.family, _natural(r.module_path)))
 

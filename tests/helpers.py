@@ -6,7 +6,15 @@ import copy
 import torch
 import torch.nn as nn
 
+from fastft.tiny import build_tiny_model
 from fastft.tolerances import tolerance_for
+
+# Where a GPU is present the kernels run compiled on it; otherwise through the interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def tiny(model_type: str, **kwargs) -> nn.Module:
+    return build_tiny_model(model_type, **kwargs).to(DEVICE)
 
 
 def train_steps(model: nn.Module, batches: list[dict], lr: float = 1e-2) -> list[float]:

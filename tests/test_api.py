@@ -13,9 +13,9 @@ import fastft
 from fastft.cli import main as inspect_main
 from fastft.passes.pattern import Pattern, Replacement
 from fastft.patterns import RMS_NORM
-from fastft.tiny import build_tiny_model, random_batch
+from fastft.tiny import random_batch
 
-from helpers import assert_same_training, twin
+from helpers import DEVICE, assert_same_training, tiny, twin
 
 
 class Norm(nn.Module):
@@ -54,8 +54,8 @@ class Plain(nn.Module):
 @pytest.mark.parametrize("returns", ["tensor", "tuple", "dataclass"])
 def test_plain_modules(returns):
     torch.manual_seed(0)
-    model = Plain(returns)
-    x = torch.randn(5, 6)
+    model = Plain(returns).to(DEVICE)
+    x = torch.randn(5, 6, device=DEVICE)
     fastft.optimize(model)
     loss_fn = (lambda out: out[0]) if returns == "tuple" else None
     result = fastft.check(model, (x,), loss_fn=loss_fn)
@@ -96,33 +96,35 @@ def test_check_without_a_loss_says_so():
 class Breaks(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.norm = Norm(8)
+        self.norm1 = Norm(8)
+        self.norm2 = Norm(8)
 
     def forward(self, x):
-        h = self.norm(x)
+        h = self.norm1(x)
         if h.sum() > 0:  # data-dependent control flow: Dynamo must break the graph here
             h = h * 2
-        return self.norm(h).mean()
+        return self.norm2(h).mean()
 
 
 def test_graph_break_is_reported_and_model_still_correct():
     torch.manual_seed(0)
-    model = Breaks()
+    model = Breaks().to(DEVICE)
     reference = twin(model)
     fastft.optimize(model)
-    x = torch.randn(4, 8)
+    x = torch.randn(4, 8, device=DEVICE)
     loss = model(x)
     assert torch.allclose(loss, reference(x), atol=1e-5)
     report = fastft.report(model)
     assert report.graph_breaks, str(report)
-    assert report.counts() == {"rms_norm": 2}
+    assert report.counts() == {"rms_norm": 2}  # one in each graph around the break
+    assert {r.module_path for r in report.rewrites} == {"norm1", "norm2"}
     assert fastft.check(model, (x,)).ok
 
 
 def test_graph_break_with_fullgraph_is_an_error():
-    model = fastft.optimize(Breaks(), fullgraph=True)
+    model = fastft.optimize(Breaks().to(DEVICE), fullgraph=True)
     with pytest.raises(fastft.CaptureError, match="one graph"):
-        model(torch.randn(4, 8))
+        model(torch.randn(4, 8, device=DEVICE))
 
 
 def _broken_replace(match):
@@ -132,10 +134,10 @@ def _broken_replace(match):
 def test_failed_capture_falls_back_to_unoptimised_and_is_reported():
     broken = dataclasses.replace(RMS_NORM, name="broken_rms_norm", replace=_broken_replace)
     torch.manual_seed(0)
-    model = Plain("tensor")
+    model = Plain("tensor").to(DEVICE)
     reference = twin(model)
     fastft.optimize(model, patterns=[broken])
-    x = torch.randn(5, 6)
+    x = torch.randn(5, 6, device=DEVICE)
     with pytest.warns(UserWarning, match="runs unoptimised"):
         loss = model(x)
     assert torch.allclose(loss, reference(x))
@@ -153,23 +155,22 @@ def _wrong_eps_replace(match):
 def test_check_names_a_region_whose_rewrite_is_wrong():
     wrong = dataclasses.replace(RMS_NORM, name="wrong_rms_norm", replace=_wrong_eps_replace)
     torch.manual_seed(0)
-    model = fastft.optimize(Plain("tensor"), patterns=[wrong])
-    result = fastft.check(model, (torch.randn(5, 6),))
+    model = fastft.optimize(Plain("tensor").to(DEVICE), patterns=[wrong])
+    result = fastft.check(model, (torch.randn(5, 6, device=DEVICE),))
     assert not result.ok
     assert any("wrong_rms_norm@norm" in c.name for c in result.region_errors), str(result)
     assert "FAIL" in str(result) and "wrong_rms_norm@norm" in str(result)
 
 
 def test_trainer_runs_and_saves(tmp_path):
-    from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
-    model = build_tiny_model("llama")
+    model = tiny("llama")
     fastft.optimize(model)
     rows = [random_batch(model, batch=1, seq=16, seed=s) for s in range(8)]
-    data = Dataset.from_list([{k: v[0].tolist() for k, v in r.items()} for r in rows])
+    data = [{k: v[0].cpu() for k, v in r.items()} for r in rows]  # any indexable of dicts will do
     args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2,
-                             report_to=[], use_cpu=True, save_strategy="no", logging_steps=1)
+                             report_to=[], use_cpu=DEVICE == "cpu", save_strategy="no", logging_steps=1)
     trainer = Trainer(model=model, args=args, train_dataset=data)
     out = trainer.train()
     assert out.global_step == 2 and torch.isfinite(torch.tensor(out.training_loss))
@@ -177,7 +178,7 @@ def test_trainer_runs_and_saves(tmp_path):
     trainer.save_model(str(tmp_path / "saved"))
     from transformers import AutoModelForCausalLM
 
-    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved"))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved")).to(DEVICE)
     for (n, p), (m, q) in zip(model.state_dict().items(), reloaded.state_dict().items()):
         assert n == m and torch.equal(p, q), n
 
@@ -192,7 +193,7 @@ def test_inspect_default_and_json(capsys):
 
 
 def test_inspect_local_folder(tmp_path, capsys):
-    build_tiny_model("mistral").save_pretrained(tmp_path)
+    tiny("mistral").save_pretrained(tmp_path)
     assert inspect_main([str(tmp_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["counts"] == {"rms_norm": 5}
 
@@ -204,8 +205,8 @@ def test_inspect_unknown_model(capsys):
 
 def test_training_steps_match_for_plain_module():
     torch.manual_seed(0)
-    model = Plain("dataclass")
+    model = Plain("dataclass").to(DEVICE)
     reference = twin(model)
     fastft.optimize(model)
-    batches = [{"x": torch.randn(5, 6)} for _ in range(3)]
+    batches = [{"x": torch.randn(5, 6, device=DEVICE)} for _ in range(3)]
     assert_same_training(reference, model, batches)

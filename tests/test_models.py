@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import fastft
-from fastft.tiny import build_tiny_model, random_batch
+from fastft.tiny import random_batch
 
-from helpers import assert_same_training, count_modules, twin
+from helpers import assert_same_training, count_modules, tiny, twin
 
 ARCHITECTURES = ["llama", "qwen3", "mistral", "gemma3"]
 
@@ -21,7 +21,7 @@ def _batches(model, n=3):
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
 def test_every_rms_norm_rewritten_and_checked(model_type):
-    model = build_tiny_model(model_type)
+    model = tiny(model_type)
     expected = count_modules(model, "RMSNorm")
     assert expected >= 5
     fastft.optimize(model)
@@ -38,7 +38,7 @@ def test_every_rms_norm_rewritten_and_checked(model_type):
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma3"])
 def test_training_matches_unoptimised(model_type):
-    model = build_tiny_model(model_type)
+    model = tiny(model_type)
     reference = twin(model)
     fastft.optimize(model)
     assert_same_training(reference, model, _batches(model))
@@ -46,7 +46,7 @@ def test_training_matches_unoptimised(model_type):
 
 
 def test_bf16_model_is_rewritten_and_checked():
-    model = build_tiny_model("qwen3", dtype=torch.bfloat16)
+    model = tiny("qwen3", dtype=torch.bfloat16)
     fastft.optimize(model)
     batch = random_batch(model)
     result = fastft.check(model, batch)
@@ -56,7 +56,7 @@ def test_bf16_model_is_rewritten_and_checked():
 
 def test_peft_lora_llama():
     peft = pytest.importorskip("peft")
-    model = build_tiny_model("llama")
+    model = tiny("llama")
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"],
                              lora_dropout=0.0)
     model = peft.get_peft_model(model, config)
@@ -74,7 +74,7 @@ def test_peft_lora_llama():
 
 
 def test_gradient_checkpointing_nested_graphs():
-    model = build_tiny_model("llama")
+    model = tiny("llama")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     reference = twin(model)
@@ -87,7 +87,7 @@ def test_gradient_checkpointing_nested_graphs():
 
 
 def test_backbone_called_directly_is_captured_too():
-    model = build_tiny_model("llama")
+    model = tiny("llama")
     fastft.optimize(model)
     ids = random_batch(model)["input_ids"]
     hidden = model.model(input_ids=ids).last_hidden_state
@@ -98,7 +98,7 @@ def test_backbone_called_directly_is_captured_too():
 
 
 def test_dynamic_lengths_train_eval_and_double_optimize():
-    model = build_tiny_model("llama")
+    model = tiny("llama")
     assert fastft.optimize(model) is model
     state = model._fastft_state
     assert fastft.optimize(model) is model and model._fastft_state is state  # no second wrapping

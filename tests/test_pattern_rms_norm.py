@@ -8,6 +8,8 @@ import torch.nn as nn
 
 import fastft
 
+from helpers import DEVICE
+
 
 class Net(nn.Module):
     """Linear -> norm -> linear, so the norm sits between trainable ops like in a real layer."""
@@ -93,8 +95,8 @@ def _optimise_and_run(model, x):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_variants_are_rewritten_and_equivalent(norm_cls, dtype):
     torch.manual_seed(0)
-    model = Net(norm_cls(24, dtype=dtype), dtype=dtype)
-    x = torch.randn(3, 5, 8, dtype=dtype)
+    model = Net(norm_cls(24, dtype=dtype), dtype=dtype).to(DEVICE)
+    x = torch.randn(3, 5, 8, dtype=dtype, device=DEVICE)
     report = _optimise_and_run(model, x)
     assert report.counts() == {"rms_norm": 1}, report
     assert report.rewrites[0].module_path == "norm"
@@ -105,8 +107,8 @@ def test_variants_are_rewritten_and_equivalent(norm_cls, dtype):
 
 def test_no_weight_variant():
     torch.manual_seed(0)
-    model = Net(NoWeight())
-    x = torch.randn(4, 8)
+    model = Net(NoWeight()).to(DEVICE)
+    x = torch.randn(4, 8, device=DEVICE)
     assert _optimise_and_run(model, x).counts() == {"rms_norm": 1}
     assert fastft.check(model, (x,)).ok
 
@@ -114,8 +116,8 @@ def test_no_weight_variant():
 @pytest.mark.parametrize("eps", [1e-6, 1e-5, 0.25])
 def test_eps_is_read_from_the_graph(eps):
     torch.manual_seed(0)
-    model = Net(CastBeforeWeight(24, eps=eps))
-    x = torch.randn(4, 8)
+    model = Net(CastBeforeWeight(24, eps=eps)).to(DEVICE)
+    x = torch.randn(4, 8, device=DEVICE)
     _optimise_and_run(model, x)
     fused = [n for g in fastft.optimize(model)._fastft_state.graphs.values()
              for n in g.gm.graph.nodes if n.target is torch.ops.fastft.rms_norm.default]
@@ -125,8 +127,8 @@ def test_eps_is_read_from_the_graph(eps):
 
 def test_no_upcast_is_a_near_miss_with_reason():
     torch.manual_seed(0)
-    model = Net(NoUpcast(24, torch.bfloat16), dtype=torch.bfloat16)
-    report = _optimise_and_run(model, torch.randn(4, 8, dtype=torch.bfloat16))
+    model = Net(NoUpcast(24, torch.bfloat16), dtype=torch.bfloat16).to(DEVICE)
+    report = _optimise_and_run(model, torch.randn(4, 8, dtype=torch.bfloat16, device=DEVICE))
     assert report.counts() == {}
     assert len(report.near_misses) == 1
     miss = report.near_misses[0]
@@ -136,8 +138,8 @@ def test_no_upcast_is_a_near_miss_with_reason():
 
 def test_reduction_over_the_wrong_dim_is_left_alone():
     torch.manual_seed(0)
-    model = Net(WrongDim(24))
-    x = torch.randn(4, 8)
+    model = Net(WrongDim(24)).to(DEVICE)
+    x = torch.randn(4, 8, device=DEVICE)
     report = _optimise_and_run(model, x)
     assert report.counts() == {}
     assert report.near_misses and "dims" in report.near_misses[0].reason
@@ -146,9 +148,9 @@ def test_reduction_over_the_wrong_dim_is_left_alone():
 
 def test_frozen_weight_gets_no_gradient_and_input_still_does():
     torch.manual_seed(0)
-    model = Net(CastBeforeWeight(24))
+    model = Net(CastBeforeWeight(24)).to(DEVICE)
     model.norm.weight.requires_grad_(False)
-    x = torch.randn(4, 8)
+    x = torch.randn(4, 8, device=DEVICE)
     report = _optimise_and_run(model, x)
     assert report.counts() == {"rms_norm": 1}
     assert model.norm.weight.grad is None

@@ -1,0 +1,441 @@
+"""RMSNorm as a Triton kernel pair registered as the custom op ``fastft::rms_norm``.
+
+    y = round_to(x * rsqrt(mean(x^2) + eps), norm_dtype) * (weight + weight_offset)  -> out_dtype
+
+All arithmetic is fp32. The optional ``norm_dtype`` rounding of the normalised value before the
+weight multiply lets one op reproduce the exact rounding of the common module variants (normalise
+in fp32, cast back to the activation dtype, then multiply; or multiply in fp32 with ``1 + w``).
+
+The forward stores no rstd: the backward has to read x anyway, so recomputing it is free.
+The backward is hand-written Triton and is itself a custom op (``fastft::rms_norm_backward``) so
+that AOT autograd can trace it with fake tensors.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "MAX_N",
+    "SUPPORTED_DTYPES",
+    "rms_norm",
+    "rms_norm_backward",
+    "rms_norm_forward",
+    "rms_norm_reference",
+]
+
+SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+# One program holds a whole row in registers; beyond this the row would spill far too much.
+MAX_N: int = 65536
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+# --------------------------------------------------------------------------------------------
+# Reference (the oracle the kernels are tested against)
+# --------------------------------------------------------------------------------------------
+def rms_norm_reference(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    eps: float,
+    weight_offset: float = 0.0,
+    norm_dtype: Optional[torch.dtype] = None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """Plain PyTorch RMSNorm with the exact rounding the kernels reproduce (differentiable)."""
+    if out_dtype is None:
+        out_dtype = x.dtype
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if norm_dtype is not None:
+        y = y.to(norm_dtype)  # rounded before the weight multiply, as the modules do
+    if weight is not None:
+        w = weight.float() + weight_offset
+        y = y.float() * w  # fp32 product; rounding to a 16-bit out_dtype below matches bf16*bf16
+    return y.to(out_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _round_fp32(y, DTYPE: tl.constexpr):
+    """Round fp32 ``y`` to DTYPE (round-to-nearest-even) and return it as fp32 again.
+
+    bf16 is rounded with integer ops rather than ``.to(tl.bfloat16)``: on GPU both are RTNE, but
+    the Triton interpreter's fp32->bf16 cast truncates, and tests must see the real rounding.
+    The result is exactly representable in DTYPE, so a later cast to DTYPE is exact everywhere.
+    """
+    if DTYPE == tl.bfloat16:
+        bits = y.to(tl.uint32, bitcast=True)
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))
+        r = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+        y = tl.where(y != y, y, r)  # keep NaN a NaN (the carry could turn it into inf)
+    elif DTYPE == tl.float16:
+        y = y.to(tl.float16).to(tl.float32)
+    return y
+
+
+@triton.jit
+def rms_norm_fwd_kernel(
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    n_rows,
+    N,
+    stride_x,
+    stride_y,
+    eps,
+    weight_offset,
+    HAS_WEIGHT: tl.constexpr,
+    NORM_DTYPE: tl.constexpr,  # tl.float32 means "no extra rounding"
+    OUT_DTYPE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # A [BLOCK_ROWS, BLOCK_N] tile: several short rows per program keep loads wide for small N.
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    col_mask = cols < N
+    mask = row_mask[:, None] & col_mask[None, :]
+    rows64 = rows.to(tl.int64)  # rows * stride can exceed 2^31 for large activations
+
+    x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    # Masked lanes load 0, so they add nothing to the sum; divide by the true width N.
+    r = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+    y = _round_fp32(x * r[:, None], NORM_DTYPE)
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32) + weight_offset
+        y = y * w[None, :]
+    y = _round_fp32(y, OUT_DTYPE).to(OUT_DTYPE)
+    tl.store(y_ptr + rows64[:, None] * stride_y + cols[None, :], y, mask=mask)
+
+
+@triton.jit
+def rms_norm_bwd_kernel(
+    dy_ptr,
+    x_ptr,
+    w_ptr,
+    dx_ptr,
+    dw_partial_ptr,
+    n_rows,
+    N,
+    stride_dy,
+    stride_x,
+    stride_dx,
+    eps,
+    weight_offset,
+    blocks_per_program,
+    HAS_WEIGHT: tl.constexpr,
+    NORM_DTYPE: tl.constexpr,
+    DX_DTYPE: tl.constexpr,
+    COMPUTE_DX: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Each program walks a contiguous run of row tiles and keeps its dW partial in registers,
+    # so dW costs one [G, N] fp32 write instead of an atomic or a [rows, N] buffer.
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32) + weight_offset
+    dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+
+    for i in range(0, blocks_per_program):
+        rows = (pid * blocks_per_program + i) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        mask = (rows < n_rows)[:, None] & col_mask[None, :]
+        rows64 = rows.to(tl.int64)
+        x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        r = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+        xhat = x * r[:, None]
+        if COMPUTE_DW:
+            # dW sees the rounded normalised value (it is what multiplied the weight).
+            dw_acc += tl.sum(dy * _round_fp32(xhat, NORM_DTYPE), axis=0)
+        if COMPUTE_DX:
+            if HAS_WEIGHT:
+                g = dy * w[None, :]
+            else:
+                g = dy
+            # As in autograd: the gradient w.r.t. the norm_dtype value is itself a norm_dtype
+            # tensor (rounded), then passes the cast back to fp32 unchanged.
+            g = _round_fp32(g, NORM_DTYPE)
+            c = tl.sum(g * xhat, axis=1) / N
+            dx = r[:, None] * (g - xhat * c[:, None])
+            dx = _round_fp32(dx, DX_DTYPE).to(DX_DTYPE)
+            tl.store(dx_ptr + rows64[:, None] * stride_dx + cols[None, :], dx, mask=mask)
+
+    if COMPUTE_DW:
+        tl.store(dw_partial_ptr + pid * N + cols, dw_acc, mask=col_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Host-side launchers
+# --------------------------------------------------------------------------------------------
+def _check_dtype(arg: str, dtype: Optional[torch.dtype], allow_none: bool = False) -> None:
+    if dtype is None and allow_none:
+        return
+    if dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d) for d in SUPPORTED_DTYPES)
+        raise ValueError(f"fastft::rms_norm: {arg} has unsupported dtype {dtype}; supported dtypes: {names}")
+
+
+def _check_inputs(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    norm_dtype: Optional[torch.dtype],
+    out_dtype: torch.dtype,
+) -> None:
+    _check_dtype("x", x.dtype)
+    _check_dtype("norm_dtype", norm_dtype, allow_none=True)
+    _check_dtype("out_dtype", out_dtype)
+    if x.dim() == 0:
+        raise ValueError("fastft::rms_norm: x must have at least 1 dimension, got a 0-d tensor")
+    n = x.shape[-1]
+    if not 1 <= n <= MAX_N:
+        raise ValueError(f"fastft::rms_norm: last dim of x must be in [1, {MAX_N}], got {n}")
+    if weight is not None:
+        _check_dtype("weight", weight.dtype)
+        if weight.dim() != 1 or weight.shape[0] != n:
+            raise ValueError(
+                f"fastft::rms_norm: weight must be 1-D of size N={n} (last dim of x), "
+                f"got shape {tuple(weight.shape)}"
+            )
+        if weight.device != x.device:
+            raise ValueError(f"fastft::rms_norm: weight is on {weight.device} but x is on {x.device}")
+
+
+def _check_block_rows(block_rows: int) -> None:
+    if block_rows < 1 or block_rows & (block_rows - 1):
+        raise ValueError(f"fastft::rms_norm: block_rows must be a power of two, got {block_rows}")
+
+
+# Launch shapes below were picked by sweeping bf16 rows of N = 128 .. 16384 on an H100: the
+# forward reaches ~2.5-2.9 TB/s, the backward with dW ~1.5-2.5 TB/s (N not a multiple of 16,
+# e.g. 1000, is slower: unaligned rows cannot use vector loads).
+def _fwd_config(n_rows: int, n: int, block_rows: Optional[int]) -> tuple[int, int, int]:
+    """(BLOCK_ROWS, BLOCK_N, num_warps) of the forward."""
+    block_n = triton.next_power_of_2(n)
+    if block_rows is None:
+        # ~4K elements per tile: one row when wide, several short rows so loads stay wide.
+        block_rows = min(max(1, 4096 // block_n), 32, triton.next_power_of_2(n_rows))
+    _check_block_rows(block_rows)
+    num_warps = min(max(block_rows * block_n // 1024, 4), 32)
+    return block_rows, block_n, num_warps
+
+
+def _bwd_config(n_rows: int, n: int, block_rows: Optional[int]) -> tuple[int, int, int]:
+    """(BLOCK_ROWS, BLOCK_N, num_warps) of the backward: it holds ~3x the live values of the
+    forward per element, so it wants more warps per row. Two rows per tile help up to 8K wide,
+    unless the row is padded (N not a power of two), where a second row doubles the waste."""
+    block_n = triton.next_power_of_2(n)
+    if block_rows is None:
+        if block_n != n:
+            block_rows = max(1024 // block_n, 1)
+        else:
+            block_rows = max(4096 // block_n, 2) if block_n <= 8192 else 1
+        block_rows = min(block_rows, 32, triton.next_power_of_2(n_rows))
+    _check_block_rows(block_rows)
+    num_warps = min(max(block_n // 512, 4), 32)
+    return block_rows, block_n, num_warps
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_dw_programs(device: torch.device, n_blocks: int, block_n: int) -> int:
+    if device.type == "cuda":
+        # Enough resident programs to hide latency; narrow rows fit more programs per SM.
+        per_sm = 4 if block_n <= 2048 else 2
+        target = per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        target = 8  # the interpreter runs programs one by one: few, but still more than one
+    return max(1, min(n_blocks, target))
+
+
+def rms_norm_forward(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    eps: float,
+    weight_offset: float = 0.0,
+    norm_dtype: Optional[torch.dtype] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    block_rows: Optional[int] = None,
+) -> torch.Tensor:
+    """Launch the forward kernel; returns a contiguous tensor of x's shape in ``out_dtype``."""
+    if out_dtype is None:
+        out_dtype = x.dtype
+    _check_inputs(x, weight, norm_dtype, out_dtype)
+    n = x.shape[-1]
+    x2 = x.contiguous().view(-1, n)
+    n_rows = x2.shape[0]
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    if n_rows == 0:
+        return y
+    w = weight.contiguous() if weight is not None else x2  # dummy pointer when there is no weight
+    br, bn, num_warps = _fwd_config(n_rows, n, block_rows)
+    grid = (triton.cdiv(n_rows, br),)
+    rms_norm_fwd_kernel[grid](
+        x2, w, y, n_rows, n, x2.stride(0), n, float(eps), float(weight_offset),
+        HAS_WEIGHT=weight is not None,
+        NORM_DTYPE=_TL_DTYPE[norm_dtype] if norm_dtype is not None else tl.float32,
+        OUT_DTYPE=_TL_DTYPE[out_dtype],
+        BLOCK_ROWS=br,
+        BLOCK_N=bn,
+        num_warps=num_warps,
+    )
+    return y
+
+
+def rms_norm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    eps: float,
+    weight_offset: float = 0.0,
+    norm_dtype: Optional[torch.dtype] = None,
+    compute_dx: bool = True,
+    compute_dw: bool = True,
+    block_rows: Optional[int] = None,
+    num_programs: Optional[int] = None,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Launch the backward kernel; returns (dx in x.dtype, dw in weight.dtype), None where not asked.
+
+    ``num_programs`` caps the grid (default: 2-4 per SM, 8 off-GPU); each program writes one fp32
+    partial dW row, and the few partial rows are summed in torch.
+    """
+    _check_inputs(x, weight, norm_dtype, x.dtype)
+    _check_dtype("dy", dy.dtype)
+    if dy.shape != x.shape:
+        raise ValueError(f"fastft::rms_norm: dy shape {tuple(dy.shape)} != x shape {tuple(x.shape)}")
+    compute_dw = compute_dw and weight is not None
+    n = x.shape[-1]
+    x2 = x.contiguous().view(-1, n)
+    dy2 = dy.contiguous().view(-1, n)
+    n_rows = x2.shape[0]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if compute_dx else None
+    if n_rows == 0 or not (compute_dx or compute_dw):
+        dw = torch.zeros_like(weight) if compute_dw else None
+        return dx, dw
+
+    br, bn, num_warps = _bwd_config(n_rows, n, block_rows)
+    n_blocks = triton.cdiv(n_rows, br)
+    if compute_dw:
+        g = _num_dw_programs(x.device, n_blocks, bn) if num_programs is None else max(1, min(num_programs, n_blocks))
+    else:
+        # No reduction across rows: one tile per program gives the most parallelism.
+        g = n_blocks if num_programs is None else max(1, min(num_programs, n_blocks))
+    blocks_per_program = triton.cdiv(n_blocks, g)
+    g = triton.cdiv(n_blocks, blocks_per_program)  # drop programs that would get no rows
+    partials = torch.empty((g, n), dtype=torch.float32, device=x.device) if compute_dw else x2
+    w = weight.contiguous() if weight is not None else x2
+    dx2 = dx.view(-1, n) if compute_dx else x2  # dummy pointer; never written
+    rms_norm_bwd_kernel[(g,)](
+        dy2, x2, w, dx2, partials, n_rows, n, dy2.stride(0), x2.stride(0), dx2.stride(0),
+        float(eps), float(weight_offset), blocks_per_program,
+        HAS_WEIGHT=weight is not None,
+        NORM_DTYPE=_TL_DTYPE[norm_dtype] if norm_dtype is not None else tl.float32,
+        DX_DTYPE=_TL_DTYPE[x.dtype],
+        COMPUTE_DX=compute_dx,
+        COMPUTE_DW=compute_dw,
+        BLOCK_ROWS=br,
+        BLOCK_N=bn,
+        num_warps=num_warps,
+    )
+    dw = partials.sum(0).to(weight.dtype) if compute_dw else None
+    return dx, dw
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library registration
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastft::rms_norm", mutates_args=())
+def rms_norm(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    eps: float,
+    weight_offset: float,
+    norm_dtype: Optional[torch.dtype],
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """RMSNorm over the last dim of x; see ``rms_norm_reference`` for the exact semantics."""
+    return rms_norm_forward(x, weight, eps, weight_offset, norm_dtype, out_dtype)
+
+
+@rms_norm.register_fake
+def _rms_norm_fake(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    eps: float,
+    weight_offset: float,
+    norm_dtype: Optional[torch.dtype],
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    _check_inputs(x, weight, norm_dtype, out_dtype)
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
+# The backward is an op of its own so AOT autograd / torch.compile trace it through its fake impl.
+# Outputs that were not asked for come back as empty tensors (custom ops return Tensors only).
+@torch.library.custom_op("fastft::rms_norm_backward", mutates_args=())
+def _rms_norm_backward_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    eps: float,
+    weight_offset: float,
+    norm_dtype: Optional[torch.dtype],
+    compute_dx: bool,
+    compute_dw: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    dx, dw = rms_norm_backward(dy, x, weight, eps, weight_offset, norm_dtype, compute_dx, compute_dw)
+    return (dx if dx is not None else x.new_empty(0)), (dw if dw is not None else x.new_empty(0))
+
+
+@_rms_norm_backward_op.register_fake
+def _rms_norm_backward_fake(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    eps: float,
+    weight_offset: float,
+    norm_dtype: Optional[torch.dtype],
+    compute_dx: bool,
+    compute_dw: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    dx = x.new_empty(x.shape) if compute_dx else x.new_empty(0)
+    dw = weight.new_empty(weight.shape) if (compute_dw and weight is not None) else x.new_empty(0)
+    return dx, dw
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, eps, weight_offset, norm_dtype, _out_dtype = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.eps = eps
+    ctx.weight_offset = weight_offset
+    ctx.norm_dtype = norm_dtype
+
+
+def _backward(ctx, dy: torch.Tensor):
+    x, weight = ctx.saved_tensors
+    need_dx = ctx.needs_input_grad[0]
+    need_dw = weight is not None and ctx.needs_input_grad[1]
+    dx, dw = None, None
+    if need_dx or need_dw:
+        dx, dw = torch.ops.fastft.rms_norm_backward(
+            dy, x, weight, ctx.eps, ctx.weight_offset, ctx.norm_dtype, need_dx, need_dw
+        )
+    return (dx if need_dx else None), (dw if need_dw else None), None, None, None, None
+
+
+rms_norm.register_autograd(_backward, setup_context=_setup_context)
