@@ -122,21 +122,22 @@ def check(model: nn.Module, inputs: dict | tuple, loss_fn: Callable[[Any], torch
     generator = torch.Generator().manual_seed(seed)
     for graph, args in calls:
         with torch.no_grad():
-            _RegionRunner(graph.gm, result, generator).run(*args)
+            _RegionRunner(graph.gm, result, generator, graph.module_prefix).run(*args)
     return result
 
 
 class _RegionRunner(fx.Interpreter):
     """Runs a rewritten graph; at each fused op, also runs the region it replaced, and compares."""
 
-    def __init__(self, gm: fx.GraphModule, result: CheckResult, generator: torch.Generator) -> None:
+    def __init__(self, gm: fx.GraphModule, result: CheckResult, generator: torch.Generator,
+                 prefix: str) -> None:
         super().__init__(gm)
-        self.result, self.generator = result, generator
+        self.result, self.generator, self.prefix = result, generator, prefix
 
     def run_node(self, n: fx.Node) -> Any:
         if n.op == "call_function" and n.target is torch.ops.higher_order.tag_activation_checkpoint:
             body, *operands = self.map_nodes_to_values(n.args, n)
-            return _RegionRunner(body, self.result, self.generator).run(*operands)
+            return _RegionRunner(body, self.result, self.generator, self.prefix).run(*operands)
         out = super().run_node(n)
         applied = n.meta.get(REWRITE_META)
         if isinstance(applied, AppliedRewrite):
@@ -145,7 +146,7 @@ class _RegionRunner(fx.Interpreter):
         return out
 
     def _compare_region(self, applied: AppliedRewrite, n: fx.Node, args: tuple) -> None:
-        where = f"{applied.pattern.name}@{applied.module_path or '<model>'}:{n.name}"
+        where = f"{applied.pattern.name}@{(self.prefix + applied.module_path) or '<model>'}:{n.name}"
         positions = [i for i, a in enumerate(n.args) if isinstance(a, fx.Node)]
         with torch.enable_grad():
             leaves_ref = [_leaf(args[i]) for i in positions]

@@ -82,6 +82,7 @@ class EntryPoint:
                   for m in captured.result.near_misses]
         self.state.report.record_graph(key, records, misses)
         self.state.graphs[key] = captured
+        captured.module_prefix = prefix
         captured.observer = self.state.observer
 
 

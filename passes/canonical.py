@@ -8,7 +8,9 @@ the view is computed on demand and cached in ``node.meta``.
 """
 from __future__ import annotations
 
+import functools
 import operator
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,9 +68,15 @@ def _name_of(node: fx.Node) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1)
+def _torch_namespace_ids() -> frozenset[int]:
+    # Builtins such as torch.rsqrt carry no __module__; recognise them by identity.
+    return frozenset(id(v) for v in vars(torch).values() if callable(v))
+
+
 def _is_torch_callable(target: Any) -> bool:
     module = getattr(target, "__module__", "") or ""
-    return (module.startswith("torch") or target in vars(torch).values()
+    return (module.startswith("torch") or id(target) in _torch_namespace_ids()
             or getattr(target, "__objclass__", None) is torch._C.TensorBase)
 
 
@@ -153,8 +161,6 @@ def module_path(node: fx.Node) -> str:
 
 
 def _clean_module_path(path: str) -> str:
-    import re
-
     path = re.sub(r"^L\['[^']+'\]\.?", "", path)  # the captured module itself
     path = re.sub(r"\.?(?:__dict__\['_modules'\]|_modules)\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)

@@ -32,6 +32,7 @@ class CapturedGraph:
         self.lowered = lowered
         self.result = result
         self.key = key
+        self.module_prefix = ""  # where the captured module sits in the model, for naming regions
         self.observer: GraphObserver | None = None
 
     def __call__(self, *args: Any) -> Any:
