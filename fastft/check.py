@@ -135,15 +135,22 @@ class _RegionRunner(fx.Interpreter):
         self.result, self.generator, self.prefix = result, generator, prefix
 
     def run_node(self, n: fx.Node) -> Any:
+        # Nested graphs run through this interpreter too, so the regions inside them are checked.
         if n.op == "call_function" and n.target is torch.ops.higher_order.tag_activation_checkpoint:
             body, *operands = self.map_nodes_to_values(n.args, n)
-            return _RegionRunner(body, self.result, self.generator, self.prefix).run(*operands)
+            return self._nested(body, operands)
+        if n.op == "call_function" and n.target is torch.ops.higher_order.cond:
+            pred, true_body, false_body, operands = self.map_nodes_to_values(n.args, n)
+            return self._nested(true_body if bool(pred) else false_body, operands)
         out = super().run_node(n)
         applied = n.meta.get(REWRITE_META)
         if isinstance(applied, AppliedRewrite):
             args = self.map_nodes_to_values(n.args, n)
             self._compare_region(applied, n, args)
         return out
+
+    def _nested(self, body: fx.GraphModule, operands) -> Any:
+        return _RegionRunner(body, self.result, self.generator, self.prefix).run(*operands)
 
     def _compare_region(self, applied: AppliedRewrite, n: fx.Node, args: tuple) -> None:
         where = f"{applied.pattern.name}@{(self.prefix + applied.module_path) or '<model>'}:{n.name}"

@@ -156,3 +156,33 @@ def test_frozen_weight_gets_no_gradient_and_input_still_does():
     assert model.norm.weight.grad is None
     assert model.inp.weight.grad is not None
     assert fastft.check(model, (x,)).ok
+
+
+class Branchy(nn.Module):
+    """A norm inside both branches of torch.cond: control-flow bodies are nested graphs too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 24)
+        self.norm = CastBeforeWeight(24)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = torch.cond(h.sum() > 0, lambda t: self.norm(t) * 2, lambda t: self.norm(t) - 1, (h,))
+        return h.pow(2).mean()
+
+
+def test_norms_inside_control_flow_bodies_are_rewritten():
+    torch.manual_seed(0)
+    model = Branchy().to(DEVICE)
+    x = torch.randn(4, 8, device=DEVICE)
+    fastft.optimize(model)
+    model(x).backward()
+    state = model._fastft_state
+    fused = [n for g in state.graphs.values() for sub in g.gm.modules() if isinstance(sub, torch.fx.GraphModule)
+             for n in sub.graph.nodes if n.target is torch.ops.fastft.rms_norm.default]
+    assert len(fused) == 2  # one per branch
+    assert not fastft.report(model).capture_failures
+    result = fastft.check(model, (x,))
+    assert result.ok, str(result)
+    assert result.regions_checked == 1  # the branch the data took
