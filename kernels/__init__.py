@@ -3,12 +3,18 @@
 
 Imports nothing of fastft: every op is usable on its own."""
 import os
+import sys
+import warnings
 
 import torch
 
 # Triton compiles for GPUs only; on a machine without one its interpreter is the only way the
-# kernels run (slowly: tests and inspection). It must be chosen before the kernels are defined.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# kernels run (slowly: tests and inspection). It must be chosen before triton itself is imported:
+# triton.language's own helpers are built at import time for one mode or the other.
+if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+    if "triton" in sys.modules:
+        warnings.warn("fastft: no GPU, and triton was imported before fastft without TRITON_INTERPRET=1; "
+                      "the Triton kernels cannot run. Import fastft first, or set TRITON_INTERPRET=1.")
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from . import rms_norm  # noqa: E402,F401  (registers torch.ops.fastft.rms_norm)

@@ -17,7 +17,7 @@ failure that got furthest is kept, to explain near misses.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch.fx as fx
 
@@ -204,4 +204,3 @@ def _describe(v: Any) -> str:
     return f"node '{v.name}'" if isinstance(v, fx.Node) else repr(v)
 
 
-Check = Callable[[Match], "str | None"]
