@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from fastft.kernels.rms_norm import rms_norm_reference
+from fastft.kernels.rms_norm import SUPPORTED_DTYPES, rms_norm_reference
 from fastft.passes.canonical import dtype_of, tensor_meta
 from fastft.passes.matcher import Cast, Lit, Match, Op, Var
 from fastft.passes.pattern import Pattern, Replacement
-
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _last_dim_only(dims, canon) -> bool:
@@ -43,7 +41,7 @@ def _rms_norm_expr():
 def _check_rms_norm(m: Match) -> str | None:
     b = m.bindings
     x = tensor_meta(b["x"])
-    if x.dtype not in _KERNEL_DTYPES:
+    if x.dtype not in SUPPORTED_DTYPES:
         return f"input dtype {x.dtype} has no fused kernel (supported: float32, bfloat16, float16)"
     if dtype_of(b["mean_sq"]) != torch.float32:
         return (f"the mean of squares is computed in {dtype_of(b['mean_sq'])}; the fused kernel "
@@ -55,7 +53,7 @@ def _check_rms_norm(m: Match) -> str | None:
         w = tensor_meta(b["weight"])
         if w.dim() != 1 or w.shape[0] != x.shape[-1]:
             return f"weight of shape {tuple(w.shape)} is not a vector over the last dim ({x.shape[-1]})"
-        if w.dtype not in _KERNEL_DTYPES:
+        if w.dtype not in SUPPORTED_DTYPES:
             return f"weight dtype {w.dtype} has no fused kernel"
         if b["weight_cast"] not in (None, torch.float32):
             return f"the weight is rounded to {b['weight_cast']} before the multiply"
