@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .rounding import TL_DTYPE, round_fp32
+
 __all__ = [
     "MAX_N",
     "SUPPORTED_DTYPES",
@@ -32,7 +34,6 @@ SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torc
 # One program holds a whole row in registers; beyond this the row would spill far too much.
 MAX_N: int = 65536
 
-_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,24 +64,6 @@ def rms_norm_reference(
 # Triton kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _round_fp32(y, DTYPE: tl.constexpr):
-    """Round fp32 ``y`` to DTYPE (round-to-nearest-even) and return it as fp32 again.
-
-    bf16 is rounded with integer ops rather than ``.to(tl.bfloat16)``: on GPU both are RTNE, but
-    the Triton interpreter's fp32->bf16 cast truncates, and tests must see the real rounding.
-    The result is exactly representable in DTYPE, so a later cast to DTYPE is exact everywhere.
-    """
-    if DTYPE == tl.bfloat16:
-        bits = y.to(tl.uint32, bitcast=True)
-        bits = bits + (0x7FFF + ((bits >> 16) & 1))
-        r = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
-        y = tl.where(y != y, y, r)  # keep NaN a NaN (the carry could turn it into inf)
-    elif DTYPE == tl.float16:
-        y = y.to(tl.float16).to(tl.float32)
-    return y
-
-
-@triton.jit
 def rms_norm_fwd_kernel(
     x_ptr,
     w_ptr,
@@ -109,11 +92,11 @@ def rms_norm_fwd_kernel(
     x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     # Masked lanes load 0, so they add nothing to the sum; divide by the true width N.
     r = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
-    y = _round_fp32(x * r[:, None], NORM_DTYPE)
+    y = round_fp32(x * r[:, None], NORM_DTYPE)
     if HAS_WEIGHT:
         w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32) + weight_offset
         y = y * w[None, :]
-    y = _round_fp32(y, OUT_DTYPE).to(OUT_DTYPE)
+    y = round_fp32(y, OUT_DTYPE).to(OUT_DTYPE)
     tl.store(y_ptr + rows64[:, None] * stride_y + cols[None, :], y, mask=mask)
 
 
@@ -159,7 +142,7 @@ def rms_norm_bwd_kernel(
         xhat = x * r[:, None]
         if COMPUTE_DW:
             # dW sees the rounded normalised value (it is what multiplied the weight).
-            dw_acc += tl.sum(dy * _round_fp32(xhat, NORM_DTYPE), axis=0)
+            dw_acc += tl.sum(dy * round_fp32(xhat, NORM_DTYPE), axis=0)
         if COMPUTE_DX:
             if HAS_WEIGHT:
                 g = dy * w[None, :]
@@ -167,10 +150,10 @@ def rms_norm_bwd_kernel(
                 g = dy
             # As in autograd: the gradient w.r.t. the norm_dtype value is itself a norm_dtype
             # tensor (rounded), then passes the cast back to fp32 unchanged.
-            g = _round_fp32(g, NORM_DTYPE)
+            g = round_fp32(g, NORM_DTYPE)
             c = tl.sum(g * xhat, axis=1) / N
             dx = r[:, None] * (g - xhat * c[:, None])
-            dx = _round_fp32(dx, DX_DTYPE).to(DX_DTYPE)
+            dx = round_fp32(dx, DX_DTYPE).to(DX_DTYPE)
             tl.store(dx_ptr + rows64[:, None] * stride_dx + cols[None, :], dx, mask=mask)
 
     if COMPUTE_DW:
@@ -288,8 +271,8 @@ def rms_norm_forward(
     rms_norm_fwd_kernel[grid](
         x2, w, y, n_rows, n, x2.stride(0), n, float(eps), float(weight_offset),
         HAS_WEIGHT=weight is not None,
-        NORM_DTYPE=_TL_DTYPE[norm_dtype] if norm_dtype is not None else tl.float32,
-        OUT_DTYPE=_TL_DTYPE[out_dtype],
+        NORM_DTYPE=TL_DTYPE[norm_dtype] if norm_dtype is not None else tl.float32,
+        OUT_DTYPE=TL_DTYPE[out_dtype],
         BLOCK_ROWS=br,
         BLOCK_N=bn,
         num_warps=num_warps,
@@ -344,8 +327,8 @@ def rms_norm_backward(
         dy2, x2, w, dx2, partials, n_rows, n, dy2.stride(0), x2.stride(0), dx2.stride(0),
         float(eps), float(weight_offset), blocks_per_program,
         HAS_WEIGHT=weight is not None,
-        NORM_DTYPE=_TL_DTYPE[norm_dtype] if norm_dtype is not None else tl.float32,
-        DX_DTYPE=_TL_DTYPE[x.dtype],
+        NORM_DTYPE=TL_DTYPE[norm_dtype] if norm_dtype is not None else tl.float32,
+        DX_DTYPE=TL_DTYPE[x.dtype],
         COMPUTE_DX=compute_dx,
         COMPUTE_DW=compute_dw,
         BLOCK_ROWS=br,
