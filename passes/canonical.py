@@ -9,6 +9,7 @@ the view is computed on demand and cached in ``node.meta``.
 from __future__ import annotations
 
 import functools
+import math
 import operator
 import re
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 _META_KEY = "fastft_canon"
 
@@ -27,6 +29,8 @@ class Canon:
     op: str
     args: tuple[Any, ...]
     attrs: dict[str, Any] = field(default_factory=dict)
+    # Nodes this one absorbs: the chunk/split call whose getitem this is belongs to the region too.
+    via: tuple[fx.Node, ...] = ()
 
 
 # name -> canonical op, for binary and unary elementwise ops spelled as functions or methods.
@@ -34,7 +38,7 @@ _ELEMENTWISE = {
     "mul": "mul", "multiply": "mul", "add": "add", "sub": "sub", "subtract": "sub",
     "div": "div", "divide": "div", "true_divide": "div", "pow": "pow", "rsqrt": "rsqrt",
     "sqrt": "sqrt", "reciprocal": "reciprocal", "neg": "neg", "negative": "neg",
-    "square": "square", "exp": "exp", "tanh": "tanh", "sigmoid": "sigmoid",
+    "square": "square", "exp": "exp", "tanh": "tanh", "sigmoid": "sigmoid", "erf": "erf",
 }
 _OPERATORS = {
     operator.mul: "mul", operator.add: "add", operator.sub: "sub", operator.truediv: "div",
@@ -119,9 +123,189 @@ def _canon_reduction(node: fx.Node, name: str) -> Canon | None:
     return Canon(name, (x,), {"dims": dims, "keepdim": bool(keepdim), "ndim": ndim})
 
 
+def _dims(dim: Any, ndim: int) -> tuple[int, ...]:
+    if dim is None:
+        return tuple(range(ndim))
+    return tuple(sorted(d % ndim for d in (dim if isinstance(dim, (tuple, list)) else (dim,))))
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[index] if len(node.args) > index else default
+
+
+def _canon_var(node: fx.Node) -> Canon | None:
+    """``x.var(dim, unbiased=/correction=, keepdim=)``: a reduction that keeps its correction."""
+    x_meta = tensor_meta(node.args[0])
+    if x_meta is None:
+        return None
+    correction = node.kwargs.get("correction")
+    unbiased = _arg(node, 2, "unbiased")
+    if correction is None:
+        correction = 0 if unbiased is False else 1
+    return Canon("var", (node.args[0],), {
+        "dims": _dims(_arg(node, 1, "dim"), x_meta.dim()), "keepdim": bool(_arg(node, 3, "keepdim", False)),
+        "ndim": x_meta.dim(), "correction": correction})
+
+
+def _int(value: Any) -> int | None:
+    """A size as a Python int, or None when it is symbolic. Never int() a SymInt: that would add
+    a guard and specialise the graph on it (a recompile for every sequence length)."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, torch.SymInt):
+        return value.node.maybe_as_int()
+    return None
+
+
+def same_size(a: Any, b: Any) -> bool:
+    """Sizes known equal without guarding (symbolic sizes compare by their expressions)."""
+    return bool(statically_known_true(a == b))
+
+
+def _slice_attrs(dim: int, ndim: int, size: int, start: Any, stop: Any, step: Any) -> dict | None:
+    start, stop, step = slice(start, stop, step).indices(size)
+    if step <= 0:
+        return None
+    return {"dim": dim, "ndim": ndim, "start": start, "stop": max(start, stop), "step": step}
+
+
+def _canon_getitem(node: fx.Node) -> Canon | None:
+    """``x[..., a:b:s]`` (one sliced dim), or one output of ``chunk``/``split``: both are a slice."""
+    base, index = node.args
+    if not isinstance(base, fx.Node):
+        return None
+    split = _canon_split_output(base, index)
+    if split is not None:
+        return split
+    meta = tensor_meta(base)
+    if meta is None:
+        return None
+    items = list(index) if isinstance(index, tuple) else [index]
+    if any(not (i is Ellipsis or isinstance(i, slice)) for i in items) or items.count(Ellipsis) > 1:
+        return None  # integer or None indexing changes the rank: not a slice
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        items[at:at + 1] = [slice(None)] * (meta.dim() - len(items) + 1)
+    items += [slice(None)] * (meta.dim() - len(items))
+    sliced = [d for d, s in enumerate(items) if s != slice(None)]
+    if len(sliced) != 1:
+        return None
+    d = sliced[0]
+    size = _int(meta.shape[d])
+    if size is None:
+        return None
+    s = items[d]
+    if any(isinstance(v, fx.Node) for v in (s.start, s.stop, s.step)):
+        return None
+    attrs = _slice_attrs(d, meta.dim(), size, s.start, s.stop, s.step)
+    return Canon("slice", (base,), attrs) if attrs else None
+
+
+def _canon_split_output(call: fx.Node, index: Any) -> Canon | None:
+    name = _name_of(call) if call.op in ("call_function", "call_method") else None
+    if name not in ("chunk", "split") or not isinstance(index, int):
+        return None
+    if call.op == "call_function" and not _is_torch_callable(call.target):
+        return None
+    x = call.args[0]
+    meta = tensor_meta(x)
+    if meta is None:
+        return None
+    ndim = meta.dim()
+    dim = _arg(call, 2, "dim", 0) % ndim
+    size = _int(meta.shape[dim])
+    if size is None:
+        return None
+    if name == "chunk":
+        chunks = _arg(call, 1, "chunks")
+        each = -(-size // chunks)
+        bounds = [(i, min(i + each, size)) for i in range(0, size, each)]
+    else:
+        sizes = _arg(call, 1, "split_size_or_sections", _arg(call, 1, "split_size"))
+        if isinstance(sizes, int):
+            bounds = [(i, min(i + sizes, size)) for i in range(0, size, sizes)]
+        else:
+            edges = [0]
+            for s in sizes:
+                edges.append(edges[-1] + s)
+            bounds = list(zip(edges, edges[1:]))
+    if not 0 <= index < len(bounds):
+        return None
+    start, stop = bounds[index]
+    return Canon("slice", (x,), {"dim": dim, "ndim": ndim, "start": start, "stop": stop, "step": 1},
+                 via=(call,))
+
+
+def _canon_cat(node: fx.Node) -> Canon | None:
+    tensors = _arg(node, 0, "tensors")
+    out = tensor_meta(node)
+    if not isinstance(tensors, (tuple, list)) or out is None:
+        return None
+    dim = _arg(node, 1, "dim", 0)
+    ndim = out.dim()
+    # stack adds a dim: normalise its position against the output's rank.
+    op = "stack" if _name_of(node) == "stack" else "cat"
+    return Canon(op, tuple(tensors), {"dim": dim % ndim, "ndim": ndim})
+
+
+def _canon_flatten(node: fx.Node) -> Canon | None:
+    """``flatten(start, end)``, and a view/reshape that only merges adjacent dims, as flatten."""
+    x_meta, out = tensor_meta(node.args[0]), tensor_meta(node)
+    if x_meta is None or out is None:
+        return None
+    ndim = x_meta.dim()
+    if _name_of(node) == "flatten":
+        start = _arg(node, 1, "start_dim", 0) % max(ndim, 1)
+        end = _arg(node, 2, "end_dim", -1) % max(ndim, 1)
+    else:
+        shape, new = list(x_meta.shape), list(out.shape)
+        merged = ndim - len(new) + 1
+        start = next((i for i in range(len(new)) if not same_size(shape[i], new[i])), None)
+        if start is None or merged < 2:
+            return None
+        if not all(same_size(a, b) for a, b in zip(shape[start + merged:], new[start + 1:])):
+            return None
+        if not same_size(math.prod(shape[start:start + merged]), new[start]):
+            return None
+        end = start + merged - 1
+    return Canon("flatten", (node.args[0],), {"start": start, "end": end, "ndim": ndim})
+
+
+def _canon_activation(node: fx.Node) -> Canon | None:
+    name = _name_of(node)
+    if _arg(node, 1, "inplace", False) is True:
+        return None  # an in-place activation mutates its input: not a pure op to match
+    if name == "gelu":
+        return Canon("gelu", (node.args[0],), {"approximate": node.kwargs.get("approximate", "none")})
+    return Canon(name, (node.args[0],))
+
+
+def _canon_layer_norm(node: fx.Node) -> Canon | None:
+    x = node.args[0]
+    shape = _arg(node, 1, "normalized_shape")
+    weight, bias, eps = _arg(node, 2, "weight"), _arg(node, 3, "bias"), _arg(node, 4, "eps", 1e-5)
+    x_meta = tensor_meta(x)
+    if x_meta is None or not isinstance(shape, (tuple, list, torch.Size)):
+        return None
+    return Canon("layer_norm", (x, weight, bias, eps), {"shape": tuple(_int(s) for s in shape),
+                                                        "ndim": x_meta.dim()})
+
+
+# Ops whose canonical form needs more than their argument list: name -> canonicaliser.
+_STRUCTURAL = {
+    "var": _canon_var, "cat": _canon_cat, "concat": _canon_cat, "concatenate": _canon_cat,
+    "stack": _canon_cat, "flatten": _canon_flatten, "view": _canon_flatten, "reshape": _canon_flatten,
+    "silu": _canon_activation, "gelu": _canon_activation, "layer_norm": _canon_layer_norm,
+}
+
+
 def _compute(node: fx.Node) -> Canon | None:
     if node.op not in ("call_function", "call_method"):
         return None
+    if node.op == "call_function" and node.target is operator.getitem:
+        return _canon_getitem(node)
     if node.op == "call_function" and node.target in _OPERATORS:
         return Canon(_OPERATORS[node.target], tuple(node.args))
     name = _name_of(node)
@@ -131,6 +315,8 @@ def _compute(node: fx.Node) -> Canon | None:
         return _canon_cast(node, name)
     if name in ("mean", "sum"):
         return _canon_reduction(node, name)
+    if name in _STRUCTURAL:
+        return _STRUCTURAL[name](node)
     if name in _ELEMENTWISE:
         canon_name = _ELEMENTWISE[name]
         if canon_name in ("add", "sub") and node.kwargs.get("alpha", 1) != 1:

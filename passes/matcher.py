@@ -178,7 +178,7 @@ class _Search:
         if e.commutative and len(canon.args) == 2:
             orders.append(canon.args[::-1])
         for actual in orders:
-            yield from self._args(list(e.args), list(actual), b, nodes + (v,))
+            yield from self._args(list(e.args), list(actual), b, nodes + (v,) + canon.via)
 
     def _args(self, exprs: list, values: list, b: Bindings, nodes: tuple):
         if not exprs:

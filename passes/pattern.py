@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 from .matcher import Expr, Match
 
@@ -13,6 +13,8 @@ class Replacement:
 
     target: Callable[..., Any]
     args: tuple[Any, ...]
+    # For a grouped replacement: ``target`` returns a tuple whose output i replaces the i-th match.
+    outputs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -34,3 +36,9 @@ class Pattern:
     anchors: frozenset[str]
     reference: Callable[..., Any]
     kernel: str
+    # Grouping: matches with equal ``group_key`` (e.g. q and k rotated by the same cos/sin) are
+    # replaced ``group_size`` at a time by one call built by ``replace_group``; a match left
+    # without a partner gets ``replace``'s call (for a grouped pattern, a group of one).
+    group_key: Callable[[Match], Hashable] | None = None
+    group_size: int = 1
+    replace_group: Callable[[list[Match]], Replacement] | None = None

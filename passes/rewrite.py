@@ -1,14 +1,15 @@
 """Match patterns in a captured graph (and every graph nested in it) and splice in fused ops."""
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
-from .canonical import canonical, module_path
+from .canonical import canonical, module_path, tensor_meta
 from .matcher import Failure, Match, match_at
-from .pattern import Pattern
+from .pattern import Pattern, Replacement
 
 REWRITE_META = "fastft_rewrite"
 
@@ -50,6 +51,7 @@ def _rewrite_graph(gm: fx.GraphModule, patterns: list[Pattern], result: RewriteR
     failures: dict[tuple[str, fx.Node], Failure] = {}
     changed = False
     for pattern in patterns:
+        pending: dict = {}  # group key -> accepted matches waiting for a partner
         # From the output backwards, so that the largest region (the one ending in a final cast)
         # is seen before the smaller one inside it.
         for root in reversed(list(graph.nodes)):
@@ -59,10 +61,20 @@ def _rewrite_graph(gm: fx.GraphModule, patterns: list[Pattern], result: RewriteR
             accepted = _first_accepted(pattern, root, consumed, failure)
             if accepted is None:
                 continue
-            match, region = accepted
-            _splice(gm, pattern, match, region, result)
+            match, prepared = accepted
             consumed.update(match.nodes)
             changed = True
+            if pattern.group_key is None:
+                _splice(gm, pattern, [match], prepared, result)
+                continue
+            group = pending.setdefault(pattern.group_key(match), [])
+            group.append((match, prepared))
+            if len(group) == pattern.group_size:
+                _splice_group(gm, pattern, group, result)
+                group.clear()
+        for group in pending.values():
+            for match, prepared in group:
+                _splice(gm, pattern, [match], prepared, result)
     result.near_misses.extend(_near_misses(graph, patterns, consumed, failures))
     if changed:
         graph.lint()
@@ -74,22 +86,26 @@ def _first_accepted(pattern: Pattern, root: fx.Node, consumed: set[fx.Node], fai
         reason = pattern.check(match)
         if reason is None:
             replacement = pattern.replace(match)
-            inputs = [a for a in replacement.args if isinstance(a, fx.Node)]
-            region, reason = extract_region(match, inputs)
+            region, reason = extract_region([match], _inputs(replacement))
             if region is not None:
                 return match, (replacement, region)
         failure.note(len(match.nodes) + 100, reason)  # a full structural match outranks any partial one
     return None
 
 
-def extract_region(match: Match, inputs: list[fx.Node]) -> tuple[fx.GraphModule | None, str | None]:
-    """The matched nodes as a standalone GraphModule taking ``inputs``; or the reason it cannot be."""
+def _inputs(replacement: Replacement) -> list[fx.Node]:
+    return list(dict.fromkeys(a for a in replacement.args if isinstance(a, fx.Node)))
+
+
+def extract_region(matches: list[Match], inputs: list[fx.Node]) -> tuple[fx.GraphModule | None, str | None]:
+    """The matched nodes as a standalone GraphModule taking ``inputs`` and returning each match's
+    root (a tuple when there are several); or the reason it cannot be."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in inputs:
         env[node] = graph.placeholder(node.name)
-    inside = set(match.nodes)
-    for node in match.root.graph.nodes:  # graph order is a topological order
+    inside = {n for m in matches for n in m.nodes}
+    for node in matches[0].root.graph.nodes:  # graph order is a topological order
         if node not in inside:
             continue
         for dep in node.all_input_nodes:
@@ -97,22 +113,59 @@ def extract_region(match: Match, inputs: list[fx.Node]) -> tuple[fx.GraphModule 
                 return None, (f"the region reads '{dep.name}', which is neither one of its inputs "
                               f"nor computed inside it")
         env[node] = graph.node_copy(node, lambda n: env[n])
-    graph.output(env[match.root])
+    roots = [env[m.root] for m in matches]
+    graph.output(roots[0] if len(roots) == 1 else tuple(roots))
     return fx.GraphModule(torch.nn.Module(), graph), None
 
 
-def _splice(gm: fx.GraphModule, pattern: Pattern, match: Match, prepared, result: RewriteResult) -> None:
+def _splice_group(gm: fx.GraphModule, pattern: Pattern, group: list, result: RewriteResult) -> None:
+    """One call for the whole group, placed after its last input and before its first use;
+    where no such place exists (or the region cannot be cut out), each match gets its own call."""
+    matches = [m for m, _ in group]
+    order = _position(gm.graph)
+    matches.sort(key=lambda m: order(m.root))
+    replacement = pattern.replace_group(matches)
+    inputs = _inputs(replacement)
+    region, _ = extract_region(matches, inputs)
+    last_input = max((order(n) for n in inputs), default=-1)
+    first_use = min((order(u) for m in matches for u in m.root.users), default=len(gm.graph.nodes))
+    if region is None or last_input >= first_use:
+        for match, prepared in group:
+            _splice(gm, pattern, [match], prepared, result)
+        return
+    _splice(gm, pattern, matches, (replacement, region), result)
+
+
+def _splice(gm: fx.GraphModule, pattern: Pattern, matches: list[Match], prepared, result: RewriteResult) -> None:
     replacement, region = prepared
     graph = gm.graph
-    root = match.root
-    with graph.inserting_before(root):
+    order = _position(graph)
+    inputs = _inputs(replacement)
+    # Right before the first root, or right after the last input when that comes later.
+    first_root = min((m.root for m in matches), key=order)
+    last_input = max(inputs, key=order, default=None)
+    if last_input is not None and order(last_input) > order(first_root):
+        where = graph.inserting_after(last_input)
+    else:
+        where = graph.inserting_before(first_root)
+    with where:
         fused = graph.call_function(replacement.target, replacement.args)
-    fused.meta.update({k: v for k, v in root.meta.items() if k != "fastft_canon"})
-    path = _region_path(match.nodes)
-    applied = AppliedRewrite(pattern=pattern, module_path=path, node=fused, region=region)
+    fused.meta.update({k: v for k, v in first_root.meta.items() if k not in ("fastft_canon", "example_value", "val")})
+    if replacement.outputs is None:
+        fused.meta.update({k: v for k, v in first_root.meta.items() if k in ("example_value", "val")})
+    nodes = [n for m in matches for n in m.nodes]
+    applied = AppliedRewrite(pattern=pattern, module_path=_region_path(nodes), node=fused, region=region)
     fused.meta[REWRITE_META] = applied
-    root.replace_all_uses_with(fused)
-    for node in sorted(match.nodes, key=_position(graph), reverse=True):
+    if replacement.outputs is None:
+        matches[0].root.replace_all_uses_with(fused)
+    else:
+        with graph.inserting_after(fused):
+            for i, m in reversed(list(enumerate(matches))):
+                out = graph.call_function(operator.getitem, (fused, i))
+                out.meta.update({k: v for k, v in m.root.meta.items() if k != "fastft_canon"})
+                m.root.replace_all_uses_with(out)
+        fused.meta["example_value"] = tuple(tensor_meta(m.root) for m in matches)
+    for node in sorted(set(nodes), key=order, reverse=True):
         if not node.users:
             graph.erase_node(node)
     result.applied.append(applied)
