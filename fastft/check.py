@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from fastft.passes.canonical import tensor_meta
 from fastft.passes.rewrite import REWRITE_META, AppliedRewrite
 
 from .errors import CheckError
@@ -154,23 +155,32 @@ class _RegionRunner(fx.Interpreter):
 
     def _compare_region(self, applied: AppliedRewrite, n: fx.Node, args: tuple) -> None:
         where = f"{applied.pattern.name}@{(self.prefix + applied.module_path) or '<model>'}:{n.name}"
-        positions = [i for i, a in enumerate(n.args) if isinstance(a, fx.Node)]
+        # The region takes each distinct input node once, in order of first use in the call.
+        inputs = list(dict.fromkeys(a for a in n.args if isinstance(a, fx.Node)))
+        values = {a: args[i] for i, a in reversed(list(enumerate(n.args))) if isinstance(a, fx.Node)}
         with torch.enable_grad():
-            leaves_ref = [_leaf(args[i]) for i in positions]
-            leaves_new = [_leaf(args[i]) for i in positions]
-            ref = applied.region(*leaves_ref)
-            fused_args = list(args)
-            for i, leaf in zip(positions, leaves_new):
-                fused_args[i] = leaf
-            new = n.target(*fused_args, **n.kwargs)
-            self.result.regions.append(_compare(f"{where} output", new, ref, elementwise=True))
-            if not ref.requires_grad:
+            leaves_ref = [_leaf(values[a], a) for a in inputs]
+            leaves_new = {a: _leaf(values[a], a) for a in inputs}
+            ref = _as_tuple(applied.region(*leaves_ref))
+            fused_args = [leaves_new[a] if isinstance(a, fx.Node) else v for a, v in zip(n.args, args)]
+            # A grouped op called for a group of one computes outputs the region does not have.
+            new = _as_tuple(n.target(*fused_args, **n.kwargs))[:len(ref)]
+            leaves_new = list(leaves_new.values())
+            for k, (a, b) in enumerate(zip(new, ref)):
+                label = "output" if len(ref) == 1 else f"output[{k}]"
+                self.result.regions.append(_compare(f"{where} {label}", a, b, elementwise=True))
+            if len(new) != len(ref):
+                self.result.problems.append(f"{where}: {len(new)} outputs, the region has {len(ref)}")
                 return
-            grad_out = torch.randn(ref.shape, generator=self.generator, dtype=torch.float32).to(ref)
-            want = [x for x in leaves_ref if x.requires_grad]
-            have = [x for x in leaves_new if x.requires_grad]
-            g_ref = torch.autograd.grad(ref, want, grad_out, allow_unused=True)
-            g_new = torch.autograd.grad(new, have, grad_out, allow_unused=True)
+            differentiable = [k for k, r in enumerate(ref) if r.requires_grad]
+            if not differentiable:
+                return
+            grad_outs = [torch.randn(ref[k].shape, generator=self.generator, dtype=torch.float32).to(ref[k])
+                         for k in differentiable]
+            want = [x for x in leaves_ref if isinstance(x, torch.Tensor) and x.requires_grad]
+            have = [x for x in leaves_new if isinstance(x, torch.Tensor) and x.requires_grad]
+            g_ref = torch.autograd.grad([ref[k] for k in differentiable], want, grad_outs, allow_unused=True)
+            g_new = torch.autograd.grad([new[k] for k in differentiable], have, grad_outs, allow_unused=True)
         for k, (a, b) in enumerate(zip(g_new, g_ref)):
             if a is None or b is None:
                 if (a is None) != (b is None):
@@ -179,9 +189,16 @@ class _RegionRunner(fx.Interpreter):
             self.result.regions.append(_compare(f"{where} grad[{k}]", a, b, elementwise=False))
 
 
-def _leaf(value: Any) -> Any:
+def _as_tuple(value: Any) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def _leaf(value: Any, node: fx.Node) -> Any:
+    """A fresh leaf holding ``value``; it asks for a gradient where the graph's input did."""
     if isinstance(value, torch.Tensor):
-        return value.detach().clone().requires_grad_(value.is_floating_point())
+        meta = tensor_meta(node)
+        wants_grad = meta.requires_grad if meta is not None else value.is_floating_point()
+        return value.detach().clone().requires_grad_(wants_grad and value.is_floating_point())
     return value
 
 
