@@ -78,7 +78,7 @@ class EntryPoint:
         key = f"{self.name}#{captured.key}"
         records = [RewriteRecord(a.pattern.name, a.pattern.family,
                                  prefix + a.module_path if a.module_path else self.path,
-                                 a.pattern.kernel, self.name)
+                                 a.kernel, self.name)
                    for a in captured.result.applied]
         misses = [NearMiss(f"{prefix}{m.module_path}:{m.node}".lstrip(":"), m.pattern, m.reason)
                   for m in captured.result.near_misses]

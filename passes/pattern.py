@@ -42,3 +42,9 @@ class Pattern:
     group_key: Callable[[Match], Hashable] | None = None
     group_size: int = 1
     replace_group: Callable[[list[Match]], Replacement] | None = None
+    # Narrows ``anchors``: an anchor op this rejects is not a sign of the family (a plain
+    # activation with no gate is not a gated unit that almost matched).
+    anchor_filter: Callable[[Any], bool] | None = None
+
+    def is_anchor(self, node: Any) -> bool:
+        return self.anchor_filter is None or self.anchor_filter(node)

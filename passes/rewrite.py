@@ -19,7 +19,13 @@ class AppliedRewrite:
     pattern: Pattern
     module_path: str
     node: fx.Node  # the fused call in the rewritten graph
-    region: fx.GraphModule  # the original subgraph; its inputs are the fused call's node args, in order
+    region: fx.GraphModule  # the original subgraph; its inputs are the fused call's distinct node args, in order
+
+    @property
+    def kernel(self) -> str:
+        """The op that replaced the region (a pattern may choose among several)."""
+        schema = getattr(self.node.target, "_schema", None)
+        return schema.name if schema is not None else self.pattern.kernel
 
 
 @dataclass
@@ -198,7 +204,7 @@ def _near_misses(graph: fx.Graph, patterns: list[Pattern], consumed: set[fx.Node
         if anchor in consumed or canon is None:
             continue
         for pattern in patterns:
-            if canon.op not in pattern.anchors:
+            if canon.op not in pattern.anchors or not pattern.is_anchor(anchor):
                 continue
             best = Failure()
             for root in _downstream(anchor, hops=6):

@@ -1,8 +1,11 @@
 """Declarative patterns, one module per op family. ``DEFAULT_PATTERNS`` is the ordered list
 ``optimize()`` hands to the pass pipeline: larger regions first, so that a fused MLP is tried
-before the activation inside it."""
-from .norms import RMS_NORM
+before the activation inside it, and LayerNorm before RMSNorm (a written-out LayerNorm ends in
+an RMSNorm of the centred input, which must not be taken for one)."""
+from .glu import GLU
+from .norms import LAYER_NORM, RMS_NORM
+from .rope import ROPE
 
-DEFAULT_PATTERNS = [RMS_NORM]
+DEFAULT_PATTERNS = [GLU, ROPE, LAYER_NORM, RMS_NORM]
 
-__all__ = ["DEFAULT_PATTERNS", "RMS_NORM"]
+__all__ = ["DEFAULT_PATTERNS", "GLU", "LAYER_NORM", "RMS_NORM", "ROPE"]

@@ -1,4 +1,6 @@
-"""Normalisation patterns. RMSNorm, from its math:
+"""Normalisation patterns: RMSNorm and LayerNorm, from their math.
+
+RMSNorm:
 
     y = x_f * rsqrt(mean(x_f ** 2, -1, keepdim) + eps)     x_f = x, upcast or not
     y = y.to(norm_dtype)                                     optional: round before the weight
@@ -8,11 +10,19 @@
 Spellings the canonical view folds together (pow vs x*x, rsqrt vs 1/sqrt, .float() vs .to())
 need no variant here; the variants that change the numbers (where the casts are, ``1 + w``) are
 bindings of the one expression, and the kernel takes them as arguments.
+
+LayerNorm, either the library op or written out:
+
+    y = layer_norm(x_f, weight?, bias?, eps)                        fp32 inside, one rounding
+    y = (x_f - mean(x_f)) * rsqrt(var(x_f) + eps)                   var biased: mean of squares
+    y = y.to(norm_dtype) * w + b                                    optional cast, weight, bias
+    y = y.to(out_dtype)                                              optional final cast
 """
 from __future__ import annotations
 
 import torch
 
+from fastft.kernels.layer_norm import layer_norm_reference
 from fastft.kernels.rms_norm import SUPPORTED_DTYPES, rms_norm_reference
 from fastft.passes.canonical import dtype_of, tensor_meta
 from fastft.passes.matcher import Cast, Lit, Match, Op, Var
@@ -87,4 +97,86 @@ RMS_NORM = Pattern(
     anchors=frozenset({"rsqrt"}),
     reference=rms_norm_reference,
     kernel="fastft::rms_norm",
+)
+
+
+def _layer_norm_expr():
+    x = Var("x")
+    xf = Cast(x, "upcast")
+    weight = Cast(Var("weight"), "weight_cast")
+    bias = Cast(Var("bias"), "bias_cast")
+    library = Op("layer_norm", xf, weight | None, bias | None, Lit("eps"), shape=_one_dim, name="library")
+
+    mean = Op("mean", xf, dims=_last_dim_only, keepdim=True, name="mean")
+    centered = Op("sub", xf, mean, name="centered")
+    # The variance may centre x again (a second subtraction) or reuse the first.
+    again = Op("sub", xf, mean, name="centered_again")
+    variance = Op("mean", Op("pow", again, 2) | Op("mul", again, again), dims=_last_dim_only,
+                  keepdim=True) | Op("var", xf, dims=_last_dim_only, keepdim=True, correction=0)
+    denom = Op("add", variance, Lit("eps"), commutative=True)
+    normed = Op("mul", centered, Op("rsqrt", denom), commutative=True, name="normed") | Op(
+        "div", centered, Op("sqrt", denom), name="normed")
+    weighted = Op("mul", Cast(normed, "norm_cast"), weight, commutative=True, name="weighted")
+    shifted = Op("add", weighted | Cast(normed, "norm_cast"), bias, commutative=True, name="shifted")
+    return Cast(library | shifted | weighted | normed, "out_cast")
+
+
+def _one_dim(shape, canon) -> bool:
+    return len(shape) == 1
+
+
+def _check_layer_norm(m: Match) -> str | None:
+    b = m.bindings
+    x = tensor_meta(b["x"])
+    if x.dtype not in SUPPORTED_DTYPES:
+        return f"input dtype {x.dtype} has no fused kernel (supported: float32, bfloat16, float16)"
+    if b["upcast"] not in (None, torch.float32):
+        return f"the input is cast to {b['upcast']} first; the fused kernel reads it as it is"
+    if "mean" in b and dtype_of(b["mean"]) != torch.float32:
+        return (f"the mean is computed in {dtype_of(b['mean'])}; the fused kernel accumulates in "
+                f"float32 and would not reproduce it")
+    eps = b["eps"]
+    if not isinstance(eps, (int, float)) or eps < 0:
+        return f"eps {eps!r} is not a non-negative number"
+    for name in ("weight", "bias"):
+        if name in b:
+            t = tensor_meta(b[name])
+            if t.dim() != 1 or t.shape[0] != x.shape[-1]:
+                return f"{name} of shape {tuple(t.shape)} is not a vector over the last dim ({x.shape[-1]})"
+            if t.dtype not in SUPPORTED_DTYPES:
+                return f"{name} dtype {t.dtype} has no fused kernel"
+            if b[f"{name}_cast"] not in (None, torch.float32):
+                return f"the {name} is rounded to {b[f'{name}_cast']} before it is applied"
+    # The kernel rounds once at the end (and optionally at norm_dtype): any other rounding on the
+    # way would be lost.
+    last = next(b[n] for n in ("library", "shifted", "weighted", "normed") if n in b)
+    if "shifted" in b and "weighted" in b and dtype_of(b["weighted"]) != torch.float32:
+        return f"the product is rounded to {dtype_of(b['weighted'])} before the bias is added"
+    if dtype_of(last) != torch.float32 and b["out_cast"] not in (None, dtype_of(last)):
+        return f"the result is rounded to {dtype_of(last)}, then cast to {b['out_cast']}"
+    if tensor_meta(m.root).shape != x.shape:
+        return f"output shape {tuple(tensor_meta(m.root).shape)} differs from the input's {tuple(x.shape)}"
+    return None
+
+
+def _replace_layer_norm(m: Match) -> Replacement:
+    b = m.bindings
+    norm_dtype = b.get("norm_cast")
+    if norm_dtype == torch.float32:
+        norm_dtype = None
+    return Replacement(
+        torch.ops.fastft.layer_norm.default,
+        (b["x"], b.get("weight"), b.get("bias"), float(b["eps"]), norm_dtype, dtype_of(m.root)),
+    )
+
+
+LAYER_NORM = Pattern(
+    name="layer_norm",
+    family="layer_norm",
+    expr=_layer_norm_expr(),
+    check=_check_layer_norm,
+    replace=_replace_layer_norm,
+    anchors=frozenset({"layer_norm", "var"}),
+    reference=layer_norm_reference,
+    kernel="fastft::layer_norm",
 )

@@ -1,0 +1,150 @@
+"""Gated linear unit (the gated MLP's middle), from its math:
+
+    h = act(gate) * up            act: SiLU (x * sigmoid(x)), GELU erf, GELU tanh
+    h = h.to(out_dtype)           optional final cast
+
+gate and up are any two tensors of one shape: two linears of the same input, or the two halves
+of one packed linear (``chunk``/``split``/slicing), in which case ``fastft::glu_packed`` reads the
+packed tensor and returns its gradient in one piece. The matmuls around it stay with cuBLAS.
+The activation may be the library function or written out; written out in a 16-bit dtype it
+rounds after every step, which the kernel (fp32 inside) does not reproduce bit for bit, so that
+form is accepted only in float32.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastft.kernels.glu import SUPPORTED_DTYPES, glu_reference
+from fastft.passes.canonical import canonical, dtype_of, same_size, tensor_meta
+from fastft.passes.matcher import Cast, Lit, Match, Op, Var
+from fastft.passes.pattern import Pattern, Replacement
+
+
+def _approximate(kind: str):
+    return lambda value, canon: value == kind
+
+
+def _activation(g):
+    """Every spelling of the three activations, each binding the node ``act`` and a ``kind``."""
+    silu = Op("silu", g, name="act_silu") | Op("mul", g, Op("sigmoid", g), commutative=True, name="act_silu_written")
+    gelu_erf = Op("gelu", g, approximate=_approximate("none"), name="act_gelu_erf") | _written_gelu_erf(g)
+    gelu_tanh = Op("gelu", g, approximate=_approximate("tanh"), name="act_gelu_tanh") | _written_gelu_tanh(g)
+    return silu | gelu_erf | gelu_tanh
+
+
+def _written_gelu_erf(g):
+    # 0.5 * g * (1 + erf(g / sqrt(2)))  (also with g * 0.5 first, or * (1/sqrt(2)))
+    scaled = Op("div", g, Lit("erf_div")) | Op("mul", g, Lit("erf_mul"), commutative=True)
+    one_plus = Op("add", Op("erf", scaled), Lit("one"), commutative=True)
+    half_g = Op("mul", g, Lit("half"), commutative=True)
+    return Op("mul", half_g, one_plus, commutative=True, name="act_gelu_erf_written")
+
+
+def _written_gelu_tanh(g):
+    # 0.5 * g * (1 + tanh(sqrt(2/pi) * (g + 0.044715 * g^3)))
+    cube = Op("pow", g, 3.0) | Op("pow", g, 3) | Op("mul", Op("mul", g, g), g, commutative=True)
+    inner = Op("add", g, Op("mul", cube, Lit("cubic"), commutative=True), commutative=True)
+    one_plus = Op("add", Op("tanh", Op("mul", inner, Lit("tanh_scale"), commutative=True)), Lit("one"),
+                  commutative=True)
+    half_g = Op("mul", g, Lit("half"), commutative=True)
+    return Op("mul", half_g, one_plus, commutative=True, name="act_gelu_tanh_written")
+
+
+_CONSTANTS = {  # what the written-out forms must use, to float32 precision
+    "erf_div": math.sqrt(2.0), "erf_mul": 1 / math.sqrt(2.0), "one": 1.0, "half": 0.5,
+    "cubic": 0.044715, "tanh_scale": math.sqrt(2.0 / math.pi),
+}
+
+
+def _last(dim, canon) -> bool:
+    return dim == canon.attrs["ndim"] - 1
+
+
+def _glu_expr():
+    # Halves of one packed tensor first: then the slices belong to the region and the packed op
+    # can take their place.
+    gate = Cast(Op("slice", Var("packed"), dim=_last, step=1, name="gate") | Var("gate"), "gate_cast")
+    up = Cast(Op("slice", Var("packed"), dim=_last, step=1, name="up") | Var("up"), "up_cast")
+    product = Op("mul", _activation(gate), up, commutative=True, name="product")
+    return Cast(product, "out_cast")
+
+
+def _kind(m: Match) -> tuple[str, str]:
+    """(activation name of the kernel, binding name of the activation node)."""
+    for key in m.bindings:
+        if key.startswith("act_"):
+            kind = key[4:].removesuffix("_written")
+            return kind, key
+    raise AssertionError("an activation always binds")
+
+
+def _check_glu(m: Match) -> str | None:
+    b = m.bindings
+    kind, act_key = _kind(m)
+    gate, up = tensor_meta(b["gate"]), tensor_meta(b["up"])
+    for name, t in (("gate", gate), ("up", up)):
+        if t.dtype not in SUPPORTED_DTYPES:
+            return f"{name} dtype {t.dtype} has no fused kernel (supported: float32, bfloat16, float16)"
+        if b[f"{name}_cast"] not in (None, torch.float32):
+            return f"{name} is cast to {b[f'{name}_cast']} first; the fused kernel reads it as it is"
+    if gate.dim() != up.dim() or not all(same_size(a, c) for a, c in zip(gate.shape, up.shape)):
+        return f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape (a broadcast, not a GLU)"
+    if gate.stride(-1) != 1 or up.stride(-1) != 1:
+        return "gate or up is not contiguous in its last dim"
+    for name, want in _CONSTANTS.items():
+        if name in b and not math.isclose(float(b[name]), want, rel_tol=1e-6):
+            return f"the written-out {kind} uses {b[name]!r} where {want:.7g} was expected"
+    act_dtype = dtype_of(b[act_key])
+    if act_key.endswith("_written") and act_dtype != torch.float32:
+        return f"the {kind} activation is written out in {act_dtype}: rounded at every step"
+    product_dtype = dtype_of(b["product"])
+    if product_dtype != torch.float32 and b["out_cast"] not in (None, product_dtype):
+        return f"the product is rounded to {product_dtype}, then cast to {b['out_cast']}"
+    return None
+
+
+def _packed(m: Match):
+    """The packed tensor when gate is the first half of its last dim and up the second, else None."""
+    b = m.bindings
+    if "packed" not in b or canonical(b["gate"]).op != "slice" or canonical(b["up"]).op != "slice":
+        return None
+    gate, up = canonical(b["gate"]), canonical(b["up"])
+    if gate.args[0] is not b["packed"] or up.args[0] is not b["packed"]:
+        return None
+    width = tensor_meta(b["packed"]).shape[-1]
+    if width % 2 or (gate.attrs["start"], gate.attrs["stop"]) != (0, width // 2):
+        return None
+    if (up.attrs["start"], up.attrs["stop"]) != (width // 2, width):
+        return None
+    return b["packed"]
+
+
+def _replace_glu(m: Match) -> Replacement:
+    b = m.bindings
+    kind, act_key = _kind(m)
+    act_dtype = dtype_of(b[act_key])
+    round_dtype = act_dtype if act_dtype != torch.float32 else None
+    packed = _packed(m)
+    if packed is not None:
+        return Replacement(torch.ops.fastft.glu_packed.default, (packed, kind, round_dtype, dtype_of(m.root)))
+    return Replacement(torch.ops.fastft.glu.default, (b["gate"], b["up"], kind, round_dtype, dtype_of(m.root)))
+
+
+def _gates_something(activation) -> bool:
+    """Only an activation whose output is multiplied by something is a gated unit."""
+    return any((c := canonical(u)) is not None and c.op == "mul" for u in activation.users)
+
+
+GLU = Pattern(
+    name="glu",
+    family="glu_mlp",
+    expr=_glu_expr(),
+    check=_check_glu,
+    replace=_replace_glu,
+    anchors=frozenset({"silu", "gelu"}),
+    anchor_filter=_gates_something,
+    reference=glu_reference,
+    kernel="fastft::glu",
+)
