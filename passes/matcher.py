@@ -94,10 +94,11 @@ class Match:
 class Failure:
     depth: int = -1
     reason: str = ""
+    region: tuple = ()  # the nodes of a whole match that a constraint then rejected
 
-    def note(self, depth: int, reason: str) -> None:
+    def note(self, depth: int, reason: str, region: tuple = ()) -> None:
         if depth > self.depth:
-            self.depth, self.reason = depth, reason
+            self.depth, self.reason, self.region = depth, reason, region
 
 
 class _Search:

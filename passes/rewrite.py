@@ -95,7 +95,7 @@ def _first_accepted(pattern: Pattern, root: fx.Node, consumed: set[fx.Node], fai
             region, reason = extract_region([match], _inputs(replacement))
             if region is not None:
                 return match, (replacement, region)
-        failure.note(len(match.nodes) + 100, reason)  # a full structural match outranks any partial one
+        failure.note(len(match.nodes) + 100, reason, tuple(match.nodes))  # outranks any partial match
     return None
 
 
@@ -198,7 +198,7 @@ def _region_path(nodes: list[fx.Node]) -> str:
 
 def _near_misses(graph: fx.Graph, patterns: list[Pattern], consumed: set[fx.Node],
                  failures: dict[tuple[str, fx.Node], Failure]) -> list[RegionMiss]:
-    misses = []
+    misses, reported = [], set()
     for anchor in graph.nodes:
         canon = canonical(anchor)
         if anchor in consumed or canon is None:
@@ -213,6 +213,17 @@ def _near_misses(graph: fx.Graph, patterns: list[Pattern], consumed: set[fx.Node
                     best = f
             reason = best.reason or "no part of the pattern matched around it"
             misses.append(RegionMiss(pattern.name, module_path(anchor), anchor.name, reason))
+            reported.update((pattern.name, n) for n in best.region + (anchor,))
+    # The whole math matched but a constraint rejected it, and no rewrite took any of it: a near
+    # miss even without an anchor (e.g. an activation written out in a 16-bit dtype). The largest
+    # such region speaks for the smaller ones inside it.
+    rejected = sorted(((name, root, f) for (name, root), f in failures.items() if f.region),
+                      key=lambda item: -item[2].depth)
+    for name, root, f in rejected:
+        if consumed.intersection(f.region) or any((name, n) in reported for n in f.region):
+            continue
+        reported.update((name, n) for n in f.region)
+        misses.append(RegionMiss(name, module_path(root), root.name, f.reason))
     return misses
 
 

@@ -1,7 +1,8 @@
 """Model level: tiny random-weight Hugging Face models, optimised in place.
 
-Every RMSNorm module is rewritten (counted), ``fastft.check`` passes, three AdamW steps give the
-same losses and parameters as the unoptimised twin."""
+Every norm, rotary embedding and gated MLP is rewritten (counted from the model's own modules and
+layers), ``fastft.check`` passes, three AdamW steps give the same losses and parameters as the
+unoptimised twin."""
 from __future__ import annotations
 
 import pytest
@@ -12,7 +13,26 @@ from fastft.tiny import random_batch
 
 from helpers import assert_same_training, count_modules, tiny, twin
 
-ARCHITECTURES = ["llama", "qwen3", "mistral", "gemma3"]
+# Which families each architecture has, besides its norms (counted from the module classes):
+# rotary attention in every layer, and a gated MLP in every layer.
+ARCHITECTURES = {
+    "llama": dict(rope=True, glu=True),
+    "qwen3": dict(rope=True, glu=True),
+    "mistral": dict(rope=True, glu=True),
+    "gemma3": dict(rope=True, glu=True),
+    "phi3": dict(rope=True, glu=True),  # packed gate_up, partial-rotary code path
+    "gpt_neox": dict(rope=True, glu=False),  # partial rotary, LayerNorm, plain GELU MLP
+    "olmo": dict(rope=True, glu=True),  # LayerNorm without weights, computed in fp32
+    "gpt2": dict(rope=False, glu=False),  # LayerNorm only
+}
+
+
+def expected_counts(model, model_type: str) -> dict[str, int]:
+    layers = model.config.num_hidden_layers
+    has = ARCHITECTURES[model_type]
+    counts = {"rms_norm": count_modules(model, "RMSNorm"), "layer_norm": count_modules(model, "LayerNorm"),
+              "rope": layers if has["rope"] else 0, "glu_mlp": layers if has["glu"] else 0}
+    return {k: v for k, v in counts.items() if v}
 
 
 def _batches(model, n=3):
@@ -20,38 +40,42 @@ def _batches(model, n=3):
 
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
-def test_every_rms_norm_rewritten_and_checked(model_type):
+def test_every_region_rewritten_and_checked(model_type):
     model = tiny(model_type)
-    expected = count_modules(model, "RMSNorm")
-    assert expected >= 5
+    expected = expected_counts(model, model_type)
+    assert sum(expected.values()) >= 5
     fastft.optimize(model)
     batch = random_batch(model)
     model(**batch).loss.backward()
     report = fastft.report(model)
-    assert report.counts() == {"rms_norm": expected}, str(report)
-    assert not report.graph_breaks and not report.capture_failures, str(report)
-    assert report.near_misses == []
+    assert report.counts() == expected, str(report)
+    assert not report.capture_failures, str(report)
+    assert report.near_misses == [], str(report)
     result = fastft.check(model, batch)
     assert result.ok, str(result)
-    assert result.regions_checked == expected
+    assert result.regions_checked == sum(expected.values())
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gemma3"])
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
 def test_training_matches_unoptimised(model_type):
     model = tiny(model_type)
     reference = twin(model)
     fastft.optimize(model)
     assert_same_training(reference, model, _batches(model))
-    assert fastft.report(model).counts()["rms_norm"] == count_modules(model, "RMSNorm")
+    assert fastft.report(model).counts() == expected_counts(model, model_type)
 
 
-def test_bf16_model_is_rewritten_and_checked():
-    model = tiny("qwen3", dtype=torch.bfloat16)
+@pytest.mark.parametrize("model_type", ["qwen3", "phi3", "olmo", "gpt_neox"])
+def test_bf16_model_is_rewritten_and_checked(model_type):
+    # bf16 is where the kernels must reproduce eager's roundings (rope, glu) and upcasts (norms).
+    model = tiny(model_type, dtype=torch.bfloat16)
     fastft.optimize(model)
     batch = random_batch(model)
     result = fastft.check(model, batch)
     assert result.ok, str(result)
-    assert fastft.report(model).counts() == {"rms_norm": count_modules(model, "RMSNorm")}
+    report = fastft.report(model)
+    assert report.counts() == expected_counts(model, model_type), str(report)
+    assert report.near_misses == [], str(report)
 
 
 def test_peft_lora_llama():
@@ -66,7 +90,7 @@ def test_peft_lora_llama():
     result = fastft.check(model, batches[0])
     assert result.ok, str(result)
     report = fastft.report(model)
-    assert report.counts() == {"rms_norm": count_modules(model, "RMSNorm")}
+    assert report.counts() == expected_counts(model, "llama")
     assert all(r.module_path.startswith("base_model.model.model.") for r in report.rewrites)
     # frozen norm weights: no gradient computed for them
     assert all(p.grad is None for n, p in model.named_parameters() if "norm" in n)
@@ -82,7 +106,7 @@ def test_gradient_checkpointing_nested_graphs():
     batch = random_batch(model)
     result = fastft.check(model, batch)
     assert result.ok, str(result)
-    assert fastft.report(model).counts() == {"rms_norm": count_modules(model, "RMSNorm")}
+    assert fastft.report(model).counts() == expected_counts(model, "llama")
     assert_same_training(reference, model, _batches(model))
 
 
@@ -93,7 +117,7 @@ def test_backbone_called_directly_is_captured_too():
     hidden = model.model(input_ids=ids).last_hidden_state
     assert hidden.shape == (2, 16, 64)
     report = fastft.report(model)
-    assert report.counts() == {"rms_norm": count_modules(model, "RMSNorm")}
+    assert report.counts() == expected_counts(model, "llama")
     assert {r.graph for r in report.rewrites} == {"model"}
 
 
@@ -111,7 +135,7 @@ def test_dynamic_lengths_train_eval_and_double_optimize():
     assert logits.shape == (2, 9, 128)
     model.train()
     report = fastft.report(model)
-    assert report.counts() == {"rms_norm": 5}
+    assert report.counts() == expected_counts(model, "llama")
     assert not report.capture_failures and not report.graph_breaks
     assert report.graphs_captured <= 4  # dynamic after the first recompile, not one graph per length
     assert fastft.check(model, random_batch(model, seq=10)).ok
