@@ -2,35 +2,45 @@
 eager op in a 16-bit dtype would apply to its result."""
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
-# Compiled for a GPU, the fp32->bf16 cast rounds to nearest even in one instruction; the
-# interpreter's cast truncates, so there the rounding is done with integer ops (which on an H100
-# cost ~25% of a norm backward, hence not everywhere). kernels/__init__ picks the mode.
-_EMULATE_BF16_ROUNDING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+_INF = tl.constexpr(float("inf"))
 
 
 @triton.jit
 def round_fp32(y, DTYPE: tl.constexpr):
-    """Round fp32 ``y`` to DTYPE (round-to-nearest-even) and return it as fp32 again.
+    """Round fp32 ``y`` to DTYPE (round-to-nearest-even) and return it as fp32 again; DTYPE
+    tl.float32 leaves ``y`` as it is. The result is exactly representable in DTYPE, so a later
+    cast to DTYPE is exact everywhere.
 
-    Under the interpreter bf16 is rounded with integer ops (its cast truncates, and tests must
-    see the real rounding). The result is exactly representable in DTYPE, so a later cast to
-    DTYPE is exact everywhere. DTYPE tl.float32 leaves ``y`` as it is.
+    Integer ops, never a cast pair, for two reasons: the interpreter's fp32->bf16 cast truncates
+    (tests must see the real rounding), and compiled for a GPU, LLVM sees through a cast pair:
+    it narrows ``trunc(ext(a) * ext(c))`` of 16-bit loads into a 16-bit multiply and fuses that
+    with the next add into an FMA, dropping the product's rounding that eager PyTorch applies.
     """
-    if DTYPE == tl.bfloat16 and not _EMULATE_BF16_ROUNDING:
-        y = y.to(tl.bfloat16).to(tl.float32)
-    elif DTYPE == tl.bfloat16:
+    if DTYPE == tl.bfloat16:
         bits = y.to(tl.uint32, bitcast=True)
         bits = bits + (0x7FFF + ((bits >> 16) & 1))
         r = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
         y = tl.where(y != y, y, r)  # keep NaN a NaN (the carry could turn it into inf)
     elif DTYPE == tl.float16:
-        y = y.to(tl.float16).to(tl.float32)
+        y = _round_fp16(y)
     return y
+
+
+@triton.jit
+def _round_fp16(y):
+    bits = y.to(tl.uint32, bitcast=True)
+    # Normal fp16 range: keep 10 of fp32's 23 mantissa bits, ties to even.
+    r = (((bits + (0xFFF + ((bits >> 13) & 1))) >> 13) << 13).to(tl.float32, bitcast=True)
+    # Subnormal fp16 range (|y| < 2^-14): multiples of 2^-24. Adding 0.5 (fp32 ulp there: 2^-24)
+    # rounds to one, ties to even; subtracting it again is exact.
+    a = tl.abs(y)
+    sub = (a + 0.5) - 0.5
+    r = tl.where(a < 6.103515625e-05, tl.where(y < 0, -sub, sub), r)
+    r = tl.where(tl.abs(r) > 65504.0, tl.where(y < 0, -_INF, _INF), r)  # overflow
+    return tl.where(y != y, y, r)  # NaN stays NaN
