@@ -612,3 +612,74 @@ def _backward(ctx, dq_out: Optional[torch.Tensor], dk_out: Optional[torch.Tensor
 
 
 rope.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# The same rotation written with complex numbers: x viewed as pairs (re, im) times freqs
+# --------------------------------------------------------------------------------------------
+def polar_cos_sin(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) for the interleaved layout from complex ``freqs`` [..., R/2]: each value
+    repeated for the two columns of the pair it rotates. A multiplication by r*e^{i t} is the
+    rotation by t scaled by r, so cos = Re(freqs) and sin = Im(freqs)."""
+    parts = torch.view_as_real(freqs)
+    return parts[..., 0].repeat_interleave(2, dim=-1), parts[..., 1].repeat_interleave(2, dim=-1)
+
+
+def rope_polar_reference(q: torch.Tensor, k: torch.Tensor, freqs: torch.Tensor,
+                         out_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager complex-number rotary embedding: x.float() as complex pairs, times freqs, back to real."""
+    def turn(x: torch.Tensor) -> torch.Tensor:
+        pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(pairs * freqs).flatten(-2).to(out_dtype or x.dtype)
+    return turn(q), turn(k)
+
+
+def _check_polar(freqs: torch.Tensor, q: torch.Tensor) -> None:
+    if freqs.dtype != torch.complex64:
+        raise ValueError(f"fastft::rope_polar: freqs must be complex64, got {freqs.dtype}")
+    if freqs.shape[-1] * 2 != q.shape[-1]:
+        raise ValueError(f"fastft::rope_polar: freqs has {freqs.shape[-1]} pairs, q's last dim is {q.shape[-1]}")
+
+
+@torch.library.custom_op("fastft::rope_polar", mutates_args=())
+def rope_polar(q: torch.Tensor, k: torch.Tensor, freqs: torch.Tensor,
+               out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding given as complex ``freqs``; see ``rope_polar_reference``. The rotation runs
+    in fp32 (the complex form upcasts), through the interleaved kernel."""
+    _check_polar(freqs, q)
+    cos, sin = polar_cos_sin(freqs)
+    return rope_forward(q, k, cos, sin, True, None, out_dtype)
+
+
+@rope_polar.register_fake
+def _rope_polar_fake(q: torch.Tensor, k: torch.Tensor, freqs: torch.Tensor,
+                     out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_polar(freqs, q)
+    return q.new_empty(q.shape, dtype=out_dtype), k.new_empty(k.shape, dtype=out_dtype)
+
+
+def _polar_setup_context(ctx, inputs, output) -> None:
+    q, k, freqs, out_dtype = inputs
+    ctx.save_for_backward(freqs)  # cos/sin are recomputed: R/2 complex values per position
+    ctx.q_meta, ctx.k_meta, ctx.out_dtype = (q.shape, q.dtype), (k.shape, k.dtype), out_dtype
+
+
+def _polar_backward(ctx, dq_out: Optional[torch.Tensor], dk_out: Optional[torch.Tensor]):
+    if ctx.needs_input_grad[2]:
+        raise RuntimeError("fastft::rope_polar: no gradient for freqs is implemented, but freqs "
+                           "requires grad; detach it or do not use this op")
+    (freqs,) = ctx.saved_tensors
+    need_dq, need_dk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_dq or need_dk):
+        return None, None, None, None
+    cos, sin = polar_cos_sin(freqs)
+    if dq_out is None:
+        dq_out = cos.new_zeros(ctx.q_meta[0], dtype=ctx.out_dtype)
+    if dk_out is None:
+        dk_out = cos.new_zeros(ctx.k_meta[0], dtype=ctx.out_dtype)
+    dq, dk = torch.ops.fastft.rope_backward(dq_out, dk_out, cos, sin, True, None, ctx.q_meta[1],
+                                            ctx.k_meta[1], need_dq, need_dk)
+    return (dq if need_dq else None), (dk if need_dk else None), None, None
+
+
+rope_polar.register_autograd(_polar_backward, setup_context=_polar_setup_context)

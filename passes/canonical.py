@@ -39,6 +39,7 @@ _ELEMENTWISE = {
     "div": "div", "divide": "div", "true_divide": "div", "pow": "pow", "rsqrt": "rsqrt",
     "sqrt": "sqrt", "reciprocal": "reciprocal", "neg": "neg", "negative": "neg",
     "square": "square", "exp": "exp", "tanh": "tanh", "sigmoid": "sigmoid", "erf": "erf",
+    "view_as_complex": "view_as_complex", "view_as_real": "view_as_real",
 }
 _OPERATORS = {
     operator.mul: "mul", operator.add: "add", operator.sub: "sub", operator.truediv: "div",
@@ -251,11 +252,18 @@ def _canon_cat(node: fx.Node) -> Canon | None:
 
 
 def _canon_flatten(node: fx.Node) -> Canon | None:
-    """``flatten(start, end)``, and a view/reshape that only merges adjacent dims, as flatten."""
+    """``flatten(start, end)``, and a view/reshape that only merges adjacent dims, as flatten; a
+    view/reshape that splits the last dim in two, as unflatten."""
     x_meta, out = tensor_meta(node.args[0]), tensor_meta(node)
     if x_meta is None or out is None:
         return None
     ndim = x_meta.dim()
+    if _name_of(node) != "flatten" and out.dim() == ndim + 1 and ndim >= 1:
+        shape, new = list(x_meta.shape), list(out.shape)
+        if all(same_size(a, b) for a, b in zip(shape[:-1], new[:-2])) and same_size(new[-2] * new[-1], shape[-1]):
+            return Canon("unflatten", (node.args[0],), {"dim": ndim - 1, "ndim": ndim,
+                                                        "sizes": (_int(new[-2]), _int(new[-1]))})
+        return None
     if _name_of(node) == "flatten":
         start = _arg(node, 1, "start_dim", 0) % max(ndim, 1)
         end = _arg(node, 2, "end_dim", -1) % max(ndim, 1)

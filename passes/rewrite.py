@@ -47,8 +47,45 @@ def rewrite_graph_module(gm: fx.GraphModule, patterns: list[Pattern]) -> Rewrite
     result = RewriteResult()
     for sub in list(gm.modules()):
         if isinstance(sub, fx.GraphModule):
+            merge_repeated_views(sub.graph)
             _rewrite_graph(sub, patterns, result)
     return result
+
+
+_PURE_VIEWS = {"unsqueeze", "view", "reshape", "transpose", "expand", "permute"}
+
+
+def merge_repeated_views(graph: fx.Graph) -> None:
+    """Keep one node for each view computed several times over (``f[:, None]`` written once for
+    q and once for k): then the grouped patterns see q and k rotated by the same cos/sin node.
+    Views compute nothing and read the same memory, so merging them changes no value."""
+    seen: dict = {}
+    for node in list(graph.nodes):
+        is_view = (node.op == "call_function" and node.target is operator.getitem
+                   and isinstance(node.args[0], fx.Node) and tensor_meta(node.args[0]) is not None) or (
+            node.op == "call_method" and node.target in _PURE_VIEWS)
+        if not is_view:
+            continue
+        try:
+            key = (node.op, node.target, _hashable(node.args), _hashable(node.kwargs))
+            hash(key)
+        except TypeError:
+            continue
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+            graph.erase_node(node)
+        else:
+            seen[key] = node
+
+
+def _hashable(value):
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__,) + tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    if isinstance(value, slice):
+        return ("slice", value.start, value.stop, value.step)
+    return value
 
 
 def _rewrite_graph(gm: fx.GraphModule, patterns: list[Pattern], result: RewriteResult) -> None:

@@ -4,8 +4,8 @@ before the activation inside it, and LayerNorm before RMSNorm (a written-out Lay
 an RMSNorm of the centred input, which must not be taken for one)."""
 from .glu import GLU
 from .norms import LAYER_NORM, RMS_NORM
-from .rope import ROPE
+from .rope import ROPE, ROPE_POLAR
 
-DEFAULT_PATTERNS = [GLU, ROPE, LAYER_NORM, RMS_NORM]
+DEFAULT_PATTERNS = [GLU, ROPE, ROPE_POLAR, LAYER_NORM, RMS_NORM]
 
-__all__ = ["DEFAULT_PATTERNS", "GLU", "LAYER_NORM", "RMS_NORM", "ROPE"]
+__all__ = ["DEFAULT_PATTERNS", "GLU", "LAYER_NORM", "RMS_NORM", "ROPE", "ROPE_POLAR"]

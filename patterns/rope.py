@@ -6,6 +6,10 @@
     y = cat(y, x[..., R:])              the rest passes through (absent when R == D)
     y = y.to(out_dtype)                 optional final cast
 
+The same rotation written with complex numbers is matched too (``rope_polar``):
+
+    y = view_as_real(view_as_complex(x_f.reshape(..., R/2, 2)) * freqs).flatten(-2).to(out_dtype)
+
 cos and sin are inputs, however the model computed them (scaled, repeated, broadcast). A query
 and a key rotated by the same cos and sin are grouped into one call of ``fastft::rope``, which
 rotates both in one launch. The product and sum are computed in the dtype the graph computes
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from fastft.kernels.rope import SUPPORTED_DTYPES, rope_reference
+from fastft.kernels.rope import SUPPORTED_DTYPES, rope_polar_reference, rope_reference
 from fastft.passes.canonical import canonical, dtype_of, same_size, tensor_meta
 from fastft.passes.matcher import Cast, Match, Op, Var
 from fastft.passes.pattern import Pattern, Replacement
@@ -134,4 +138,51 @@ ROPE = Pattern(
     group_key=_group_key,
     group_size=2,
     replace_group=_replace_group,
+)
+
+
+def _rope_polar_expr():
+    pairs = Op("unflatten", Cast(Var("x"), "x_cast"), sizes=lambda sizes, c: sizes[-1] == 2)
+    turned = Op("mul", Op("view_as_complex", pairs), Var("freqs"), commutative=True, name="turned")
+    real = Op("flatten", Op("view_as_real", turned), start=_second_last,
+              end=lambda end, c: end == c.attrs["ndim"] - 1)
+    return Cast(real, "out_cast")
+
+
+def _check_rope_polar(m: Match) -> str | None:
+    b = m.bindings
+    x, freqs = tensor_meta(b["x"]), tensor_meta(b["freqs"])
+    if x.dtype not in SUPPORTED_DTYPES:
+        return f"input dtype {x.dtype} has no fused kernel (supported: float32, bfloat16, float16)"
+    if b["x_cast"] not in (None, torch.float32) or dtype_of(b["turned"]) != torch.complex64:
+        return "the complex rotation is not computed in complex64 (float32 pairs)"
+    if freqs.dtype != torch.complex64:
+        return f"freqs has dtype {freqs.dtype}, not complex64"
+    if freqs.requires_grad:
+        return "freqs requires a gradient; the fused kernel gives none for it"
+    if freqs.dim() > x.dim() or not same_size(freqs.shape[-1] * 2, x.shape[-1]) or not _broadcasts(
+            freqs.shape[:-1], x.shape[:-1]):
+        return f"freqs of shape {tuple(freqs.shape)} does not broadcast over the pairs of {tuple(x.shape)}"
+    return None
+
+
+def _replace_polar_group(matches: list[Match]) -> Replacement:
+    q = matches[0].bindings["x"]
+    k = matches[1].bindings["x"] if len(matches) > 1 else q
+    return Replacement(torch.ops.fastft.rope_polar.default,
+                       (q, k, matches[0].bindings["freqs"], dtype_of(matches[0].root)), outputs=len(matches))
+
+
+ROPE_POLAR = Pattern(
+    name="rope_polar",
+    family="rope",
+    expr=_rope_polar_expr(),
+    check=_check_rope_polar,
+    replace=lambda m: _replace_polar_group([m]),
+    anchors=frozenset({"view_as_complex"}),
+    reference=rope_polar_reference,
+    kernel="fastft::rope_polar",
+    group_key=lambda m: (m.bindings["freqs"], dtype_of(m.root), tensor_meta(m.bindings["x"]).shape[-1]),
+    group_size=2,
+    replace_group=_replace_polar_group,
 )

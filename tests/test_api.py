@@ -174,7 +174,7 @@ def test_trainer_runs_and_saves(tmp_path):
     trainer = Trainer(model=model, args=args, train_dataset=data)
     out = trainer.train()
     assert out.global_step == 2 and torch.isfinite(torch.tensor(out.training_loss))
-    assert fastft.report(model).counts() == {"rms_norm": 5}
+    assert fastft.report(model).counts() == {"rms_norm": 5, "rope": 2, "glu_mlp": 2}
     trainer.save_model(str(tmp_path / "saved"))
     from transformers import AutoModelForCausalLM
 
@@ -189,13 +189,13 @@ def test_inspect_default_and_json(capsys):
     assert "rms_norm" in text and "fastft::rms_norm" in text
     assert inspect_main(["qwen3", "--json", "--check"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["counts"] == {"rms_norm": 9} and data["check"]["ok"] is True
+    assert data["counts"] == {"rms_norm": 9, "rope": 2, "glu_mlp": 2} and data["check"]["ok"] is True
 
 
 def test_inspect_local_folder(tmp_path, capsys):
     tiny("mistral").save_pretrained(tmp_path)
     assert inspect_main([str(tmp_path), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["counts"] == {"rms_norm": 5}
+    assert json.loads(capsys.readouterr().out)["counts"] == {"rms_norm": 5, "rope": 2, "glu_mlp": 2}
 
 
 def test_inspect_unknown_model(capsys):

@@ -332,3 +332,50 @@ def test_opcheck(device) -> None:
                           test_utils=bwd_tests)
     torch.library.opcheck(bwd, (dq, dk, cos, sin, True, torch.bfloat16, torch.float16, torch.float32, False, True),
                           test_utils=bwd_tests)
+
+
+# ---- the complex-number form (fastft::rope_polar) ----
+def _polar_inputs(dtype, device, scale=1.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 5, 4, 16, generator=gen).to(device=device, dtype=dtype)
+    k = torch.randn(2, 5, 2, 16, generator=gen).to(device=device, dtype=dtype)
+    angles = torch.randn(5, 8, generator=gen) * 3
+    freqs = torch.polar(torch.full_like(angles, scale), angles)[None, :, None, :].to(device)
+    return q, k, freqs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale", [1.0, 0.75])  # |freqs| != 1: a scaled rotation
+def test_polar_matches_complex_reference(dtype, scale, device) -> None:
+    from fastft.kernels.rope import rope_polar_reference
+
+    q, k, freqs = _polar_inputs(dtype, device, scale)
+    leaves = [t.clone().requires_grad_() for t in (q, k, q, k)]
+    have = torch.ops.fastft.rope_polar(leaves[0], leaves[1], freqs, dtype)
+    want = rope_polar_reference(leaves[2], leaves[3], freqs)
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(t.shape, generator=gen).to(device=device, dtype=dtype) for t in have]
+    torch.autograd.backward(have, grads)
+    torch.autograd.backward(want, grads)
+    # Both compute in fp32 and round once to dtype; fp32 ulps of the products may flip that rounding.
+    tol = _tol(dtype)
+    for a, b in list(zip(have, want)) + [(leaves[0].grad, leaves[2].grad), (leaves[1].grad, leaves[3].grad)]:
+        assert a.dtype == b.dtype == dtype
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+def test_polar_freqs_grad_is_an_error(device) -> None:
+    q, k, freqs = _polar_inputs(torch.float32, device)
+    q.requires_grad_()
+    freqs = freqs.clone().requires_grad_()
+    qo, ko = torch.ops.fastft.rope_polar(q, k, freqs, torch.float32)
+    with pytest.raises(RuntimeError, match="no gradient for freqs"):
+        (qo.sum() + ko.sum()).backward()
+
+
+def test_polar_validation(device) -> None:
+    q, k, freqs = _polar_inputs(torch.float32, device)
+    with pytest.raises(ValueError, match="complex64"):
+        torch.ops.fastft.rope_polar(q, k, torch.view_as_real(freqs).contiguous(), torch.float32)
+    with pytest.raises(ValueError, match="pairs"):
+        torch.ops.fastft.rope_polar(q, k, freqs[..., :4], torch.float32)

@@ -135,3 +135,31 @@ def test_near_misses_are_left_alone_with_the_reason(model_cls, reason):
     assert report.near_misses and all(m.pattern == "rope" for m in report.near_misses)
     assert reason in report.near_misses[0].reason, report
     assert fastft.check(model, (x,)).ok
+
+
+class ComplexRotary(Rotary):
+    """The rotation written with complex numbers: pairs of columns times e^{i t}."""
+
+    def forward(self, h):
+        b, s, _ = h.shape
+        q = self.q(h).view(b, s, 4, self.head_dim)
+        k = self.k(h).view(b, s, 2, self.head_dim)
+        angles = torch.arange(s, device=h.device).float()[:, None] * self.inv_freq[None, :]
+        freqs = torch.polar(torch.ones_like(angles), angles)[None]
+        q_ = torch.view_as_complex(q.float().reshape(*q.shape[:-1], -1, 2))
+        k_ = torch.view_as_complex(k.float().reshape(*k.shape[:-1], -1, 2))
+        q = torch.view_as_real(q_ * freqs[:, :, None, :]).flatten(3).type_as(q)
+        k = torch.view_as_real(k_ * freqs[:, :, None, :]).flatten(3).type_as(k)
+        return q.float().pow(2).mean() + k.float().mean()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_complex_form_is_the_same_family(dtype):
+    torch.manual_seed(0)
+    model = ComplexRotary(dtype=dtype).to(DEVICE)
+    x = torch.randn(2, 6, 32, dtype=dtype, device=DEVICE)
+    report = _run(model, x)
+    assert report.counts() == {"rope": 1}, report  # q and k in one call (the two freqs views merged)
+    assert [r.kernel for r in report.rewrites] == ["fastft::rope_polar"]
+    assert report.near_misses == [], report
+    assert fastft.check(model, (x,)).ok
