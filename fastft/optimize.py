@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -26,6 +27,12 @@ class Options:
     fullgraph: bool = False  # raise CaptureError on a graph break instead of reporting it
     dynamic: bool | None = None  # torch.compile's: None = dynamic shapes after the first recompile
     patterns: list[Pattern] = field(default_factory=lambda: list(DEFAULT_PATTERNS))
+    keep_logits: bool = False  # a fused loss still lets the graph return its logits in training
+
+    def active_patterns(self) -> list[Pattern]:
+        if not self.keep_logits:
+            return list(self.patterns)
+        return [dataclasses.replace(p, release=None) if p.release else p for p in self.patterns]
 
 
 class EntryPoint:
@@ -38,7 +45,7 @@ class EntryPoint:
         self.name = path or "<model>"
         self.failed: str | None = None
         self.captures = 0
-        backend = make_backend(state.options.patterns, state.options.lower, self._on_capture)
+        backend = make_backend(state.options.active_patterns(), state.options.lower, self._on_capture)
         self.compiled = torch.compile(_entry_function(module), backend=backend,
                                       fullgraph=state.options.fullgraph, dynamic=state.options.dynamic)
 
@@ -126,7 +133,9 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
     """Make ``model`` train faster, in place; returns the same object.
 
     Options: ``lower`` ("auto" | "eager" | "inductor"), ``fullgraph`` (bool), ``dynamic``
-    (bool | None), ``patterns`` (list of patterns; default: every registered family).
+    (bool | None), ``patterns`` (list of patterns; default: every registered family),
+    ``keep_logits`` (bool, default False: in a training step whose loss is fused, the logits
+    output is an empty tensor instead of [batch, seq, vocab] values; True computes them too).
     Calling it again on an optimised model changes nothing and returns it.
     """
     if not isinstance(model, nn.Module):

@@ -301,11 +301,30 @@ def _canon_layer_norm(node: fx.Node) -> Canon | None:
                                                         "ndim": x_meta.dim()})
 
 
+def _canon_linear(node: fx.Node) -> Canon | None:
+    return Canon("linear", (node.args[0], _arg(node, 1, "weight"), _arg(node, 2, "bias")))
+
+
+def _canon_cross_entropy(node: fx.Node) -> Canon | None:
+    """``F.cross_entropy(input, target, ...)`` with its options as attributes (deprecated
+    size_average/reduce spellings are not folded in: they are left unmatched)."""
+    if _arg(node, 3, "size_average") is not None or _arg(node, 5, "reduce") is not None:
+        return None
+    return Canon("cross_entropy", (node.args[0], _arg(node, 1, "target")), {
+        "class_weight": _arg(node, 2, "weight"), "ignore_index": _arg(node, 4, "ignore_index", -100),
+        "reduction": _arg(node, 6, "reduction", "mean"), "label_smoothing": _arg(node, 7, "label_smoothing", 0.0)})
+
+
+def _canon_contiguous(node: fx.Node) -> Canon | None:
+    return Canon("identity", (node.args[0],))  # same values; only the memory layout may change
+
+
 # Ops whose canonical form needs more than their argument list: name -> canonicaliser.
 _STRUCTURAL = {
     "var": _canon_var, "cat": _canon_cat, "concat": _canon_cat, "concatenate": _canon_cat,
     "stack": _canon_cat, "flatten": _canon_flatten, "view": _canon_flatten, "reshape": _canon_flatten,
     "silu": _canon_activation, "gelu": _canon_activation, "layer_norm": _canon_layer_norm,
+    "linear": _canon_linear, "cross_entropy": _canon_cross_entropy, "contiguous": _canon_contiguous,
 }
 
 

@@ -42,6 +42,9 @@ class Pattern:
     group_key: Callable[[Match], Hashable] | None = None
     group_size: int = 1
     replace_group: Callable[[list[Match]], Replacement] | None = None
+    # Nodes of a match that the fused op makes unnecessary although the graph also returns them
+    # (the logits beside a fused loss): those outputs become empty tensors, and the nodes go.
+    release: Callable[[Match], list] | None = None
     # Narrows ``anchors``: an anchor op this rejects is not a sign of the family (a plain
     # activation with no gate is not a gated unit that almost matched).
     anchor_filter: Callable[[Any], bool] | None = None

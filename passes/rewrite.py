@@ -20,6 +20,7 @@ class AppliedRewrite:
     module_path: str
     node: fx.Node  # the fused call in the rewritten graph
     region: fx.GraphModule  # the original subgraph; its inputs are the fused call's distinct node args, in order
+    released: list[str] = field(default_factory=list)  # graph outputs replaced by empty tensors
 
     @property
     def kernel(self) -> str:
@@ -208,10 +209,28 @@ def _splice(gm: fx.GraphModule, pattern: Pattern, matches: list[Match], prepared
                 out.meta.update({k: v for k, v in m.root.meta.items() if k != "fastft_canon"})
                 m.root.replace_all_uses_with(out)
         fused.meta["example_value"] = tuple(tensor_meta(m.root) for m in matches)
+    for m in matches:
+        for node in (pattern.release(m) if pattern.release else []):
+            if _release(graph, node):
+                applied.released.append(node.name)
     for node in sorted(set(nodes), key=order, reverse=True):
         if not node.users:
             graph.erase_node(node)
     result.applied.append(applied)
+
+
+def _release(graph: fx.Graph, node: fx.Node) -> bool:
+    """Replace ``node`` where the graph returns it by an empty tensor, if nothing else reads it."""
+    users = list(node.users)
+    meta = tensor_meta(node)
+    if not users or meta is None or any(u.op != "output" for u in users):
+        return False
+    (output,) = users
+    with graph.inserting_before(output):
+        empty = graph.call_function(torch.empty, ((0,),), {"dtype": meta.dtype, "device": meta.device})
+    empty.meta["example_value"] = meta.new_empty((0,))
+    output.replace_input_with(node, empty)
+    return True
 
 
 def _position(graph: fx.Graph):

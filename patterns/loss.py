@@ -1,0 +1,102 @@
+"""The training loss of a language model head, from its math:
+
+    z = linear(h, W, b?)                      the output projection (tied or not: W is an input)
+    z = z * scale                             optional logit scaling
+    z = tanh(z / c) * c                       optional logit softcapping
+    z = z.float()                             optional upcast (before or after the two above)
+    loss = cross_entropy(z.view(-1, V), y, ignore_index, reduction mean|sum)
+
+``fastft::linear_cross_entropy`` computes it chunk by chunk, so the [tokens, vocabulary] logits
+never exist. The label shift stays outside (it only moves labels); so does a division by the
+number of items in the batch (after a sum reduction it is the same division either way).
+
+The logits often also leave the graph as an output. In a training step (the loss needs a
+gradient) that output is replaced by an empty tensor, so the logits need not be computed at all:
+that is the memory this rewrite exists for. ``optimize(model, keep_logits=True)`` keeps them.
+A graph captured without gradients (evaluation, generation) keeps its logits in any case.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastft.kernels.linear_cross_entropy import linear_cross_entropy_reference
+from fastft.passes.canonical import canonical, dtype_of, same_size, tensor_meta
+from fastft.passes.matcher import Cast, Lit, Match, Op, Var
+from fastft.passes.pattern import Pattern, Replacement
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _scaled_and_capped(z):
+    scaled = Op("mul", z, Lit("logit_scale"), commutative=True, name="scaled") | z
+    capped = Op("mul", Op("tanh", Op("div", scaled, Lit("softcap"))), Lit("softcap_again"),
+                commutative=True, name="capped")
+    return capped | scaled
+
+
+def _flattened(z):
+    rows = Op("flatten", z, start=0, end=lambda end, c: end == c.attrs["ndim"] - 2, name="flat")
+    return rows | z
+
+
+def _loss_expr():
+    logits = Op("linear", Var("hidden"), Var("weight"), Var("bias") | None, name="logits")
+    z = Cast(_scaled_and_capped(Cast(logits, "inner_cast")), "upcast")
+    return Op("cross_entropy", _flattened(z), Var("labels"), name="loss")
+
+
+def _check_loss(m: Match) -> str | None:
+    b = m.bindings
+    hidden, weight, labels = tensor_meta(b["hidden"]), tensor_meta(b["weight"]), tensor_meta(b["labels"])
+    attrs = canonical(b["loss"]).attrs
+    if attrs["reduction"] not in ("mean", "sum"):
+        return f"reduction {attrs['reduction']!r}: the fused loss returns a mean or a sum"
+    if attrs["class_weight"] is not None or attrs["label_smoothing"] != 0.0:
+        return "class weights or label smoothing are not supported by the fused loss"
+    if not isinstance(attrs["ignore_index"], int):
+        return f"ignore_index {attrs['ignore_index']!r} is not an integer"
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if t.dtype not in SUPPORTED_DTYPES:
+            return f"{name} dtype {t.dtype} has no fused kernel (supported: float32, bfloat16, float16)"
+    if weight.dim() != 2 or not same_size(weight.shape[1], hidden.shape[-1]):
+        return f"weight of shape {tuple(weight.shape)} does not project hidden states of width {hidden.shape[-1]}"
+    if labels.dtype != torch.int64 or labels.dim() != 1:
+        return f"labels must be a 1-D int64 tensor of class indices, found {labels.dtype} {tuple(labels.shape)}"
+    rows = hidden.shape[:-1].numel() if hidden.dim() > 1 else 1
+    if not same_size(labels.shape[0], rows):
+        return f"{labels.shape[0]} labels for {rows} rows of hidden states (shifted logits?)"
+    if dtype_of(b["flat"] if "flat" in b else b["loss"].args[0]) != torch.float32:
+        return "the cross-entropy runs on 16-bit logits; the fused kernel computes it in float32"
+    if b.get("softcap") is not None and b["softcap"] != b.get("softcap_again"):
+        return f"the softcap divides by {b['softcap']} but multiplies by {b.get('softcap_again')}"
+    for name in ("softcap", "logit_scale"):
+        if name in b and not isinstance(b[name], (int, float)):
+            return f"{name} {b[name]!r} is not a number"
+    return None
+
+
+def _replace_loss(m: Match) -> Replacement:
+    b = m.bindings
+    attrs = canonical(b["loss"]).attrs
+    softcap = float(b["softcap"]) if "softcap" in b else None
+    return Replacement(torch.ops.fastft.linear_cross_entropy.default, (
+        b["hidden"], b["weight"], b.get("bias"), b["labels"], attrs["ignore_index"], softcap,
+        float(b.get("logit_scale", 1.0)), attrs["reduction"], None))
+
+
+def _logits_to_release(m: Match) -> list:
+    """In a training step, the logits the graph also returns need not be computed."""
+    return [m.bindings["logits"]] if tensor_meta(m.root).requires_grad else []
+
+
+LINEAR_CROSS_ENTROPY = Pattern(
+    name="linear_cross_entropy",
+    family="linear_cross_entropy",
+    expr=_loss_expr(),
+    check=_check_loss,
+    replace=_replace_loss,
+    anchors=frozenset({"cross_entropy"}),
+    reference=linear_cross_entropy_reference,
+    kernel="fastft::linear_cross_entropy",
+    release=_logits_to_release,
+)
