@@ -17,4 +17,4 @@ if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
                       "the Triton kernels cannot run. Import fastft first, or set TRITON_INTERPRET=1.")
     os.environ["TRITON_INTERPRET"] = "1"
 
-from . import glu, layer_norm, rms_norm, rope  # noqa: E402,F401  (registers the torch.ops.fastft ops)
+from . import glu, layer_norm, linear_cross_entropy, rms_norm, rope  # noqa: E402,F401  (registers the torch.ops.fastft ops)

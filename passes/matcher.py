@@ -156,8 +156,10 @@ class _Search:
     def _op(self, e: Op, v: Any, b: Bindings, nodes: tuple):
         canon = canonical(v)
         if canon is None or canon.op != e.op:
-            self.failure.note(len(nodes), f"expected {e.op} at {_describe(v)}, found "
-                                          f"{canon.op if canon else 'an op outside the vocabulary'}")
+            found = canon.op if canon else (
+                "an input of the captured graph (computed before it, e.g. across a graph break)"
+                if isinstance(v, fx.Node) and v.op == "placeholder" else "an op outside the vocabulary")
+            self.failure.note(len(nodes), f"expected {e.op} at {_describe(v)}, found {found}")
             return
         if v in self.blocked:
             self.failure.note(len(nodes), f"'{v.name}' already belongs to another rewrite")

@@ -209,23 +209,25 @@ def _splice(gm: fx.GraphModule, pattern: Pattern, matches: list[Match], prepared
                 out.meta.update({k: v for k, v in m.root.meta.items() if k != "fastft_canon"})
                 m.root.replace_all_uses_with(out)
         fused.meta["example_value"] = tuple(tensor_meta(m.root) for m in matches)
+    inside = set(nodes)
     for m in matches:
         for node in (pattern.release(m) if pattern.release else []):
-            if _release(graph, node):
+            if _release(graph, node, inside):
                 applied.released.append(node.name)
-    for node in sorted(set(nodes), key=order, reverse=True):
+    for node in sorted(inside, key=order, reverse=True):
         if not node.users:
             graph.erase_node(node)
     result.applied.append(applied)
 
 
-def _release(graph: fx.Graph, node: fx.Node) -> bool:
-    """Replace ``node`` where the graph returns it by an empty tensor, if nothing else reads it."""
-    users = list(node.users)
+def _release(graph: fx.Graph, node: fx.Node, inside: set[fx.Node]) -> bool:
+    """Where the graph returns ``node``, return an empty tensor instead, if nothing else outside
+    the region reads it (the region's own nodes go with the region)."""
+    outside = [u for u in node.users if u not in inside]
     meta = tensor_meta(node)
-    if not users or meta is None or any(u.op != "output" for u in users):
+    if not outside or meta is None or any(u.op != "output" for u in outside):
         return False
-    (output,) = users
+    (output,) = outside
     with graph.inserting_before(output):
         empty = graph.call_function(torch.empty, ((0,),), {"dtype": meta.dtype, "device": meta.device})
     empty.meta["example_value"] = meta.new_empty((0,))

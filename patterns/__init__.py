@@ -3,9 +3,10 @@
 before the activation inside it, and LayerNorm before RMSNorm (a written-out LayerNorm ends in
 an RMSNorm of the centred input, which must not be taken for one)."""
 from .glu import GLU
+from .loss import LINEAR_CROSS_ENTROPY
 from .norms import LAYER_NORM, RMS_NORM
 from .rope import ROPE, ROPE_POLAR
 
-DEFAULT_PATTERNS = [GLU, ROPE, ROPE_POLAR, LAYER_NORM, RMS_NORM]
+DEFAULT_PATTERNS = [LINEAR_CROSS_ENTROPY, GLU, ROPE, ROPE_POLAR, LAYER_NORM, RMS_NORM]
 
-__all__ = ["DEFAULT_PATTERNS", "GLU", "LAYER_NORM", "RMS_NORM", "ROPE", "ROPE_POLAR"]
+__all__ = ["DEFAULT_PATTERNS", "GLU", "LINEAR_CROSS_ENTROPY", "LAYER_NORM", "RMS_NORM", "ROPE", "ROPE_POLAR"]

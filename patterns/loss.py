@@ -28,10 +28,10 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _scaled_and_capped(z):
-    scaled = Op("mul", z, Lit("logit_scale"), commutative=True, name="scaled") | z
+    scaled = z | Op("mul", z, Lit("logit_scale"), commutative=True, name="scaled")
     capped = Op("mul", Op("tanh", Op("div", scaled, Lit("softcap"))), Lit("softcap_again"),
                 commutative=True, name="capped")
-    return capped | scaled
+    return scaled | capped
 
 
 def _flattened(z):
@@ -58,6 +58,8 @@ def _check_loss(m: Match) -> str | None:
     for name, t in (("hidden", hidden), ("weight", weight)):
         if t.dtype not in SUPPORTED_DTYPES:
             return f"{name} dtype {t.dtype} has no fused kernel (supported: float32, bfloat16, float16)"
+    if "bias" in b and tensor_meta(b["bias"]).dtype != weight.dtype or hidden.dtype != weight.dtype:
+        return "hidden states, weight and bias differ in dtype (mixed precision): the fused loss needs one"
     if weight.dim() != 2 or not same_size(weight.shape[1], hidden.shape[-1]):
         return f"weight of shape {tuple(weight.shape)} does not project hidden states of width {hidden.shape[-1]}"
     if labels.dtype != torch.int64 or labels.dim() != 1:
@@ -85,8 +87,11 @@ def _replace_loss(m: Match) -> Replacement:
 
 
 def _logits_to_release(m: Match) -> list:
-    """In a training step, the logits the graph also returns need not be computed."""
-    return [m.bindings["logits"]] if tensor_meta(m.root).requires_grad else []
+    """In a training step, the logits the graph also returns (raw, scaled or capped) need not be
+    computed."""
+    if not tensor_meta(m.root).requires_grad:
+        return []
+    return [n for n in m.nodes if n is not m.root and n is not m.bindings.get("flat")]
 
 
 LINEAR_CROSS_ENTROPY = Pattern(
