@@ -35,12 +35,14 @@ Both backwards are custom ops of their own (``fastft::glu_backward``,
 from __future__ import annotations
 
 import math
+import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from .launch import SUPPORTED_DTYPES, check_dtype
 from .rounding import TL_DTYPE, round_fp32
 
 __all__ = [
@@ -55,7 +57,6 @@ __all__ = [
     "glu_reference",
 ]
 
-SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 # Name -> the kernels' ACT constexpr.
 ACTIVATIONS: dict[str, int] = {"silu": 0, "gelu_erf": 1, "gelu_tanh": 2}
 
@@ -233,12 +234,7 @@ def _check_activation(activation: str) -> int:
     return ACTIVATIONS[activation]
 
 
-def _check_dtype(arg: str, dtype: Optional[torch.dtype], allow_none: bool = False) -> None:
-    if dtype is None and allow_none:
-        return
-    if dtype not in SUPPORTED_DTYPES:
-        names = ", ".join(str(d) for d in SUPPORTED_DTYPES)
-        raise ValueError(f"fastft::glu: {arg} has unsupported dtype {dtype}; supported dtypes: {names}")
+_check_dtype = functools.partial(check_dtype, "fastft::glu")
 
 
 def _check_inputs(

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import SUPPORTED_DTYPES, check_dtype, num_partial_programs
 from .rounding import TL_DTYPE, round_fp32
 
 __all__ = [
@@ -44,7 +45,6 @@ __all__ = [
     "layer_norm_reference",
 ]
 
-SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 # One program holds a whole row in registers; beyond this the row would spill far too much.
 MAX_N: int = 65536
 
@@ -199,12 +199,7 @@ def layer_norm_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 # Host-side launchers
 # --------------------------------------------------------------------------------------------
-def _check_dtype(arg: str, dtype: Optional[torch.dtype], allow_none: bool = False) -> None:
-    if dtype is None and allow_none:
-        return
-    if dtype not in SUPPORTED_DTYPES:
-        names = ", ".join(str(d) for d in SUPPORTED_DTYPES)
-        raise ValueError(f"fastft::layer_norm: {arg} has unsupported dtype {dtype}; supported dtypes: {names}")
+_check_dtype = functools.partial(check_dtype, "fastft::layer_norm")
 
 
 def _check_param(arg: str, p: Optional[torch.Tensor], x: torch.Tensor) -> None:
@@ -274,21 +269,6 @@ def _bwd_config(n_rows: int, n: int, block_rows: Optional[int]) -> tuple[int, in
     _check_block_rows(block_rows)
     num_warps = 4 if block_n <= 4096 else min(block_n // 512, 32)
     return block_rows, block_n, num_warps
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _num_partial_programs(device: torch.device, n_blocks: int, block_n: int) -> int:
-    if device.type == "cuda":
-        # Enough resident programs to hide latency; narrow rows fit more programs per SM.
-        per_sm = 4 if block_n <= 2048 else 2
-        target = per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    else:
-        target = 8  # the interpreter runs programs one by one: few, but still more than one
-    return max(1, min(n_blocks, target))
 
 
 def layer_norm_forward(
@@ -365,7 +345,7 @@ def layer_norm_backward(
     br, bn, num_warps = _bwd_config(n_rows, n, block_rows)
     n_blocks = triton.cdiv(n_rows, br)
     if compute_dw or compute_db:
-        g = _num_partial_programs(x.device, n_blocks, bn) if num_programs is None else max(1, min(num_programs, n_blocks))
+        g = num_partial_programs(x.device, n_blocks, bn) if num_programs is None else max(1, min(num_programs, n_blocks))
     else:
         # No reduction across rows: one tile per program gives the most parallelism.
         g = n_blocks if num_programs is None else max(1, min(num_programs, n_blocks))

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .launch import SUPPORTED_DTYPES
 from .rounding import TL_DTYPE, round_fp32
 
 __all__ = [
@@ -65,7 +66,6 @@ __all__ = [
     "scale_gradients_",
 ]
 
-SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 LABEL_DTYPES: tuple[torch.dtype, ...] = (torch.int64, torch.int32)
 REDUCTIONS: tuple[str, ...] = ("mean", "sum")
 # Bytes of the fp32 logits chunk, by device type: bounds the loss step's extra memory. 512 MiB

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import SUPPORTED_DTYPES, check_dtype, device_sm_count
 from .rounding import TL_DTYPE, round_fp32
 
 __all__ = [
@@ -48,7 +49,6 @@ __all__ = [
     "rope_reference",
 ]
 
-SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 # One program holds a row's rotary part in registers; rotary dims in practice are <= 256.
 MAX_D: int = 16384
 
@@ -262,12 +262,7 @@ def rope_kernel(
 # --------------------------------------------------------------------------------------------
 # Host-side launchers
 # --------------------------------------------------------------------------------------------
-def _check_dtype(arg: str, dtype: Optional[torch.dtype], allow_none: bool = False) -> None:
-    if dtype is None and allow_none:
-        return
-    if dtype not in SUPPORTED_DTYPES:
-        names = ", ".join(str(d) for d in SUPPORTED_DTYPES)
-        raise ValueError(f"fastft::rope: {arg} has unsupported dtype {dtype}; supported dtypes: {names}")
+_check_dtype = functools.partial(check_dtype, "fastft::rope")
 
 
 def _broadcasts_to(src: tuple, dst: tuple) -> bool:
@@ -326,14 +321,9 @@ def _last_dim_unit(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
-        return 8 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        return 8 * device_sm_count(device)
     return 4  # the interpreter runs programs one by one: few and large
 
 

@@ -1,0 +1,37 @@
+"""Host-side helpers every kernel family's launcher uses: dtype checks and grid sizing."""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_dtype(op: str, arg: str, dtype: Optional[torch.dtype], allow_none: bool = False) -> None:
+    """Raise a ValueError naming the op and the argument unless ``dtype`` has a kernel."""
+    if dtype is None and allow_none:
+        return
+    if dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d) for d in SUPPORTED_DTYPES)
+        raise ValueError(f"{op}: {arg} has unsupported dtype {dtype}; supported dtypes: {names}")
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def device_sm_count(device: torch.device) -> int:
+    return sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def num_partial_programs(device: torch.device, n_blocks: int, block_n: int) -> int:
+    """How many programs share a row reduction (each writes one fp32 partial row)."""
+    if device.type == "cuda":
+        # Enough resident programs to hide latency; narrow rows fit more programs per SM.
+        target = (4 if block_n <= 2048 else 2) * device_sm_count(device)
+    else:
+        target = 8  # the interpreter runs programs one by one: few, but still more than one
+    return max(1, min(n_blocks, target))
