@@ -17,6 +17,8 @@ A graph captured without gradients (evaluation, generation) keeps its logits in 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastft.kernels.linear_cross_entropy import linear_cross_entropy_reference
@@ -64,7 +66,7 @@ def _check_loss(m: Match) -> str | None:
         return f"weight of shape {tuple(weight.shape)} does not project hidden states of width {hidden.shape[-1]}"
     if labels.dtype != torch.int64 or labels.dim() != 1:
         return f"labels must be a 1-D int64 tensor of class indices, found {labels.dtype} {tuple(labels.shape)}"
-    rows = hidden.shape[:-1].numel() if hidden.dim() > 1 else 1
+    rows = math.prod(hidden.shape[:-1])  # symbolic sizes multiply without a guard; numel() would add one
     if not same_size(labels.shape[0], rows):
         return f"{labels.shape[0]} labels for {rows} rows of hidden states (shifted logits?)"
     if dtype_of(b["flat"] if "flat" in b else b["loss"].args[0]) != torch.float32:

@@ -93,7 +93,7 @@ def test_peft_lora_llama():
     assert result.ok, str(result)
     report = fastft.report(model)
     assert report.counts() == expected_counts(model, "llama")
-    assert all(r.module_path.startswith("base_model.model.model.") for r in report.rewrites)
+    assert all(r.module_path.startswith("base_model.model") for r in report.rewrites)
     # frozen norm weights: no gradient computed for them
     assert all(p.grad is None for n, p in model.named_parameters() if "norm" in n)
     assert_same_training(reference, model, batches)
@@ -119,7 +119,8 @@ def test_backbone_called_directly_is_captured_too():
     hidden = model.model(input_ids=ids).last_hidden_state
     assert hidden.shape == (2, 16, 64)
     report = fastft.report(model)
-    assert report.counts() == expected_counts(model, "llama")
+    no_loss = {k: v for k, v in expected_counts(model, "llama").items() if k != "linear_cross_entropy"}
+    assert report.counts() == no_loss  # the backbone has no head and no loss
     assert {r.graph for r in report.rewrites} == {"model"}
 
 
