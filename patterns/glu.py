@@ -109,9 +109,9 @@ def _check_glu(m: Match) -> str | None:
 def _packed(m: Match):
     """The packed tensor when gate is the first half of its last dim and up the second, else None."""
     b = m.bindings
-    if "packed" not in b or canonical(b["gate"]).op != "slice" or canonical(b["up"]).op != "slice":
-        return None
     gate, up = canonical(b["gate"]), canonical(b["up"])
+    if "packed" not in b or gate is None or up is None or gate.op != "slice" or up.op != "slice":
+        return None
     if gate.args[0] is not b["packed"] or up.args[0] is not b["packed"]:
         return None
     width = tensor_meta(b["packed"]).shape[-1]

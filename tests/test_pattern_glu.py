@@ -147,3 +147,22 @@ class PlainMLP(nn.Module):  # no gate at all: not a near miss either
 def test_ungated_activation_is_not_reported():
     report = _run(PlainMLP().to(DEVICE), torch.randn(2, 3, 16, device=DEVICE))
     assert report.counts() == {} and report.near_misses == []
+
+
+class HalfPacked(nn.Module):  # gate is a slice of a wider projection, up a linear of its own
+    def __init__(self):
+        super().__init__()
+        self.wide, self.up, self.down = nn.Linear(16, 48), nn.Linear(16, 24), nn.Linear(24, 16)
+
+    def forward(self, x):
+        gate = self.wide(x)[..., :24]
+        return self.down(F.silu(gate) * self.up(x))
+
+
+def test_gate_slice_with_an_unpacked_up_uses_the_plain_op():
+    model = HalfPacked().to(DEVICE)
+    x = torch.randn(2, 3, 16, device=DEVICE)
+    report = _run(model, x)
+    assert [r.kernel for r in report.rewrites] == ["fastft::glu"], report
+    assert not report.capture_failures
+    assert fastft.check(model, (x,), loss_fn=lambda out: out.pow(2).mean()).ok
