@@ -43,17 +43,20 @@ def _rotated(r):
     return rotate_half | rotate_pairs
 
 
-def _embedded(r):
+def _embedded(r, rotated_from):
+    # The rotated copy may be cast on its own, before or after the rotation (casts commute with it).
     with_cos = Op("mul", r, Var("cos"), commutative=True, name="with_cos")
-    with_sin = Op("mul", _rotated(r), Var("sin"), commutative=True, name="with_sin")
+    with_sin = Op("mul", Cast(_rotated(rotated_from), "rot_cast"), Var("sin"), commutative=True, name="with_sin")
     return Op("add", with_cos, with_sin, commutative=True, name="embedded")
 
 
 def _rope_expr():
     x = Cast(Var("x"), "x_cast")
-    partial = Op("cat", _embedded(Op("slice", x, dim=_last, start=0, step=1, name="rot_part")),
-                 Op("slice", x, dim=_last, step=1, name="pass_part"), dim=_last, name="joined")
-    return Cast(partial, "out_cast") | Cast(_embedded(x), "out_cast")
+    rot_part = Op("slice", x, dim=_last, start=0, step=1, name="rot_part")
+    partial = Op("cat", _embedded(rot_part, rot_part), Op("slice", x, dim=_last, step=1, name="pass_part"),
+                 dim=_last, name="joined")
+    full = _embedded(x, Cast(Var("x"), "rot_in_cast"))
+    return Cast(partial, "out_cast") | Cast(full, "out_cast")
 
 
 def _slice(m: Match, name: str) -> tuple[int, int, int]:
@@ -66,8 +69,9 @@ def _check_rope(m: Match) -> str | None:
     x = tensor_meta(b["x"])
     if x.dtype not in SUPPORTED_DTYPES:
         return f"input dtype {x.dtype} has no fused kernel (supported: float32, bfloat16, float16)"
-    if b["x_cast"] not in (None, torch.float32):
-        return f"the input is cast to {b['x_cast']} before the rotation; the fused kernel reads it as it is"
+    for cast in ("x_cast", "rot_in_cast", "rot_cast"):
+        if b.get(cast) not in (None, torch.float32):
+            return f"the input is cast to {b[cast]} in the rotation; the fused kernel reads it as it is"
     d = x.shape[-1]
     rotary = _slice(m, "rot_part")[1] if "rot_part" in b else d
     if "rot_part" in b and _slice(m, "pass_part") != (rotary, d, 1):

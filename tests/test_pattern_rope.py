@@ -39,6 +39,10 @@ class Rotary(nn.Module):
 
     def apply(self, x, cos, sin):
         dtype = x.dtype
+        if self.upcast == "after_rotation" and self.rotary == self.head_dim:
+            # upcast the rotated copy separately, after rotating it
+            turned = rotate_pairs(x) if self.interleaved else rotate_half(x)
+            return (x.float() * cos + turned.float() * sin).to(dtype)
         if self.upcast:
             x = x.float()
         rot, rest = x[..., : self.rotary], x[..., self.rotary:]
@@ -79,6 +83,7 @@ VARIANTS = {
     "partial": dict(rotary=8, head_dim=20),
     "partial_pairwise": dict(rotary=8, head_dim=12, interleaved=True),
     "heads_last": dict(heads_first=False),
+    "pairwise_cast_after_rotation": dict(interleaved=True, upcast="after_rotation"),
 }
 
 
