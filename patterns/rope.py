@@ -130,6 +130,17 @@ def _group_key(m: Match) -> tuple:
     return _settings(m) + (tensor_meta(m.bindings["x"]).shape[-1],)
 
 
+def _rotates_something(neg) -> bool:
+    """Only a negation that goes into a cat or stack with a slice (a rotation's shape) is a sign
+    of RoPE; others (e.g. a state-space model's ``-exp(A)``) are not near misses of it."""
+    for user in neg.users:
+        c = canonical(user)
+        if c is not None and c.op in ("cat", "stack") and any(
+                (a := canonical(arg)) is not None and a.op == "slice" for arg in c.args if arg is not neg):
+            return True
+    return False
+
+
 ROPE = Pattern(
     name="rope",
     family="rope",
@@ -137,6 +148,7 @@ ROPE = Pattern(
     check=_check_rope,
     replace=lambda m: _replace_group([m]),
     anchors=frozenset({"neg"}),
+    anchor_filter=_rotates_something,
     reference=rope_reference,
     kernel="fastft::rope",
     group_key=_group_key,
