@@ -221,12 +221,16 @@ def _canon_split_output(call: fx.Node, index: Any) -> Canon | None:
         return None
     if name == "chunk":
         chunks = _arg(call, 1, "chunks")
+        if not isinstance(chunks, int) or chunks < 1:
+            return None
         each = -(-size // chunks)
         bounds = [(i, min(i + each, size)) for i in range(0, size, each)]
     else:
         sizes = _arg(call, 1, "split_size_or_sections", _arg(call, 1, "split_size"))
-        if isinstance(sizes, int):
+        if isinstance(sizes, int) and sizes > 0:
             bounds = [(i, min(i + sizes, size)) for i in range(0, size, sizes)]
+        elif not isinstance(sizes, (list, tuple)) or not all(isinstance(v, int) for v in sizes):
+            return None  # sizes computed in the graph: not constants to reason on
         else:
             edges = [0]
             for s in sizes:
