@@ -74,8 +74,9 @@ _MODALITY_TASKS = re.compile(r"IMAGE|VISION|AUDIO|SPEECH|VIDEO|MULTIMODAL|WAVEFO
 _SSM_KEYS = re.compile(r"^(state_size|ssm_.*|.*_ssm.*|mamba_.*|.*_mamba_.*|n_mamba_heads|d_state|lru_width|"
                        r"conv_kernel|linear_conv_kernel_dim|short_conv_kernel_size|time_step_.*|rescale_every)$")
 _SSM_LAYER_TYPES = re.compile(r"linear_attention|mamba|ssm|recurrent|conv|hybrid|deltanet", re.I)
-_SSM_MODULES = re.compile(r"Mamba|Mixer2|SSM|Rwkv|xLSTM|Rglru|RecurrentBlock|GatedDeltaNet|DeltaNet|ShortConv|"
-                          r"LinearAttention|Lightning|mLSTM|sLSTM", re.I)
+# Case-sensitive: "Ssm" must not match "GptOssMLP".
+_SSM_MODULES = re.compile(r"Mamba|SSM|Ssm(?=[A-Z]|$)|Rwkv|RWKV|xLSTM|[Rr]glru|Rg[Ll]ru|RecurrentBlock|DeltaNet|"
+                          r"ShortConv|LinearAttention|Lightning|mLSTM|sLSTM")
 _ATTENTION_MODULES = re.compile(r"(?<!Linear)(Self)?Attention$|Attn$")
 
 
@@ -157,8 +158,10 @@ def _eager_step(model: Any, batch: dict) -> Any:
 
 
 def _stage(name: str, row: dict) -> None:
+    """Enter a stage; the line also carries what is known so far, for a worker that never finishes."""
     row["stage"] = name
-    print(STAGE_MARK + name, flush=True)
+    known = {k: row.get(k) for k in ("category", "hybrid", "model_class") if row.get(k) is not None}
+    print(STAGE_MARK + name + " " + json.dumps(known), flush=True)
 
 
 def run_worker(model_type: str, batch_size: int = 2, seq: int = 16) -> dict:
@@ -188,6 +191,8 @@ def run_worker(model_type: str, batch_size: int = 2, seq: int = 16) -> dict:
             full = AutoConfig.for_model(model_type)
         except Exception:  # noqa: BLE001 - the category then comes from the tiny config alone
             full = None
+        if full is not None:  # known even where the tiny config fails
+            row["category"], row["hybrid"] = categorize(model_type, full)
         config = tiny_config(model_type)
         overrides = _no_dropout(config)
         keys = config.to_dict()
@@ -338,12 +343,16 @@ def run_in_subprocess(model_type: str, timeout: float = 120, mem_gb: float | Non
         stdout, stderr = proc.communicate()
     seconds = round(time.perf_counter() - started, 1)
     rows = [ln[len(ROW_MARK):] for ln in stdout.splitlines() if ln.startswith(ROW_MARK)]
-    stages = [ln[len(STAGE_MARK):].strip() for ln in stdout.splitlines() if ln.startswith(STAGE_MARK)]
+    stages = [ln[len(STAGE_MARK):].strip().split(" ", 1) for ln in stdout.splitlines() if ln.startswith(STAGE_MARK)]
     if rows and not timed_out:
         row = json.loads(rows[-1])
         row["wall_seconds"] = seconds
         return row
-    stage = stages[-1] if stages else "startup"
+    stage = stages[-1][0] if stages else "startup"
+    try:
+        known = json.loads(stages[-1][1]) if stages and len(stages[-1]) > 1 else {}
+    except ValueError:
+        known = {}
     tail = [ln for ln in stderr.strip().splitlines() if ln.strip()][-12:]
     if timed_out:
         status, error = "timeout", {"type": "Timeout", "message": f"no result after {timeout:g} s (in stage {stage})"}
@@ -360,8 +369,8 @@ def run_in_subprocess(model_type: str, timeout: float = 120, mem_gb: float | Non
         status = "oom" if oom else "crash"
         error = {"type": "Crash", "message": _first_line(f"{how} in stage {stage}: {last}".rstrip(": "))}
     error.update(stage=stage, where="", fastft_frame=None, oom=status == "oom")
-    return {"model_type": model_type, "status": status, "stage": stage, "model_class": None, "category": None,
-            "hybrid": False, "error": error, "stderr_tail": tail[-5:], "seconds": seconds, "wall_seconds": seconds}
+    return {"model_type": model_type, "status": status, "stage": stage, "model_class": known.get("model_class"),
+            "category": known.get("category"), "hybrid": known.get("hybrid", False), "error": error, "stderr_tail": tail[-5:], "seconds": seconds, "wall_seconds": seconds}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,6 +425,13 @@ def _truncate(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def _ran_eagerly(row: dict) -> bool:
+    """The tiny model itself built and trained a step unoptimised: fastft's part could start."""
+    if row.get("stage") in ("config", "build", "eager", "startup", None):
+        return False
+    return True
+
+
 def summarise(rows: list[dict]) -> dict:
     by_cat: dict[str, dict] = {}
     for cat in CATEGORIES + ("unknown",):
@@ -424,14 +440,15 @@ def summarise(rows: list[dict]) -> dict:
             continue
         by_cat[cat] = {
             "architectures": len(sel),
+            "eager_ok": sum(_ran_eagerly(r) for r in sel),
             "ran": sum(r.get("stage") == "done" for r in sel),
             "one_graph": sum(bool(r.get("one_graph")) for r in sel),
             "rewritten": sum(sum((r.get("counts") or {}).values()) > 0 for r in sel),
             "check_ok": sum(bool((r.get("check") or {}).get("ok")) for r in sel),
             "ok": sum(r.get("status") == "ok" for r in sel),
         }
-    total = {k: sum(c[k] for c in by_cat.values()) for k in ("architectures", "ran", "one_graph", "rewritten",
-                                                               "check_ok", "ok")}
+    total = {k: sum(c[k] for c in by_cat.values()) for k in ("architectures", "eager_ok", "ran", "one_graph",
+                                                               "rewritten", "check_ok", "ok")}
     return {"by_category": by_cat, "total": total,
             "status": dict(Counter(r.get("status") for r in rows))}
 
@@ -453,16 +470,19 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
     if dec:
         out.append(f"**{dec['one_graph']} of {dec['architectures']} decoder-only text architectures captured in one "
                    f"graph / {dec['rewritten']} rewritten / {dec['check_ok']} checked equivalent** "
-                   f"({dec['ok']} with no failure at all).")
-    out.append(f"All {t['architectures']} architectures: {t['ran']} ran end to end, {t['one_graph']} in one graph, "
+                   f"({dec['ok']} with no failure at all; {dec['eager_ok']} of the {dec['architectures']} tiny "
+                   f"models run unoptimised, the others fail before fastft is involved).")
+    out.append(f"All {t['architectures']} architectures: {t['eager_ok']} tiny models run unoptimised, "
+               f"{t['ran']} ran end to end, {t['one_graph']} in one graph, "
                f"{t['rewritten']} rewritten, {t['check_ok']} checked equivalent, {t['ok']} with no failure. "
                f"Status: " + ", ".join(f"{k} {v}" for k, v in sorted(s["status"].items(), key=lambda kv: -kv[1]))
                + ".")
     out += ["", "## By category", "",
-            "| category | architectures | ran end to end | one graph | rewritten | check PASS | no failure |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+            "| category | architectures | tiny model runs unoptimised | ran end to end | one graph | rewritten | "
+            "check PASS | no failure |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for cat, c in s["by_category"].items():
-        out.append(f"| {cat} | {c['architectures']} | {c['ran']} | {c['one_graph']} | {c['rewritten']} | "
+        out.append(f"| {cat} | {c['architectures']} | {c['eager_ok']} | {c['ran']} | {c['one_graph']} | {c['rewritten']} | "
                    f"{c['check_ok']} | {c['ok']} |")
     out += ["", "## Architectures", "",
             "Graphs: captured graphs, and graph breaks if any (`1` = one graph). Rewrites per family: rms = "
