@@ -5,6 +5,7 @@ import functools
 from typing import Optional
 
 import torch
+import triton
 
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -35,3 +36,19 @@ def num_partial_programs(device: torch.device, n_blocks: int, block_n: int) -> i
     else:
         target = 8  # the interpreter runs programs one by one: few, but still more than one
     return max(1, min(n_blocks, target))
+
+
+def check_block_rows(op: str, block_rows: int) -> None:
+    if block_rows < 1 or block_rows & (block_rows - 1):
+        raise ValueError(f"{op}: block_rows must be a power of two, got {block_rows}")
+
+
+def row_tile_config(op: str, n_rows: int, n: int, block_rows: Optional[int]) -> tuple[int, int, int]:
+    """(BLOCK_ROWS, BLOCK_N, num_warps) of a one-pass row-wise kernel (a norm's forward): ~4K
+    elements per tile, one row when wide, several short rows so loads stay wide."""
+    block_n = triton.next_power_of_2(n)
+    if block_rows is None:
+        block_rows = min(max(1, 4096 // block_n), 32, triton.next_power_of_2(n_rows))
+    check_block_rows(op, block_rows)
+    num_warps = min(max(block_rows * block_n // 1024, 4), 32)
+    return block_rows, block_n, num_warps

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import SUPPORTED_DTYPES, check_dtype, num_partial_programs
+from .launch import SUPPORTED_DTYPES, check_block_rows, check_dtype, num_partial_programs, row_tile_config
 from .rounding import TL_DTYPE, round_fp32
 
 __all__ = [
@@ -234,25 +234,14 @@ def _check_inputs(
     _check_param("bias", bias, x)
 
 
-def _check_block_rows(block_rows: int) -> None:
-    if block_rows < 1 or block_rows & (block_rows - 1):
-        raise ValueError(f"fastft::layer_norm: block_rows must be a power of two, got {block_rows}")
+_check_block_rows = functools.partial(check_block_rows, "fastft::layer_norm")
 
 
-# Launch shapes: the forward's are the RMSNorm kernels' (it reaches the copy bandwidth of an
-# H100 at 16K x 4096 bf16). The backward's were picked by sweeping bf16 rows of N = 1024 .. 8192
-# (64M elements) on an H100: ~8K-element tiles with few warps (many values in flight per thread)
-# reach ~2.2-2.6 TB/s of dy + x + dx traffic (78% of copy bandwidth at 16K x 4096); one row of
-# 2-4K per 4-8 warps is ~10-15% slower.
-def _fwd_config(n_rows: int, n: int, block_rows: Optional[int]) -> tuple[int, int, int]:
-    """(BLOCK_ROWS, BLOCK_N, num_warps) of the forward."""
-    block_n = triton.next_power_of_2(n)
-    if block_rows is None:
-        # ~4K elements per tile: one row when wide, several short rows so loads stay wide.
-        block_rows = min(max(1, 4096 // block_n), 32, triton.next_power_of_2(n_rows))
-    _check_block_rows(block_rows)
-    num_warps = min(max(block_rows * block_n // 1024, 4), 32)
-    return block_rows, block_n, num_warps
+# Launch shapes: the forward's are the RMSNorm kernels'. The backward's come from an exploratory
+# H100 sweep (not committed; bench/kernels.py is the measurement of record) of bf16 rows of
+# N = 1024 .. 8192: ~8K-element tiles with few warps (many values in flight per thread) beat one
+# row of 2-4K per 4-8 warps.
+_fwd_config = functools.partial(row_tile_config, "fastft::layer_norm")
 
 
 def _bwd_config(n_rows: int, n: int, block_rows: Optional[int]) -> tuple[int, int, int]:

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import SUPPORTED_DTYPES, check_dtype, num_partial_programs
+from .launch import SUPPORTED_DTYPES, check_block_rows, check_dtype, num_partial_programs, row_tile_config
 from .rounding import TL_DTYPE, round_fp32
 
 __all__ = [
@@ -191,23 +191,13 @@ def _check_inputs(
             raise ValueError(f"fastft::rms_norm: weight is on {weight.device} but x is on {x.device}")
 
 
-def _check_block_rows(block_rows: int) -> None:
-    if block_rows < 1 or block_rows & (block_rows - 1):
-        raise ValueError(f"fastft::rms_norm: block_rows must be a power of two, got {block_rows}")
+_check_block_rows = functools.partial(check_block_rows, "fastft::rms_norm")
 
 
-# Launch shapes below were picked by sweeping bf16 rows of N = 128 .. 16384 on an H100: the
-# forward reaches ~2.5-2.9 TB/s, the backward with dW ~1.5-2.5 TB/s (N not a multiple of 16,
-# e.g. 1000, is slower: unaligned rows cannot use vector loads).
-def _fwd_config(n_rows: int, n: int, block_rows: Optional[int]) -> tuple[int, int, int]:
-    """(BLOCK_ROWS, BLOCK_N, num_warps) of the forward."""
-    block_n = triton.next_power_of_2(n)
-    if block_rows is None:
-        # ~4K elements per tile: one row when wide, several short rows so loads stay wide.
-        block_rows = min(max(1, 4096 // block_n), 32, triton.next_power_of_2(n_rows))
-    _check_block_rows(block_rows)
-    num_warps = min(max(block_rows * block_n // 1024, 4), 32)
-    return block_rows, block_n, num_warps
+# Launch shapes below come from an exploratory H100 sweep (not committed; bench/kernels.py is the
+# measurement of record) of bf16 rows of N = 128 .. 16384. Rows whose N is not a multiple of 16
+# cannot use vector loads and are slower whatever the shape.
+_fwd_config = functools.partial(row_tile_config, "fastft::rms_norm")
 
 
 def _bwd_config(n_rows: int, n: int, block_rows: Optional[int]) -> tuple[int, int, int]:
