@@ -315,10 +315,9 @@ def _config(n_rows: int, n: int, block_rows: Optional[int], block_n: Optional[in
     """(BLOCK_ROWS, BLOCK_N, num_warps): [1, 2048] tiles for wide rows, several short rows per
     tile otherwise so loads stay wide; 4 warps (16 elements a thread).
 
-    Picked by sweeping bf16 [16384, 14336] (views of a [16384, 28672] packed tensor) on an H100,
-    tiles 512..8192 wide or tall and 4..16 warps: forward ~2.9 TB/s (silu; 2.8 gelu_tanh), packed
-    backward ~2.6 TB/s, against 3.0 TB/s for a plain device copy. Forward and backward want the
-    same shape. A row that is not a multiple of 2048 only idles lanes of its last block.
+    Picked by an exploratory sweep (not committed; bench/kernels.py is the measurement of
+    record) of bf16 [16384, 14336] views of a packed tensor on an H100, tiles 512..8192 wide or
+    tall and 4..16 warps, where this shape was fastest for forward and backward alike. A row that is not a multiple of 2048 only idles lanes of its last block.
     """
     if block_n is None:
         block_n = min(triton.next_power_of_2(n), 2048)
