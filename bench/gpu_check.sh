@@ -10,7 +10,8 @@ export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
 selection=${*:-tests/test_kernel_*.py tests/test_pattern_*.py}
 # shellcheck disable=SC2086
-python3 -m pytest -q -p no:logging $selection > "$out/tests.txt" 2>&1
+# Time-boxed so that the benchmark still runs inside one 10-minute device call.
+timeout 270 python3 -m pytest -q -p no:logging --durations=10 $selection > "$out/tests.txt" 2>&1
 echo "tests: $(tail -1 "$out/tests.txt")"
 grep -E "^(FAILED|ERROR)" "$out/tests.txt" | head -20
 python3 bench/kernels.py --out "$out" > "$out/bench.txt" 2>&1

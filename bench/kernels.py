@@ -255,7 +255,9 @@ def run_case(case: Case, timed: bool, copy_gbps: Optional[float]) -> dict[str, A
     # which shows the bf16 noise floor fastft's error should sit near.
     ref_inputs = [t.detach().float().requires_grad_(t.requires_grad) for t in inputs]
     ref_out = forward(case.ref, ref_inputs)
-    grads = [torch.randn(o.shape, device=o.device, dtype=DT) for o in ref_out]  # one per output
+    # One per output, laid out as the output is (as the next op's backward would give it): a
+    # contiguous gradient for a transposed output costs every implementation a layout copy.
+    grads = [torch.randn_like(o, dtype=DT) for o in ref_out]
     train_step(case.ref, ref_inputs, [g.to(o.dtype) for g, o in zip(grads, ref_out)])
     ref_grads = [t.grad for t in ref_inputs if t.requires_grad]
     compiled = torch.compile(case.ref, dynamic=False)

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from .launch import SUPPORTED_DTYPES, check_dtype
-from .rounding import TL_DTYPE, round_fp32
+from .rounding import TL_DTYPE, round_fp32, round_loaded
 
 __all__ = [
     "ACTIVATIONS",
@@ -170,11 +170,11 @@ def glu_fwd_kernel(
     g = tl.load(gate_ptr + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     # Inputs are cast to the compute dtype first, as the eager computation does.
-    g = round_fp32(g, ROUND_DTYPE)
-    u = round_fp32(u, ROUND_DTYPE)
+    g = round_loaded(g, gate_ptr.dtype.element_ty, ROUND_DTYPE)
+    u = round_loaded(u, up_ptr.dtype.element_ty, ROUND_DTYPE)
     a = round_fp32(_act_fwd(g, ACT), ROUND_DTYPE)
     out = round_fp32(a * u, ROUND_DTYPE)
-    out = round_fp32(out, OUT_DTYPE).to(OUT_DTYPE)
+    out = round_loaded(out, ROUND_DTYPE, OUT_DTYPE).to(OUT_DTYPE)
     tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], out, mask=mask)
 
 
@@ -207,19 +207,19 @@ def glu_bwd_kernel(
     dout = tl.load(dout_ptr + r * stride_do + c, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(gate_ptr + r * stride_g + c, mask=mask, other=0.0).to(tl.float32)
     # The gradient reaching the rounded product is cast to the compute dtype by autograd.
-    dout = round_fp32(dout, ROUND_DTYPE)
-    g = round_fp32(g, ROUND_DTYPE)
+    dout = round_loaded(dout, dout_ptr.dtype.element_ty, ROUND_DTYPE)
+    g = round_loaded(g, gate_ptr.dtype.element_ty, ROUND_DTYPE)
     a, da_dg = _act_fwd_bwd(g, ACT)
     if NEED_DUP:
         dup = round_fp32(dout * round_fp32(a, ROUND_DTYPE), ROUND_DTYPE)
-        dup = round_fp32(dup, DUP_DTYPE).to(DUP_DTYPE)
+        dup = round_loaded(dup, ROUND_DTYPE, DUP_DTYPE).to(DUP_DTYPE)
         tl.store(dup_ptr + r * stride_du + c, dup, mask=mask)
     if NEED_DGATE:
         u = tl.load(up_ptr + r * stride_u + c, mask=mask, other=0.0).to(tl.float32)
-        u = round_fp32(u, ROUND_DTYPE)
+        u = round_loaded(u, up_ptr.dtype.element_ty, ROUND_DTYPE)
         da = round_fp32(dout * u, ROUND_DTYPE)
         dgate = round_fp32(da * da_dg, ROUND_DTYPE)
-        dgate = round_fp32(dgate, DGATE_DTYPE).to(DGATE_DTYPE)
+        dgate = round_loaded(dgate, ROUND_DTYPE, DGATE_DTYPE).to(DGATE_DTYPE)
         tl.store(dgate_ptr + r * stride_dg + c, dgate, mask=mask)
 
 

@@ -182,8 +182,10 @@ def linear_cross_entropy_rows_kernel(
         valid = (label >= 0) & (label < V)
         safe_label = tl.where(valid, label, 0)
         # The target logit first: the gradient pass below overwrites the row.
-        z_t, _ = _logits_block(logits_row, bias_ptr, safe_label, valid, softcap, logit_scale,
-                               HAS_BIAS, HAS_SOFTCAP)
+        # (Never name an unused result `_`: the loops below assign it too, and compiled Triton
+        # then takes it for a loop-carried value whose type changes: scalar here, block there.)
+        z_t, dz_t = _logits_block(logits_row, bias_ptr, safe_label, valid, softcap, logit_scale,
+                                  HAS_BIAS, HAS_SOFTCAP)
         z_t = tl.where(valid, z_t, float("nan"))
 
         # Online logsumexp: each lane keeps its running max m and sum s of exp(z - m); lanes
@@ -192,8 +194,8 @@ def linear_cross_entropy_rows_kernel(
         s = tl.zeros((BLOCK_V,), dtype=tl.float32)
         for start in range(0, V, BLOCK_V):
             offs = start + cols
-            z, _ = _logits_block(logits_row, bias_ptr, offs, offs < V, softcap, logit_scale,
-                                 HAS_BIAS, HAS_SOFTCAP)
+            z, dz_unused = _logits_block(logits_row, bias_ptr, offs, offs < V, softcap, logit_scale,
+                                         HAS_BIAS, HAS_SOFTCAP)
             m_new = tl.maximum(m, z)
             s = s * tl.exp(m - m_new) + tl.exp(z - m_new)
             m = m_new
@@ -439,13 +441,32 @@ def linear_cross_entropy_forward(
     )
 
 
+@triton.jit
+def scale_in_place_kernel(x_ptr, n, factor_ptr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """x *= factor (a device scalar, read here: no host synchronisation), in fp32, rounded once."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    factor = tl.load(factor_ptr).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(x_ptr + offs, round_fp32(x * factor, DTYPE).to(DTYPE), mask=mask)
+
+
+_SCALE_BLOCK = 4096
+
+
 def scale_gradients_(grad_output: torch.Tensor, *grads: Optional[torch.Tensor]) -> None:
-    """Multiply each gradient in place by the scalar grad_output (computed in fp32, rounded once
-    to the gradient's dtype: a 0-d fp32 factor does not promote a 16-bit tensor)."""
-    g = grad_output.detach().reshape(()).to(torch.float32)
+    """Multiply each (contiguous) gradient in place by the scalar grad_output: fp32 products,
+    rounded once to the gradient's dtype. A kernel of its own, so that no temporary of a
+    gradient's size (dW can be gigabytes) is ever allocated."""
+    factor = grad_output.detach().reshape(1)
     for d in grads:
-        if d is not None and d.numel():
-            d.mul_(g)
+        if d is None or not d.numel():
+            continue
+        if not d.is_contiguous():
+            raise ValueError(f"{_PREFIX} the stored gradients must be contiguous, got strides {d.stride()}")
+        n = d.numel()
+        scale_in_place_kernel[(triton.cdiv(n, _SCALE_BLOCK),)](
+            d, n, factor, DTYPE=TL_DTYPE[d.dtype], BLOCK=_SCALE_BLOCK, num_warps=8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,6 +531,9 @@ def _backward_fake(grad_output, dhidden, dweight, dbias) -> None:
 def _setup_context(ctx, inputs, output) -> None:
     _loss, dh, dw, db = output
     ctx.mark_non_differentiable(dh, dw, db)
+    # Autograd would otherwise hand the backward a zero "gradient" for each stored-gradient
+    # output: a dW-sized allocation (gigabytes) that is never read.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(dh, dw, db)
     ctx.needs = (inputs[9], inputs[10], inputs[11] and inputs[2] is not None)
 

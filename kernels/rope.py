@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from .launch import SUPPORTED_DTYPES, check_dtype, device_sm_count
-from .rounding import TL_DTYPE, round_fp32
+from .rounding import TL_DTYPE, round_fp32, round_loaded
 
 __all__ = [
     "SUPPORTED_DTYPES",
@@ -98,14 +98,6 @@ def rope_reference(
 # Triton kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _round_input(y, SRC_DTYPE: tl.constexpr, DTYPE: tl.constexpr):
-    """``round_fp32`` of a value loaded from SRC_DTYPE: nothing to do when it already is in DTYPE."""
-    if SRC_DTYPE != DTYPE:
-        y = round_fp32(y, DTYPE)
-    return y
-
-
-@triton.jit
 def _load_pairs(ptr, row_off, row_mask, HALF, INTERLEAVED: tl.constexpr, ROWS: tl.constexpr,
                 BLOCK_HALF: tl.constexpr):
     """Load the first 2*HALF columns of ROWS rows as the two members of each rotation pair,
@@ -148,10 +140,10 @@ def _load_cos_sin(c_ptr, s_ptr, c_row_off, s_row_off, row_mask, HALF, TRANSPOSE:
                   BLOCK_HALF: tl.constexpr):
     ca, cb = _load_pairs(c_ptr, c_row_off, row_mask, HALF, INTERLEAVED, ROWS, BLOCK_HALF)
     sa, sb = _load_pairs(s_ptr, s_row_off, row_mask, HALF, INTERLEAVED, ROWS, BLOCK_HALF)
-    ca = _round_input(ca, c_ptr.dtype.element_ty, ROUND_DTYPE)
-    cb = _round_input(cb, c_ptr.dtype.element_ty, ROUND_DTYPE)
-    sa = _round_input(sa, s_ptr.dtype.element_ty, ROUND_DTYPE)
-    sb = _round_input(sb, s_ptr.dtype.element_ty, ROUND_DTYPE)
+    ca = round_loaded(ca, c_ptr.dtype.element_ty, ROUND_DTYPE)
+    cb = round_loaded(cb, c_ptr.dtype.element_ty, ROUND_DTYPE)
+    sa = round_loaded(sa, s_ptr.dtype.element_ty, ROUND_DTYPE)
+    sb = round_loaded(sb, s_ptr.dtype.element_ty, ROUND_DTYPE)
     if TRANSPOSE:
         # The transposed rotation is the forward formula with (s_a, s_b) -> (-s_b, -s_a):
         #   d_a = g_a*c_a + g_b*s_b,  d_b = g_b*c_b - g_a*s_a.  Negation commutes with rounding.
@@ -200,8 +192,8 @@ def _rope_rows(
             ca, cb, sa, sb = _load_cos_sin(c_base, s_base, rows64 * sch, rows64 * ssh, row_mask, HALF,
                                            TRANSPOSE, ROUND_DTYPE, INTERLEAVED, BLOCK_H, BLOCK_HALF)
         xa, xb = _load_pairs(x_base, rows64 * sxh, row_mask, HALF, INTERLEAVED, BLOCK_H, BLOCK_HALF)
-        xa = _round_input(xa, x_ptr.dtype.element_ty, ROUND_DTYPE)
-        xb = _round_input(xb, x_ptr.dtype.element_ty, ROUND_DTYPE)
+        xa = round_loaded(xa, x_ptr.dtype.element_ty, ROUND_DTYPE)
+        xb = round_loaded(xb, x_ptr.dtype.element_ty, ROUND_DTYPE)
         # Each product rounded, then the sum: eager's q*cos + rotate(q)*sin in ROUND_DTYPE.
         oa = round_fp32(round_fp32(xa * ca, ROUND_DTYPE) - round_fp32(xb * sa, ROUND_DTYPE), ROUND_DTYPE)
         ob = round_fp32(round_fp32(xb * cb, ROUND_DTYPE) + round_fp32(xa * sb, ROUND_DTYPE), ROUND_DTYPE)
@@ -321,6 +313,18 @@ def _last_dim_unit(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
+def _out_like(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The result buffer for ``x``: x's own strides where x is dense with unit column stride (as
+    eager elementwise ops lay out results), else contiguous. Keeping the layout matters: q is
+    usually a transposed view of a projection's output, and a gradient that comes back in that
+    layout lets the projection's backward reshape without a copy. The fake impls call this too."""
+    if x.stride(-1) == 1 or x.shape[-1] == 1:
+        out = torch.empty_like(x, dtype=dtype)
+        if out.stride(-1) == 1 or out.shape[-1] == 1:
+            return out
+    return x.new_empty(x.shape, dtype=dtype)
+
+
 def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return 8 * device_sm_count(device)
@@ -334,18 +338,18 @@ def _pad3(t: tuple, fill: int) -> tuple:
 # Plans are pure functions of shapes and strides, cached: the host side costs a dict lookup.
 @functools.lru_cache(maxsize=4096)
 def _plan(
-    shape: tuple, x_stride: tuple, c_shape: tuple, c_stride: tuple, s_shape: tuple, s_stride: tuple,
+    shape: tuple, x_stride: tuple, o_stride: tuple, c_shape: tuple, c_stride: tuple, s_shape: tuple, s_stride: tuple,
     block_half: int, block_h: Optional[int], rows_per_prog: Optional[int], target: int,
 ) -> tuple[int, tuple, bool, int]:
     """(programs, kernel args, cos/sin constant along H, BLOCK_H) for one of q / k.
 
     The tensor is seen as [n0, n1, H, D]: leading dims padded with 1s to three, then permuted so
-    H is (preferably) an axis along which cos/sin have stride 0. The output is contiguous in the
-    original shape, cos/sin are the expand()ed views (stride 0 where they broadcast)."""
+    H is (preferably) an axis along which cos/sin have stride 0. The output has strides
+    ``o_stride``, cos/sin are the expand()ed views (stride 0 where they broadcast)."""
     d = shape[-1]
     sizes = _pad3(shape[:-1], 1)
     xs = _pad3(x_stride[:-1], 0)
-    os_ = (sizes[1] * sizes[2] * d, sizes[2] * d, d)
+    os_ = _pad3(o_stride[:-1], 0)
 
     def expanded(cs_shape, cs_stride):
         cl, cst = _pad3(cs_shape[:-1], 1), _pad3(cs_stride[:-1], 0)
@@ -409,13 +413,14 @@ def _launch(
     for x, od in zip(xs, out_dtypes):
         if x is None or x.numel() == 0:
             ins.append(None)
-            outs.append(None if x is None else torch.empty(x.shape, dtype=od, device=x.device))
+            outs.append(None if x is None else _out_like(x, od))
             plans.append(_NO_ROWS)
             continue
+        out = _out_like(x, od)
         x = _last_dim_unit(x)
         ins.append(x)
-        outs.append(torch.empty(x.shape, dtype=od, device=x.device))
-        plans.append(_plan(tuple(x.shape), x.stride(), tuple(cos.shape), cos.stride(), tuple(sin.shape),
+        outs.append(out)
+        plans.append(_plan(tuple(x.shape), x.stride(), out.stride(), tuple(cos.shape), cos.stride(), tuple(sin.shape),
                            sin.stride(), block_half, block_h, rows_per_program, target))
     (q_progs, q_args, q_bcast, q_bh), (k_progs, k_args, k_bcast, k_bh) = plans
     if q_progs + k_progs == 0:
@@ -462,7 +467,7 @@ def rope_forward(
     rows_per_program: Optional[int] = None,
     num_warps: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel; returns contiguous (q_out, k_out) of q's / k's shape in ``out_dtype``
+    """Launch the forward kernel; returns (q_out, k_out) laid out as q / k (see ``_out_like``) in ``out_dtype``
     (default: q's dtype). ``block_h`` / ``rows_per_program`` / ``num_warps`` override the tiling
     (tests, tuning)."""
     if out_dtype is None:
@@ -526,7 +531,7 @@ def _rope_fake(
     out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_inputs(q, k, cos, sin, round_dtype, (out_dtype, out_dtype))
-    return q.new_empty(q.shape, dtype=out_dtype), k.new_empty(k.shape, dtype=out_dtype)
+    return _out_like(q, out_dtype), _out_like(k, out_dtype)
 
 
 # Gradients not asked for come back as empty tensors (custom ops return Tensors only).
@@ -564,8 +569,8 @@ def _rope_backward_fake(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if compute_dq or compute_dk:
         _check_inputs(dq_out, dk_out, cos, sin, round_dtype, (dq_dtype, dk_dtype), names=("dq_out", "dk_out"))
-    dq = dq_out.new_empty(dq_out.shape if compute_dq else (0,), dtype=dq_dtype)
-    dk = dk_out.new_empty(dk_out.shape if compute_dk else (0,), dtype=dk_dtype)
+    dq = _out_like(dq_out, dq_dtype) if compute_dq else dq_out.new_empty(0, dtype=dq_dtype)
+    dk = _out_like(dk_out, dk_dtype) if compute_dk else dk_out.new_empty(0, dtype=dk_dtype)
     return dq, dk
 
 
@@ -645,7 +650,7 @@ def rope_polar(q: torch.Tensor, k: torch.Tensor, freqs: torch.Tensor,
 def _rope_polar_fake(q: torch.Tensor, k: torch.Tensor, freqs: torch.Tensor,
                      out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     _check_polar(freqs, q)
-    return q.new_empty(q.shape, dtype=out_dtype), k.new_empty(k.shape, dtype=out_dtype)
+    return _out_like(q, out_dtype), _out_like(k, out_dtype)
 
 
 def _polar_setup_context(ctx, inputs, output) -> None:

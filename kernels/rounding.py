@@ -33,6 +33,16 @@ def round_fp32(y, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def round_loaded(y, SRC_DTYPE: tl.constexpr, DTYPE: tl.constexpr):
+    """``round_fp32`` of a value loaded from SRC_DTYPE: nothing to do (and no ALU work, which
+    the memory-bound kernels feel) when it already is in DTYPE. Also for a value that was
+    rounded to SRC_DTYPE just before."""
+    if SRC_DTYPE != DTYPE:
+        y = round_fp32(y, DTYPE)
+    return y
+
+
+@triton.jit
 def _round_fp16(y):
     bits = y.to(tl.uint32, bitcast=True)
     # Normal fp16 range: keep 10 of fp32's 23 mantissa bits, ties to even.

@@ -273,6 +273,31 @@ def test_empty(device: str) -> None:
     assert OP(hidden, weight, None, labels, -100, None, 1.0, "mean", None).isnan()
 
 
+def test_backward_allocates_no_gradient_sized_tensor(device: str) -> None:
+    """The backward only scales the stored gradients: no op in it may create a tensor of a
+    gradient's size (autograd's zero-filled gradients for the stored-gradient outputs once did:
+    a dW-sized allocation, gigabytes on a real vocabulary)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    created: list[tuple[str, int]] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor) and func is not torch.ops.aten.detach.default:
+                    created.append((str(func), t.numel()))
+            return out
+
+    hidden, weight, b = _problem(16, 24, 100, torch.bfloat16, device, bias=True)
+    h, w, bb = (t.clone().requires_grad_() for t in (hidden, weight, b))
+    loss = OP(h, w, bb, _labels(16, 100, device), -100, None, 1.0, "mean", None)
+    with Record():
+        loss.backward()
+    assert h.grad is not None and w.grad is not None and bb.grad is not None
+    assert [c for c in created if c[1] >= b.numel()] == [], created
+
+
 def test_second_backward_raises(device: str) -> None:
     """The backward scales the stored gradients in place: a second backward through the same
     graph must fail loudly rather than scale them twice."""

@@ -52,6 +52,18 @@ def _inputs(q_shape, k_shape, cs_shape, dtype, device, cs_dtype=None, seed=0):
     return q, k, cos, sin
 
 
+def _expected_strides(x: torch.Tensor) -> tuple:
+    """The op's output layout: x's strides where x is dense with unit column stride (as eager
+    elementwise results), else contiguous."""
+    expect = 1  # dense: the strides, smallest first, are the running products of the sizes
+    for i in sorted(range(x.dim()), key=x.stride):
+        if x.shape[i] != 1:
+            if x.stride(i) != expect:
+                return torch.empty(x.shape).stride()
+            expect *= x.shape[i]
+    return x.stride() if x.stride(-1) == 1 or x.shape[-1] == 1 else torch.empty(x.shape).stride()
+
+
 def _check(q, k, cos, sin, interleaved, round_dtype, out_dtype, q_grad=True, k_grad=True, seed=0) -> None:
     """Forward and backward of the op against the reference run with autograd, same inputs/dout."""
     qk, kk = q.detach().clone().requires_grad_(q_grad), k.detach().clone().requires_grad_(k_grad)
@@ -60,7 +72,7 @@ def _check(q, k, cos, sin, interleaved, round_dtype, out_dtype, q_grad=True, k_g
     qo_ref, ko_ref = rope_reference(qr, kr, cos, sin, interleaved, round_dtype, out_dtype)
     # round_dtype fp32 means no 16-bit rounding: fp32 math, where a GPU may fuse a*c - b*s.
     exact = round_dtype in (torch.bfloat16, torch.float16)
-    assert qo.is_contiguous() and ko.is_contiguous()
+    assert qo.stride() == _expected_strides(qk) and ko.stride() == _expected_strides(kk)
     _close(qo, qo_ref, exact, out_dtype, round_dtype)
     _close(ko, ko_ref, exact, out_dtype, round_dtype)
 
@@ -154,6 +166,30 @@ def test_non_contiguous_inputs(device) -> None:
     qr = q.detach().requires_grad_()
     rope_reference(qr, k, cos, sin, False, None, torch.float32)[0].sum().backward()
     _close(qk.grad, qr.grad, False, torch.bfloat16)
+
+
+def test_layout_follows_a_transposed_projection(device) -> None:
+    """q and k as attention makes them, [B, S, H, D] views transposed to [B, H, S, D]: the
+    outputs keep that layout, the gradients keep the incoming gradient's, and the gradient of
+    the untransposed projection output is contiguous (its reshape back needs no copy)."""
+    gen = torch.Generator().manual_seed(5)
+    b, s, h, d = 2, 5, 4, 16
+    q_proj = _randn((b, s, h, d), torch.bfloat16, device, gen).requires_grad_()
+    k_proj = _randn((b, s, 2, d), torch.bfloat16, device, gen).requires_grad_()
+    cos = _randn((b, 1, s, d), torch.bfloat16, device, gen)
+    sin = _randn((b, 1, s, d), torch.bfloat16, device, gen)
+    q, k = q_proj.transpose(1, 2), k_proj.transpose(1, 2)
+    qo, ko = torch.ops.fastft.rope(q, k, cos, sin, False, torch.bfloat16, torch.bfloat16)
+    assert qo.stride() == q.stride() and ko.stride() == k.stride()
+    # an upstream gradient in the outputs' layout, as attention's backward gives it
+    dq_out = _randn((b, s, h, d), torch.bfloat16, device, gen).transpose(1, 2)
+    dk_out = _randn((b, s, 2, d), torch.bfloat16, device, gen).transpose(1, 2)
+    torch.autograd.backward((qo, ko), (dq_out, dk_out))
+    assert q_proj.grad.is_contiguous() and k_proj.grad.is_contiguous()
+    qr, kr = q_proj.detach().clone().requires_grad_(), k_proj.detach().clone().requires_grad_()
+    ref = rope_reference(qr.transpose(1, 2), kr.transpose(1, 2), cos, sin, False, torch.bfloat16, torch.bfloat16)
+    torch.autograd.backward(ref, (dq_out, dk_out))
+    assert torch.equal(q_proj.grad, qr.grad) and torch.equal(k_proj.grad, kr.grad)
 
 
 def test_only_q_requires_grad(device) -> None:
