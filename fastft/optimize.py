@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -56,7 +57,8 @@ class EntryPoint:
 
         before = dict(counters["graph_break"])
         try:
-            out = self.compiled(*args, **kwargs)
+            with torch._dynamo.config.patch(ignore_logging_functions=_logging_methods()):
+                out = self.compiled(*args, **kwargs)
         except torch._dynamo.exc.TorchDynamoException as error:
             if self.state.options.fullgraph:
                 raise CaptureError(f"fastft could not capture {type(self.module).__name__} "
@@ -188,6 +190,18 @@ def _entry_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
         paths = {id(m): n for n, m in model.named_modules()}
         entries.append((paths.get(id(backbone), "base_model"), backbone))
     return entries
+
+
+def _logging_methods() -> set:
+    """The methods of ``logging.Logger`` (also those libraries add, such as a ``warning_once``)
+    that Dynamo may skip while tracing a forward. A warning inside a forward would otherwise
+    break the graph there, often right between the output projection and the loss. Inside the
+    optimised forward these calls do not run, so their messages are not printed."""
+    return {method for name, method in vars(logging.Logger).items()
+            if callable(method) and (name in _LOGGING_NAMES or name.endswith(("_once", "_advice")))}
+
+
+_LOGGING_NAMES = frozenset({"debug", "info", "warning", "warn", "error", "exception", "critical", "log"})
 
 
 def _entry_function(module: nn.Module):

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import SUPPORTED_DTYPES, check_dtype
+from .launch import SUPPORTED_DTYPES, check_dtype, interpreter_block_rows
 from .rounding import TL_DTYPE, round_fp32, round_loaded
 
 __all__ = [
@@ -345,6 +345,8 @@ def _launch_fwd(gate, up, act, round_dtype, out_dtype, out_shape, block_rows=Non
         return out
     g2, u2 = _rows(gate), _rows(up)
     n_rows = g2.shape[0]
+    if block_rows is None:
+        block_rows = interpreter_block_rows(g2.device, n_rows, n)
     br, bn, num_warps = _config(n_rows, n, block_rows, block_n)
     glu_fwd_kernel[_grid(n_rows, n, br, bn)](
         g2, u2, out, n_rows, n, g2.stride(0), u2.stride(0), n,
@@ -365,6 +367,8 @@ def _launch_bwd(dout, gate, up, dgate, dup, act, round_dtype, block_rows=None, b
         return
     do2, g2, u2 = _rows(dout), _rows(gate), _rows(up)
     n_rows = g2.shape[0]
+    if block_rows is None:
+        block_rows = interpreter_block_rows(g2.device, n_rows, n)
     br, bn, num_warps = _config(n_rows, n, block_rows, block_n)
     dg = dgate if dgate is not None else g2  # dummy pointers; never written
     du = dup if dup is not None else g2

@@ -38,6 +38,21 @@ def num_partial_programs(device: torch.device, n_blocks: int, block_n: int) -> i
     return max(1, min(n_blocks, target))
 
 
+# Under Triton's interpreter (no GPU) programs run one after another and every op is a numpy call
+# over the whole tile: few, large tiles make the CPU tests fast. What the kernels compute does
+# not depend on the tiling (tests force small tiles where they check it).
+INTERPRETER_TILE_ELEMS = 1 << 15
+
+
+def interpreter_block_rows(device: torch.device, n_rows: int, n: int) -> Optional[int]:
+    """Rows per tile off the GPU (about INTERPRETER_TILE_ELEMS elements); None on a GPU, where
+    each kernel's own launch config decides."""
+    if device.type == "cuda":
+        return None
+    return min(max(1, INTERPRETER_TILE_ELEMS // triton.next_power_of_2(max(n, 1))),
+               triton.next_power_of_2(max(n_rows, 1)))
+
+
 def check_block_rows(op: str, block_rows: int) -> None:
     if block_rows < 1 or block_rows & (block_rows - 1):
         raise ValueError(f"{op}: block_rows must be a power of two, got {block_rows}")

@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import SUPPORTED_DTYPES, check_block_rows, check_dtype, num_partial_programs, row_tile_config
+from .launch import (SUPPORTED_DTYPES, check_block_rows, check_dtype, interpreter_block_rows, num_partial_programs,
+                     row_tile_config)
 from .rounding import TL_DTYPE, round_fp32
 
 __all__ = [
@@ -281,6 +282,8 @@ def layer_norm_forward(
         return y
     w = weight.contiguous() if weight is not None else x2  # dummy pointers when absent
     b = bias.contiguous() if bias is not None else x2
+    if block_rows is None:
+        block_rows = interpreter_block_rows(x.device, n_rows, n)
     br, bn, num_warps = _fwd_config(n_rows, n, block_rows)
     grid = (triton.cdiv(n_rows, br),)
     layer_norm_fwd_kernel[grid](
@@ -331,6 +334,8 @@ def layer_norm_backward(
         db = torch.zeros_like(bias) if compute_db else None
         return dx, dw, db
 
+    if block_rows is None:
+        block_rows = interpreter_block_rows(x.device, n_rows, n)
     br, bn, num_warps = _bwd_config(n_rows, n, block_rows)
     n_blocks = triton.cdiv(n_rows, br)
     if compute_dw or compute_db:

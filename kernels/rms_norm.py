@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import SUPPORTED_DTYPES, check_block_rows, check_dtype, num_partial_programs, row_tile_config
+from .launch import SUPPORTED_DTYPES, check_block_rows, check_dtype, interpreter_block_rows, num_partial_programs, row_tile_config
 from .rounding import TL_DTYPE, round_fp32
 
 __all__ = [
@@ -236,6 +236,8 @@ def rms_norm_forward(
     if n_rows == 0:
         return y
     w = weight.contiguous() if weight is not None else x2  # dummy pointer when there is no weight
+    if block_rows is None:
+        block_rows = interpreter_block_rows(x.device, n_rows, n)
     br, bn, num_warps = _fwd_config(n_rows, n, block_rows)
     grid = (triton.cdiv(n_rows, br),)
     rms_norm_fwd_kernel[grid](
@@ -281,6 +283,8 @@ def rms_norm_backward(
         dw = torch.zeros_like(weight) if compute_dw else None
         return dx, dw
 
+    if block_rows is None:
+        block_rows = interpreter_block_rows(x.device, n_rows, n)
     br, bn, num_warps = _bwd_config(n_rows, n, block_rows)
     n_blocks = triton.cdiv(n_rows, br)
     if compute_dw:

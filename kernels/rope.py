@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import SUPPORTED_DTYPES, check_dtype, device_sm_count
+from .launch import INTERPRETER_TILE_ELEMS, SUPPORTED_DTYPES, check_dtype, device_sm_count
 from .rounding import TL_DTYPE, round_fp32, round_loaded
 
 __all__ = [
@@ -340,6 +340,7 @@ def _pad3(t: tuple, fill: int) -> tuple:
 def _plan(
     shape: tuple, x_stride: tuple, o_stride: tuple, c_shape: tuple, c_stride: tuple, s_shape: tuple, s_stride: tuple,
     block_half: int, block_h: Optional[int], rows_per_prog: Optional[int], target: int,
+    tile_elems: int = 512, prefer_broadcast: bool = True,
 ) -> tuple[int, tuple, bool, int]:
     """(programs, kernel args, cos/sin constant along H, BLOCK_H) for one of q / k.
 
@@ -357,7 +358,7 @@ def _plan(
 
     cs, ss = expanded(c_shape, c_stride), expanded(s_shape, s_stride)
     bcast = [a for a in range(3) if sizes[a] > 1 and cs[a] == 0 and ss[a] == 0]
-    if bcast:
+    if bcast and prefer_broadcast:
         head = max(bcast, key=lambda a: (sizes[a], a))
     else:  # cos/sin vary along every axis: loop over the longest one, loading them per row
         head = max(range(3), key=lambda a: (sizes[a], a))
@@ -366,7 +367,7 @@ def _plan(
     n0, n1, h = (sizes[a] for a in perm)
 
     if block_h is None:
-        block_h = max(1, min(triton.next_power_of_2(h), _TILE_ELEMS // (2 * block_half)))
+        block_h = max(1, min(triton.next_power_of_2(h), tile_elems // (2 * block_half)))
     if rows_per_prog is None:
         # All H rows in one program unless that leaves too few programs to fill the GPU.
         chunks = max(1, min(triton.cdiv(target, n0 * n1), triton.cdiv(h, block_h)))
@@ -408,7 +409,11 @@ def _launch(
     half = r // 2
     block_half = triton.next_power_of_2(half)
     present = [x for x in xs if x is not None]
-    target = _target_programs(present[0].device)
+    device = present[0].device
+    target = _target_programs(device)
+    # Off the GPU (the interpreter), few programs with large tiles: loop over the longest axis.
+    on_gpu = device.type == "cuda"
+    tiling = (_TILE_ELEMS, True) if on_gpu else (INTERPRETER_TILE_ELEMS, False)
     ins, outs, plans = [], [], []
     for x, od in zip(xs, out_dtypes):
         if x is None or x.numel() == 0:
@@ -421,7 +426,7 @@ def _launch(
         ins.append(x)
         outs.append(out)
         plans.append(_plan(tuple(x.shape), x.stride(), out.stride(), tuple(cos.shape), cos.stride(), tuple(sin.shape),
-                           sin.stride(), block_half, block_h, rows_per_program, target))
+                           sin.stride(), block_half, block_h, rows_per_program, target, *tiling))
     (q_progs, q_args, q_bcast, q_bh), (k_progs, k_args, k_bcast, k_bh) = plans
     if q_progs + k_progs == 0:
         return outs[0], outs[1]

@@ -4,7 +4,8 @@ Dynamo keeps the user's spelling: ``x.pow(2)``, ``torch.pow(x, 2)`` and ``x ** 2
 different nodes; ``x.float()``, ``x.to(torch.float32)`` and ``x.type_as(y)`` are all casts.
 Patterns are written against the canonical view (:class:`Canon`), never against the raw nodes,
 so that a variant in spelling is not a variant in pattern. The graph itself is left untouched:
-the view is computed on demand and cached in ``node.meta``.
+the view is computed on demand and cached in ``node.meta`` (recomputed when a rewrite has
+rewired the node's arguments).
 """
 from __future__ import annotations
 
@@ -363,9 +364,27 @@ def canonical(node: Any) -> Canon | None:
     """The canonical view of ``node`` (cached), or None when it is not an op the view knows."""
     if not isinstance(node, fx.Node):
         return None
-    if _META_KEY not in node.meta:
-        node.meta[_META_KEY] = _compute(node)
-    return node.meta[_META_KEY]
+    cached = node.meta.get(_META_KEY)
+    if cached is not None:
+        inputs, canon = cached
+        if _same_inputs(inputs, _inputs_of(node, canon)):
+            return canon
+    canon = _compute(node)
+    node.meta[_META_KEY] = (_inputs_of(node, canon), canon)
+    return canon
+
+
+def _inputs_of(node: fx.Node, canon: Canon | None) -> tuple:
+    """What a cached view was computed from: the node's arguments and those of the nodes it
+    absorbs. A rewrite that splices in a fused op rewires the users of the region's root
+    (``replace_all_uses_with`` gives them new argument tuples); a view computed before that
+    would still name the erased nodes, so the cache is keyed on these tuples' identity."""
+    via = canon.via if canon is not None else ()
+    return (node.args, node.kwargs) + tuple(t for v in via for t in (v.args, v.kwargs))
+
+
+def _same_inputs(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def module_path(node: fx.Node) -> str:

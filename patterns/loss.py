@@ -1,7 +1,7 @@
 """The training loss of a language model head, from its math:
 
     z = linear(h, W, b?)                      the output projection (tied or not: W is an input)
-    z = z * scale                             optional logit scaling
+    z = z * scale   or   z = z / divisor      optional logit scaling
     z = tanh(z / c) * c                       optional logit softcapping
     z = z.float()                             optional upcast (before or after the two above)
     loss = cross_entropy(z.view(-1, V), y, ignore_index, reduction mean|sum)
@@ -30,7 +30,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _scaled_and_capped(z):
-    scaled = z | Op("mul", z, Lit("logit_scale"), commutative=True, name="scaled")
+    scaled = (z | Op("mul", z, Lit("logit_scale"), commutative=True, name="scaled")
+              | Op("div", z, Lit("logit_divisor"), name="divided"))
     capped = Op("mul", Op("tanh", Op("div", scaled, Lit("softcap"))), Lit("softcap_again"),
                 commutative=True, name="capped")
     return scaled | capped
@@ -73,10 +74,20 @@ def _check_loss(m: Match) -> str | None:
         return "the cross-entropy runs on 16-bit logits; the fused kernel computes it in float32"
     if b.get("softcap") is not None and b["softcap"] != b.get("softcap_again"):
         return f"the softcap divides by {b['softcap']} but multiplies by {b.get('softcap_again')}"
-    for name in ("softcap", "logit_scale"):
+    for name in ("softcap", "logit_scale", "logit_divisor"):
         if name in b and not isinstance(b[name], (int, float)):
             return f"{name} {b[name]!r} is not a number"
+    if b.get("logit_divisor") == 0:
+        return "the logits are divided by 0"
     return None
+
+
+def _logit_scale(b: dict) -> float:
+    """The factor the kernel multiplies the logits by: a division is a multiplication by the
+    reciprocal (in fp32, within an ulp of the division)."""
+    if "logit_divisor" in b:
+        return 1.0 / float(b["logit_divisor"])
+    return float(b.get("logit_scale", 1.0))
 
 
 def _replace_loss(m: Match) -> Replacement:
@@ -85,7 +96,7 @@ def _replace_loss(m: Match) -> Replacement:
     softcap = float(b["softcap"]) if "softcap" in b else None
     return Replacement(torch.ops.fastft.linear_cross_entropy.default, (
         b["hidden"], b["weight"], b.get("bias"), b["labels"], attrs["ignore_index"], softcap,
-        float(b.get("logit_scale", 1.0)), attrs["reduction"], None))
+        _logit_scale(b), attrs["reduction"], None))
 
 
 def _logits_to_release(m: Match) -> list:

@@ -7,9 +7,14 @@ RMSNorm:
     y = y * (w + offset)                                     optional weight, offset 0 or 1
     y = y.to(out_dtype)                                      optional final cast
 
-Spellings the canonical view folds together (pow vs x*x, rsqrt vs 1/sqrt, .float() vs .to())
-need no variant here; the variants that change the numbers (where the casts are, ``1 + w``) are
-bindings of the one expression, and the kernel takes them as arguments.
+Spellings the canonical view folds together (pow vs x*x, .float() vs .to()) need no variant
+here; the inverse square root is any of rsqrt(d), pow(d, -0.5), 1/sqrt(d), x/sqrt(d) (sqrt also
+as pow(d, 0.5)), and the mean may be written as sum(x_f ** 2, -1, keepdim) / N (or * 1/N). The
+variants that change the numbers (where the casts are, ``1 + w``) are bindings of the one
+expression, and the kernel takes them as arguments.
+
+An L2 normalisation, x_f * rsqrt(sum(x_f ** 2) + eps), is rms_norm(x, eps / N) / sqrt(N): the op
+has no output scale, so it is matched only to be reported as a near miss saying so.
 
 LayerNorm, either the library op or written out:
 
@@ -20,11 +25,13 @@ LayerNorm, either the library op or written out:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastft.kernels.layer_norm import layer_norm_reference
 from fastft.kernels.rms_norm import SUPPORTED_DTYPES, rms_norm_reference
-from fastft.passes.canonical import dtype_of, tensor_meta
+from fastft.passes.canonical import canonical, dtype_of, same_size, tensor_meta
 from fastft.passes.matcher import Cast, Lit, Match, Op, Var
 from fastft.passes.pattern import Pattern, Replacement
 
@@ -36,12 +43,21 @@ def _last_dim_only(dims, canon) -> bool:
 def _rms_norm_expr():
     x = Var("x")
     xf = Cast(x, "upcast")
-    mean_sq = Op("mean", Op("pow", xf, 2) | Op("mul", xf, xf), dims=_last_dim_only, keepdim=True,
-                 name="mean_sq")
+    squares = Op("pow", xf, 2) | Op("mul", xf, xf)
+    # The mean may be written as the sum over the row divided by its width (or times 1/width);
+    # the bare sum (an L2 normalisation) is matched too, only for the check to say why it is not
+    # fused.
+    total = Op("sum", squares, dims=_last_dim_only, keepdim=True, name="sum_sq")
+    mean_sq = (Op("mean", squares, dims=_last_dim_only, keepdim=True, name="mean_sq")
+               | Op("div", total, Lit("width"), name="mean_sq")
+               | Op("mul", total, Lit("inv_width"), commutative=True, name="mean_sq")
+               | total)
     denom = Op("add", mean_sq, Lit("eps"), commutative=True)
-    inv_rms = Op("rsqrt", denom) | Op("reciprocal", Op("sqrt", denom)) | Op("div", 1, Op("sqrt", denom))
+    sqrt = Op("sqrt", denom) | Op("pow", denom, 0.5)
+    inv_rms = (Op("rsqrt", denom) | Op("pow", denom, -0.5) | Op("reciprocal", sqrt)
+               | Op("div", 1, sqrt))
     normed = Op("mul", xf, inv_rms, commutative=True, name="normed") | Op(
-        "div", xf, Op("sqrt", denom), name="normed")
+        "div", xf, sqrt, name="normed")
     weight = Cast(Var("weight"), "weight_cast")
     scale = weight | Op("add", weight, Lit("offset"), commutative=True)
     weighted = Op("mul", Cast(normed, "norm_cast"), scale, commutative=True, name="weighted")
@@ -51,11 +67,21 @@ def _rms_norm_expr():
 def _check_rms_norm(m: Match) -> str | None:
     b = m.bindings
     x = tensor_meta(b["x"])
+    if "mean_sq" not in b:
+        # x / sqrt(sum(x^2) + eps) == rms_norm(x, eps / N) / sqrt(N): the op has no output scale.
+        return ("an L2 normalisation (a sum of squares, not a mean): it is an RMSNorm times "
+                "1/sqrt(N), and the fused kernel has no output scale")
+    if "width" in b or "inv_width" in b:
+        reason = _check_width(b, x.shape[-1])
+        if reason is not None:
+            return reason
     if x.dtype not in SUPPORTED_DTYPES:
         return f"input dtype {x.dtype} has no fused kernel (supported: float32, bfloat16, float16)"
-    if dtype_of(b["mean_sq"]) != torch.float32:
-        return (f"the mean of squares is computed in {dtype_of(b['mean_sq'])}; the fused kernel "
-                f"accumulates in float32 and would not reproduce it")
+    for name in ("sum_sq", "mean_sq"):
+        if name in b and dtype_of(b[name]) != torch.float32:
+            what = "sum" if name == "sum_sq" else "mean"
+            return (f"the {what} of squares is computed in {dtype_of(b[name])}; the fused kernel "
+                    f"accumulates in float32 and would not reproduce it")
     eps = b["eps"]
     if not isinstance(eps, (int, float)) or eps < 0:
         return f"eps {eps!r} is not a non-negative number"
@@ -76,6 +102,34 @@ def _check_rms_norm(m: Match) -> str | None:
     return None
 
 
+def _check_width(b, n) -> str | None:
+    """A sum of squares divided by ``width`` (or times ``inv_width``) is the mean only when the
+    divisor is the row's width."""
+    if "width" in b:
+        width = b["width"]
+        how = f"divided by {width!r}"
+    else:
+        inv = b["inv_width"]
+        width = round(1 / inv) if isinstance(inv, (int, float)) and inv > 0 else None
+        if width and math.isclose(inv * width, 1.0, rel_tol=1e-6):
+            how = f"multiplied by 1/{width}"
+        else:
+            width, how = None, f"multiplied by {inv!r}"
+    if not (isinstance(width, (int, float)) and same_size(width, n)):
+        return (f"the sum of squares is {how}, but a mean over the row divides by its width ({n}): "
+                f"not a mean")
+    return None
+
+
+def _is_rms_anchor(node) -> bool:
+    """``pow(., -0.5)`` spells an inverse square root; any other power (the square) is no sign."""
+    canon = canonical(node)
+    if canon is None or canon.op != "pow":
+        return True
+    exponent = canon.args[1] if len(canon.args) == 2 else None
+    return isinstance(exponent, (int, float)) and exponent == -0.5
+
+
 def _replace_rms_norm(m: Match) -> Replacement:
     b = m.bindings
     norm_dtype = b.get("norm_cast")
@@ -94,9 +148,10 @@ RMS_NORM = Pattern(
     expr=_rms_norm_expr(),
     check=_check_rms_norm,
     replace=_replace_rms_norm,
-    anchors=frozenset({"rsqrt"}),
+    anchors=frozenset({"rsqrt", "pow"}),
     reference=rms_norm_reference,
     kernel="fastft::rms_norm",
+    anchor_filter=_is_rms_anchor,
 )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 import pytest
 import torch
@@ -122,6 +123,33 @@ def test_graph_break_is_reported_and_model_still_correct():
     assert report.graph_breaks, str(report)
     assert report.counts() == {"rms_norm": 2}  # one in each graph around the break
     assert {r.module_path for r in report.rewrites} == {"norm1", "norm2"}
+    assert fastft.check(model, (x,)).ok
+
+
+LOGGER = logging.getLogger(__name__)  # module-level, as libraries keep theirs
+
+
+class Chatty(nn.Module):
+    """Logs a warning in its forward between two norms, as library models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm1 = Norm(8)
+        self.norm2 = Norm(8)
+
+    def forward(self, x):
+        h = self.norm1(x)
+        LOGGER.warning("a warning inside the forward")
+        return self.norm2(h).mean()
+
+
+def test_a_logging_call_does_not_break_the_graph():
+    torch.manual_seed(0)
+    model = fastft.optimize(Chatty().to(DEVICE), fullgraph=True)  # a break would raise
+    x = torch.randn(4, 8, device=DEVICE)
+    model(x).backward()
+    report = fastft.report(model)
+    assert not report.graph_breaks and report.counts() == {"rms_norm": 2}, str(report)
     assert fastft.check(model, (x,)).ok
 
 

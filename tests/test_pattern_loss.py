@@ -18,7 +18,7 @@ class Head(nn.Module):
     """Embedding -> linear -> head -> cross-entropy, returning (loss, logits) like a LM."""
 
     def __init__(self, dtype=torch.float32, bias=False, scale=None, softcap=None, reduction="mean",
-                 shift=True, upcast=True, tied=False, smoothing=0.0):
+                 shift=True, upcast=True, tied=False, smoothing=0.0, divisor=None):
         super().__init__()
         self.embed = nn.Embedding(V, H, dtype=dtype)
         self.body = nn.Linear(H, H, dtype=dtype)
@@ -27,11 +27,14 @@ class Head(nn.Module):
             self.head.weight = self.embed.weight
         self.scale, self.softcap, self.reduction = scale, softcap, reduction
         self.shift, self.upcast, self.smoothing = shift, upcast, smoothing
+        self.divisor = divisor
 
     def forward(self, ids, labels, num_items=None):
         logits = self.head(torch.tanh(self.body(self.embed(ids))))
         if self.scale is not None:
             logits = logits * self.scale
+        if self.divisor is not None:
+            logits = logits / self.divisor
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         z = logits.float() if self.upcast else logits
@@ -69,6 +72,7 @@ VARIANTS = {
     "shifted_mean": dict(),
     "plain": dict(shift=False),
     "bias_scale": dict(bias=True, scale=0.5),
+    "divided": dict(divisor=8.0),
     "softcap": dict(softcap=3.0),
     "sum": dict(reduction="sum"),
     "tied": dict(tied=True),

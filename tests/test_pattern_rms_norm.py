@@ -186,3 +186,149 @@ def test_norms_inside_control_flow_bodies_are_rewritten():
     result = fastft.check(model, (x,))
     assert result.ok, str(result)
     assert result.regions_checked == 1  # the branch the data took
+
+
+# --------------------------------------------------------------------------------------------
+# More spellings of the inverse square root and of the mean
+# --------------------------------------------------------------------------------------------
+def _ms(h):
+    return h.pow(2).mean(-1, keepdim=True)
+
+
+SPELLINGS = {
+    "pow_minus_half": lambda h, eps: h * torch.pow(_ms(h) + eps, -0.5),
+    "power_operator": lambda h, eps: h * (_ms(h) + eps) ** -0.5,
+    "one_over_sqrt": lambda h, eps: h * (1 / torch.sqrt(_ms(h) + eps)),
+    "reciprocal_of_sqrt": lambda h, eps: h * torch.reciprocal(torch.sqrt(eps + _ms(h))),
+    "divide_by_pow_half": lambda h, eps: h / torch.pow(_ms(h) + eps, 0.5),
+    "sum_over_width": lambda h, eps: h * torch.rsqrt((h * h).sum(dim=-1, keepdim=True) / h.shape[-1] + eps),
+    "sum_times_inverse_width": lambda h, eps: h * torch.rsqrt(
+        h.pow(2).sum(-1, keepdim=True) * (1.0 / h.shape[-1]) + eps),
+    "sum_over_width_pow_minus_half": lambda h, eps: h * torch.pow(
+        torch.sum(h * h, -1, keepdim=True) / h.shape[-1] + eps, -0.5),
+}
+
+
+class Spelled(nn.Module):
+    """Normalise in fp32 with one of SPELLINGS, multiply by the fp32 weight, cast back."""
+
+    def __init__(self, width, spelling, eps=1e-6, dtype=torch.float32):
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(width, dtype=dtype))
+        self.spelling, self.eps = spelling, eps
+
+    def forward(self, x):
+        normed = SPELLINGS[self.spelling](x.float(), self.eps)
+        return (normed * self.weight.float()).type_as(x)
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_other_spellings_are_rewritten_and_equivalent(spelling, dtype):
+    torch.manual_seed(0)
+    model = Net(Spelled(24, spelling, dtype=dtype), dtype=dtype).to(DEVICE)
+    x = torch.randn(3, 5, 8, dtype=dtype, device=DEVICE)
+    report = _optimise_and_run(model, x)
+    assert report.counts() == {"rms_norm": 1}, report
+    assert report.near_misses == [], report
+    (fused,) = [n for g in model._fastft_state.graphs.values() for n in g.gm.graph.nodes
+                if n.target is torch.ops.fastft.rms_norm.default]
+    assert fused.args[2] == pytest.approx(1e-6)  # eps as written: the mean is the mean
+    result = fastft.check(model, (x,))
+    assert result.ok, result
+    assert result.regions_checked == 1
+
+
+class L2Norm(nn.Module):  # sum of squares, not the mean: RMSNorm times 1/sqrt(N)
+    def __init__(self, divide=False):
+        super().__init__()
+        self.divide = divide
+
+    def forward(self, x):
+        h = x.float()
+        if self.divide:
+            return (h / torch.sqrt((h * h).sum(dim=-1, keepdim=True) + 1e-6)).to(x.dtype)
+        return (h * torch.rsqrt((h * h).sum(dim=-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+
+class SumOverWrongWidth(nn.Module):  # divides by a number that is not the row's width
+    def __init__(self, divisor, multiply=False):
+        super().__init__()
+        self.divisor, self.multiply = divisor, multiply
+
+    def forward(self, x):
+        h = x.float()
+        total = h.pow(2).sum(-1, keepdim=True)
+        mean = total * (1 / self.divisor) if self.multiply else total / self.divisor
+        return h * torch.rsqrt(mean + 1e-6)
+
+
+class PowWrongDim(nn.Module):  # pow(., -0.5) is an anchor too: its near miss is reported
+    def forward(self, x):
+        return x * torch.pow(x.pow(2).mean(0, keepdim=True) + 1e-6, -0.5)
+
+
+@pytest.mark.parametrize("norm, reason", [
+    (L2Norm(), "an L2 normalisation (a sum of squares, not a mean)"),
+    (L2Norm(divide=True), "an L2 normalisation (a sum of squares, not a mean)"),
+    (SumOverWrongWidth(7), "divided by 7, but a mean over the row divides by its width (24)"),
+    (SumOverWrongWidth(7, multiply=True), "multiplied by 1/7, but a mean over the row divides by its width (24)"),
+    (SumOverWrongWidth(12), "divided by 12, but a mean over the row divides by its width (24)"),
+    (PowWrongDim(), "dims"),
+])
+def test_sums_that_are_not_means_are_near_misses_with_the_reason(norm, reason):
+    torch.manual_seed(0)
+    model = Net(norm).to(DEVICE)
+    x = torch.randn(4, 8, device=DEVICE)
+    report = _optimise_and_run(model, x)
+    assert report.counts() == {}, report
+    assert len(report.near_misses) == 1, report
+    miss = report.near_misses[0]
+    assert miss.pattern == "rms_norm" and miss.region.startswith("norm"), miss
+    assert reason in miss.reason, miss
+    assert "expected mean" not in miss.reason
+    assert fastft.check(model, (x,)).ok
+
+
+class RotaryThenNorm(nn.Module):
+    """q and k rotated (one fused call for both), then each normalised: the norms read the
+    rotation's fused outputs, rewired after the norms' nodes were first looked at."""
+
+    def __init__(self, head_dim=16, dtype=torch.float32):
+        super().__init__()
+        self.q = nn.Linear(32, 4 * head_dim, bias=False, dtype=dtype)
+        self.k = nn.Linear(32, 2 * head_dim, bias=False, dtype=dtype)
+        self.q_norm = CastBeforeWeight(head_dim, dtype=dtype)
+        self.k_norm = CastBeforeWeight(head_dim, dtype=dtype)
+        self.head_dim = head_dim
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+
+    @staticmethod
+    def rotate_half(x):
+        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+        return torch.cat((-x2, x1), dim=-1)
+
+    def forward(self, h):
+        b, s, _ = h.shape
+        q = self.q(h).view(b, s, -1, self.head_dim).transpose(1, 2)
+        k = self.k(h).view(b, s, -1, self.head_dim).transpose(1, 2)
+        freqs = torch.arange(s, device=h.device).float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(h.dtype)[None, None], emb.sin().to(h.dtype)[None, None]
+        q = q * cos + self.rotate_half(q) * sin
+        k = k * cos + self.rotate_half(k) * sin
+        q, k = self.q_norm(q), self.k_norm(k)
+        return q.float().pow(2).mean() + k.float().mean()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norms_of_a_fused_rotation_output_are_rewritten(dtype):
+    torch.manual_seed(0)
+    model = RotaryThenNorm(dtype=dtype).to(DEVICE)
+    x = torch.randn(2, 6, 32, dtype=dtype, device=DEVICE)
+    report = _optimise_and_run(model, x)
+    assert report.counts() == {"rope": 1, "rms_norm": 2}, report
+    assert report.near_misses == [], report
+    result = fastft.check(model, (x,))
+    assert result.ok, result
+    assert result.regions_checked == 3
