@@ -594,6 +594,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--jobs", type=int, default=1, help="architectures run at once")
     parser.add_argument("--resume", action="store_true", help="keep rows already in OUT/coverage.json")
+    parser.add_argument("--rerun", default="", help="comma-separated model types to run again; every other "
+                        "row is kept from OUT/coverage.json (the table's header names both runs)")
     parser.add_argument("--seq", type=int, default=16)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--render", action="store_true", help="only rewrite OUT/coverage.md from OUT/coverage.json")
@@ -618,6 +620,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and (out_dir / "coverage.json").exists():
         rows = {r["model_type"]: r for r in json.loads((out_dir / "coverage.json").read_text())["rows"]
                 if r["model_type"] in wanted}
+    rerun = [t.strip() for t in args.rerun.split(",") if t.strip()]
+    earlier: dict | None = None
+    if rerun:
+        data = json.loads((out_dir / "coverage.json").read_text())
+        earlier = data["meta"]
+        rows = {r["model_type"]: r for r in data["rows"] if r["model_type"] not in rerun}
     todo = [t for t in wanted if t not in rows]
     meta = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
@@ -629,6 +637,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                               "num_attention_heads", "vocab_size")),
         "catalogue_size": len(everything), "only": args.only or None, "planned": len(wanted), "partial": True,
     }
+    if earlier is not None:  # the rows kept come from the earlier run: say so in the header
+        meta["command"] = f"{earlier['command']}` on {earlier['date_utc']}, then `{meta['command']}"
     lock = threading.Lock()
     write_results(list(rows.values()), meta, out_dir)
 

@@ -57,7 +57,8 @@ class EntryPoint:
 
         before = dict(counters["graph_break"])
         try:
-            with torch._dynamo.config.patch(ignore_logging_functions=_logging_methods()):
+            with torch._dynamo.config.patch(ignore_logging_functions=_logging_methods(),
+                                            **_CAPTURE_DATA_DEPENDENT):
                 out = self.compiled(*args, **kwargs)
         except torch._dynamo.exc.TorchDynamoException as error:
             if self.state.options.fullgraph:
@@ -200,6 +201,11 @@ def _logging_methods() -> set:
     return {method for name, method in vars(logging.Logger).items()
             if callable(method) and (name in _LOGGING_NAMES or name.endswith(("_once", "_advice")))}
 
+
+# Ops whose output shape or value depends on the data (a mixture of experts' routing: nonzero,
+# index_select by a routing mask, .item()) are captured with unbacked sizes instead of breaking
+# the graph around every expert.
+_CAPTURE_DATA_DEPENDENT = dict(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True)
 
 _LOGGING_NAMES = frozenset({"debug", "info", "warning", "warn", "error", "exception", "critical", "log"})
 
