@@ -197,7 +197,9 @@ class _RegionRunner(fx.Interpreter):
                 if (a is None) != (b is None):
                     self.result.problems.append(f"{where}: gradient of input {k} exists on one side only")
                 continue
-            self.result.regions.append(_compare(f"{where} grad[{k}]", a, b, elementwise=False))
+            # The same floor: a float32 parameter's gradient is a product of the 16-bit values
+            # that flowed through the region (an adapter kept in float32 on a bfloat16 model).
+            self.result.regions.append(_compare(f"{where} grad[{k}]", a, b, elementwise=False, floor=floor))
 
 
 def _loosest(dtypes: list[torch.dtype]) -> torch.dtype | None:

@@ -320,6 +320,13 @@ def _canon_cross_entropy(node: fx.Node) -> Canon | None:
         "reduction": _arg(node, 6, "reduction", "mean"), "label_smoothing": _arg(node, 7, "label_smoothing", 0.0)})
 
 
+def _canon_dropout(node: fx.Node) -> Canon | None:
+    """``F.dropout(x, p, training, inplace)``: with p = 0 or outside training it is the identity,
+    which patterns may treat as such; otherwise the attributes say what it would drop."""
+    return Canon("dropout", (node.args[0],), {"p": _arg(node, 1, "p", 0.5),
+                                             "training": _arg(node, 2, "training", True)})
+
+
 def _canon_contiguous(node: fx.Node) -> Canon | None:
     return Canon("identity", (node.args[0],))  # same values; only the memory layout may change
 
@@ -330,6 +337,7 @@ _STRUCTURAL = {
     "stack": _canon_cat, "flatten": _canon_flatten, "view": _canon_flatten, "reshape": _canon_flatten,
     "silu": _canon_activation, "gelu": _canon_activation, "layer_norm": _canon_layer_norm,
     "linear": _canon_linear, "cross_entropy": _canon_cross_entropy, "contiguous": _canon_contiguous,
+    "dropout": _canon_dropout,
 }
 
 

@@ -62,18 +62,25 @@ def _last(dim, canon) -> bool:
     return dim == canon.attrs["ndim"] - 1
 
 
-def _glu_expr():
-    # Halves of one packed tensor first: then the slices belong to the region and the packed op
-    # can take their place.
-    gate = Cast(Op("slice", Var("packed"), dim=_last, step=1, name="gate") | Var("gate"), "gate_cast")
-    up = Cast(Op("slice", Var("packed"), dim=_last, step=1, name="up") | Var("up"), "up_cast")
-    product = Op("mul", _activation(gate), up, commutative=True, name="product")
+def gated_product(gate, up):
+    """``act(gate) * up``, optionally cast, over two given sub-expressions (binds ``act_*``,
+    ``gate_cast``, ``up_cast``, ``product`` and ``out_cast``)."""
+    product = Op("mul", _activation(Cast(gate, "gate_cast")), Cast(up, "up_cast"), commutative=True,
+                 name="product")
     return Cast(product, "out_cast")
 
 
-def _kind(m: Match) -> tuple[str, str]:
+def _glu_expr():
+    # Halves of one packed tensor first: then the slices belong to the region and the packed op
+    # can take their place.
+    gate = Op("slice", Var("packed"), dim=_last, step=1, name="gate") | Var("gate")
+    up = Op("slice", Var("packed"), dim=_last, step=1, name="up") | Var("up")
+    return gated_product(gate, up)
+
+
+def activation_kind(b: dict) -> tuple[str, str]:
     """(activation name of the kernel, binding name of the activation node)."""
-    for key in m.bindings:
+    for key in b:
         if key.startswith("act_"):
             kind = key[4:].removesuffix("_written")
             return kind, key
@@ -81,9 +88,14 @@ def _kind(m: Match) -> tuple[str, str]:
 
 
 def _check_glu(m: Match) -> str | None:
-    b = m.bindings
-    kind, act_key = _kind(m)
-    gate, up = tensor_meta(b["gate"]), tensor_meta(b["up"])
+    return gated_product_problem(m.bindings, m.bindings["gate"], m.bindings["up"])
+
+
+def gated_product_problem(b: dict, gate_node, up_node) -> str | None:
+    """Why the bindings of ``gated_product`` over ``gate_node`` and ``up_node`` cannot become the
+    GLU kernel, or None."""
+    kind, act_key = activation_kind(b)
+    gate, up = tensor_meta(gate_node), tensor_meta(up_node)
     for name, t in (("gate", gate), ("up", up)):
         if t.dtype not in SUPPORTED_DTYPES:
             return f"{name} dtype {t.dtype} has no fused kernel (supported: float32, bfloat16, float16)"
@@ -122,11 +134,16 @@ def _packed(m: Match):
     return b["packed"]
 
 
+def activation_rounding(b: dict) -> tuple[str, torch.dtype | None]:
+    """(activation name, the 16-bit dtype the eager activation rounds to, or None in float32)."""
+    kind, act_key = activation_kind(b)
+    act_dtype = dtype_of(b[act_key])
+    return kind, (act_dtype if act_dtype != torch.float32 else None)
+
+
 def _replace_glu(m: Match) -> Replacement:
     b = m.bindings
-    kind, act_key = _kind(m)
-    act_dtype = dtype_of(b[act_key])
-    round_dtype = act_dtype if act_dtype != torch.float32 else None
+    kind, round_dtype = activation_rounding(b)
     packed = _packed(m)
     if packed is not None:
         return Replacement(torch.ops.fastft.glu_packed.default, (packed, kind, round_dtype, dtype_of(m.root)))

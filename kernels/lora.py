@@ -1,0 +1,284 @@
+"""LoRA linears with a frozen base weight, registered as the custom ops ``fastft::lora_linear``
+and ``fastft::lora_glu_mlp``.
+
+    lora_linear(x) = x W^T + b + s (x A^T) B^T          W [out, in] frozen, A [r, in], B [out, r]
+
+The speed of adapter training comes from what the backward need not do, and from never
+materialising the full-size intermediates that a module-by-module computation makes:
+
+- the adapter's contribution is accumulated into the base GEMM's output by a second GEMM
+  (``addmm`` with ``alpha = s``): no [tokens, out] product, scaled copy and sum;
+- the backward computes dX = dY W + s (dY B) A the same way, dA = s (dY B)^T X and
+  dB = s dY^T (X A^T), and no dW unless the base weight is trainable;
+- only X is saved (X A^T is [tokens, r] and recomputed).
+
+The matmuls stay with cuBLAS: a GEMM written in Triton would not beat it. The MLP op uses the
+Triton GLU kernels of ``kernels/glu.py`` for the activation and recomputes act(gate) * up in the
+backward instead of saving it (one [tokens, width] tensor per layer less).
+
+Numerics: everything runs in the base weight's dtype (the adapters, often kept in float32 by
+peft, are cast to it: they are tiny), with float32 accumulation inside the GEMMs, as a 16-bit
+model computes its base linears anyway. Gradients come back in each parameter's own dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .glu import glu_backward, glu_forward, glu_reference
+from .launch import SUPPORTED_DTYPES, check_dtype
+
+__all__ = [
+    "lora_glu_mlp",
+    "lora_glu_mlp_reference",
+    "lora_linear",
+    "lora_linear_reference",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# References (the oracle the ops are tested against): a peft LoRA linear, as peft computes it
+# --------------------------------------------------------------------------------------------
+def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                          lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                          out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``base(x) + lora_B(lora_A(x)) * scale`` with the adapter run in its own dtype, then cast."""
+    base = F.linear(x, weight, bias)
+    adapter = F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b) * scale
+    return (base + adapter).to(out_dtype or base.dtype)
+
+
+def lora_glu_mlp_reference(x: torch.Tensor, gate: tuple, up: tuple, down: tuple, activation: str,
+                           round_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """down(act(gate(x)) * up(x)), each projection a LoRA linear given as (W, A, B, scale)."""
+    g = lora_linear_reference(x, gate[0], None, *gate[1:])
+    u = lora_linear_reference(x, up[0], None, *up[1:])
+    h = glu_reference(g, u, activation, round_dtype, g.dtype)
+    return lora_linear_reference(h, down[0], None, *down[1:])
+
+
+# --------------------------------------------------------------------------------------------
+# Host code: the GEMMs of one LoRA linear, forward and backward, on 2-D row views
+# --------------------------------------------------------------------------------------------
+def _check(op: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+           lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
+    for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
+        check_dtype(op, name, t.dtype)
+    if x.dtype != weight.dtype:
+        raise ValueError(f"{op}: x is {x.dtype} but the base weight is {weight.dtype}; "
+                         f"they must agree (the base linear runs in one dtype)")
+    if weight.dim() != 2 or lora_a.dim() != 2 or lora_b.dim() != 2:
+        raise ValueError(f"{op}: weight, lora_a and lora_b must be 2-D, got {weight.dim()}-D, "
+                         f"{lora_a.dim()}-D and {lora_b.dim()}-D")
+    out_features, in_features = weight.shape
+    rank = lora_a.shape[0]
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"{op}: x of shape {tuple(x.shape)} does not fit a weight of shape "
+                         f"{tuple(weight.shape)} (expected [..., {in_features}])")
+    if tuple(lora_a.shape) != (rank, in_features) or tuple(lora_b.shape) != (out_features, rank):
+        raise ValueError(f"{op}: adapter shapes A {tuple(lora_a.shape)} and B {tuple(lora_b.shape)} do not "
+                         f"fit a weight of shape {tuple(weight.shape)} (expected A [r, {in_features}], "
+                         f"B [{out_features}, r])")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"{op}: bias of shape {tuple(bias.shape)} for {out_features} outputs")
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _forward_2d(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    dtype = weight.dtype
+    a, b = lora_a.to(dtype), lora_b.to(dtype)
+    if bias is not None:
+        y = torch.addmm(bias.to(dtype), x2, weight.t())
+    else:
+        y = torch.mm(x2, weight.t())
+    # The adapter's product goes straight into y's accumulator (beta = 1): no [rows, out] temporary.
+    return y.addmm_(torch.mm(x2, a.t()), b.t(), alpha=scale)
+
+
+def _backward_2d(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+                 lora_b: torch.Tensor, scale: float, need: tuple[bool, bool, bool, bool, bool]):
+    """(dx, dweight, dbias, dlora_a, dlora_b) on 2-D views; None where ``need`` says no."""
+    need_dx, need_dw, need_dbias, need_da, need_db = need
+    dtype = weight.dtype
+    dy2 = dy2.to(dtype)
+    a, b = lora_a.to(dtype), lora_b.to(dtype)
+    dy_b = torch.mm(dy2, b) if (need_dx or need_da) else None  # [rows, r]
+    dx = torch.mm(dy2, weight).addmm_(dy_b, a, alpha=scale) if need_dx else None
+    dw = torch.mm(dy2.t(), x2).to(weight.dtype) if need_dw else None
+    dbias = dy2.sum(0) if need_dbias else None
+    da = torch.mm(dy_b.t(), x2).mul_(scale).to(lora_a.dtype) if need_da else None
+    db = torch.mm(dy2.t(), torch.mm(x2, a.t())).mul_(scale).to(lora_b.dtype) if need_db else None
+    return dx, dw, dbias, da, db
+
+
+# --------------------------------------------------------------------------------------------
+# fastft::lora_linear
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastft::lora_linear", mutates_args=())
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """x W^T + bias + scale (x A^T) B^T in the base weight's dtype, returned in ``out_dtype``."""
+    _check("fastft::lora_linear", x, weight, bias, lora_a, lora_b)
+    y = _forward_2d(_rows(x), weight, bias, lora_a, lora_b, scale)
+    return y.reshape(*x.shape[:-1], weight.shape[0]).to(out_dtype)
+
+
+@lora_linear.register_fake
+def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scale, out_dtype):
+    _check("fastft::lora_linear", x, weight, bias, lora_a, lora_b)
+    check_dtype("fastft::lora_linear", "out_dtype", out_dtype)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=out_dtype)
+
+
+def _lora_linear_setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, lora_a, lora_b, scale, _out_dtype = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b)
+    ctx.scale = scale
+    ctx.set_materialize_grads(False)
+
+
+def _lora_linear_backward(ctx, dy: Optional[torch.Tensor]):
+    x, weight, lora_a, lora_b = ctx.saved_tensors
+    need = tuple(ctx.needs_input_grad[:5])
+    if dy is None or not any(need):
+        return None, None, None, None, None, None, None
+    need_dx, need_dw, need_dbias, need_da, need_db = need
+    dx, dw, dbias, da, db = _backward_2d(_rows(dy), _rows(x), weight, lora_a, lora_b, ctx.scale,
+                                         (need_dx, need_dw, need_dbias, need_da, need_db))
+    if dx is not None:
+        dx = dx.reshape(x.shape)
+    return dx, dw, dbias, da, db, None, None
+
+
+lora_linear.register_autograd(_lora_linear_backward, setup_context=_lora_linear_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# fastft::lora_glu_mlp: down(act(gate(x)) * up(x)), every projection a LoRA linear
+# --------------------------------------------------------------------------------------------
+def _check_mlp(x, gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down_a, down_b) -> None:
+    op = "fastft::lora_glu_mlp"
+    _check(op, x, gate_w, None, gate_a, gate_b)
+    _check(op, x, up_w, None, up_a, up_b)
+    if gate_w.shape != up_w.shape:
+        raise ValueError(f"{op}: gate {tuple(gate_w.shape)} and up {tuple(up_w.shape)} projections differ in shape")
+    if down_w.dtype != x.dtype:
+        raise ValueError(f"{op}: the down projection is {down_w.dtype} but x is {x.dtype}")
+    _check(op, x.new_empty((1, gate_w.shape[0])), down_w, None, down_a, down_b)
+
+
+# The forward returns the gate and up pre-activations beside the result: the backward needs them
+# (recomputing them would cost two large GEMMs), and setup_context can only save what the op
+# returns. The GLU output h, as large as either, is not kept: the backward recomputes it with the
+# Triton kernel. ``lora_glu_mlp`` below is the function to call; it returns the result alone.
+@torch.library.custom_op("fastft::lora_glu_mlp_forward", mutates_args=())
+def _lora_glu_mlp_forward_op(x: torch.Tensor,
+                             gate_w: torch.Tensor, gate_a: torch.Tensor, gate_b: torch.Tensor, gate_scale: float,
+                             up_w: torch.Tensor, up_a: torch.Tensor, up_b: torch.Tensor, up_scale: float,
+                             down_w: torch.Tensor, down_a: torch.Tensor, down_b: torch.Tensor, down_scale: float,
+                             activation: str, round_dtype: Optional[torch.dtype]
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_mlp(x, gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down_a, down_b)
+    x2 = _rows(x)
+    g = _forward_2d(x2, gate_w, None, gate_a, gate_b, gate_scale)
+    u = _forward_2d(x2, up_w, None, up_a, up_b, up_scale)
+    h = glu_forward(g, u, activation, round_dtype, x.dtype)
+    y = _forward_2d(h, down_w, None, down_a, down_b, down_scale)
+    return y.reshape(*x.shape[:-1], down_w.shape[0]), g, u
+
+
+@_lora_glu_mlp_forward_op.register_fake
+def _lora_glu_mlp_forward_fake(x, gate_w, gate_a, gate_b, gate_scale, up_w, up_a, up_b, up_scale,
+                               down_w, down_a, down_b, down_scale, activation, round_dtype):
+    _check_mlp(x, gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down_a, down_b)
+    rows = x.numel() // x.shape[-1]
+    width = gate_w.shape[0]
+    return x.new_empty((*x.shape[:-1], down_w.shape[0])), x.new_empty((rows, width)), x.new_empty((rows, width))
+
+
+def lora_glu_mlp(x: torch.Tensor,
+                 gate_w: torch.Tensor, gate_a: torch.Tensor, gate_b: torch.Tensor, gate_scale: float,
+                 up_w: torch.Tensor, up_a: torch.Tensor, up_b: torch.Tensor, up_scale: float,
+                 down_w: torch.Tensor, down_a: torch.Tensor, down_b: torch.Tensor, down_scale: float,
+                 activation: str, round_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """A gated MLP whose three projections carry LoRA adapters (frozen bases, no biases); the
+    result is in x's dtype. See ``lora_glu_mlp_reference`` for the math."""
+    return torch.ops.fastft.lora_glu_mlp_forward(x, gate_w, gate_a, gate_b, gate_scale, up_w, up_a, up_b,
+                                                 up_scale, down_w, down_a, down_b, down_scale, activation,
+                                                 round_dtype)[0]
+
+
+# The backward is an op of its own, so that AOT autograd traces it through its fake.
+@torch.library.custom_op("fastft::lora_glu_mlp_backward", mutates_args=())
+def _lora_glu_mlp_backward_op(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
+                              gate_w: torch.Tensor, gate_a: torch.Tensor, gate_b: torch.Tensor, gate_scale: float,
+                              up_w: torch.Tensor, up_a: torch.Tensor, up_b: torch.Tensor, up_scale: float,
+                              down_w: torch.Tensor, down_a: torch.Tensor, down_b: torch.Tensor, down_scale: float,
+                              activation: str, round_dtype: Optional[torch.dtype], need: list[bool]
+                              ) -> list[torch.Tensor]:
+    need_dx, need_gate_a, need_gate_b, need_up_a, need_up_b, need_down_a, need_down_b = need
+    x2 = _rows(x)
+    h = glu_forward(g, u, activation, round_dtype, x.dtype)
+    need_dh = need_dx or need_gate_a or need_gate_b or need_up_a or need_up_b
+    dh, _, _, d_down_a, d_down_b = _backward_2d(_rows(dy), h, down_w, down_a, down_b, down_scale,
+                                                (need_dh, False, False, need_down_a, need_down_b))
+    del h
+    grads: list[Optional[torch.Tensor]] = [None] * 7
+    grads[5], grads[6] = d_down_a, d_down_b
+    if need_dh:
+        dg, du = glu_backward(dh, g, u, activation, round_dtype)
+        del dh
+        dx_g, _, _, grads[1], grads[2] = _backward_2d(dg, x2, gate_w, gate_a, gate_b, gate_scale,
+                                                      (need_dx, False, False, need_gate_a, need_gate_b))
+        dx_u, _, _, grads[3], grads[4] = _backward_2d(du, x2, up_w, up_a, up_b, up_scale,
+                                                      (need_dx, False, False, need_up_a, need_up_b))
+        if need_dx:
+            grads[0] = dx_g.add_(dx_u).reshape(x.shape)
+    like = (x, gate_a, gate_b, up_a, up_b, down_a, down_b)
+    return [t if t is not None else ref.new_empty(0) for t, ref in zip(grads, like)]
+
+
+@_lora_glu_mlp_backward_op.register_fake
+def _lora_glu_mlp_backward_fake(dy, x, g, u, gate_w, gate_a, gate_b, gate_scale, up_w, up_a, up_b, up_scale,
+                                down_w, down_a, down_b, down_scale, activation, round_dtype, need):
+    like = (x, gate_a, gate_b, up_a, up_b, down_a, down_b)
+    return [ref.new_empty(ref.shape) if n else ref.new_empty(0) for n, ref in zip(need, like)]
+
+
+# Positions of the differentiable inputs among the op's arguments: x, then each A and B.
+_MLP_GRAD_INPUTS = (0, 2, 3, 6, 7, 10, 11)
+
+
+def _lora_glu_mlp_setup_context(ctx, inputs, output) -> None:
+    (x, gate_w, gate_a, gate_b, gate_scale, up_w, up_a, up_b, up_scale,
+     down_w, down_a, down_b, down_scale, activation, round_dtype) = inputs
+    _y, g, u = output
+    ctx.mark_non_differentiable(g, u)
+    ctx.set_materialize_grads(False)
+    ctx.scales = (gate_scale, up_scale, down_scale)
+    ctx.activation, ctx.round_dtype = activation, round_dtype
+    ctx.save_for_backward(x, g, u, gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down_a, down_b)
+
+
+def _lora_glu_mlp_backward(ctx, dy: Optional[torch.Tensor], _dg, _du):
+    none = [None] * 15
+    need = [bool(ctx.needs_input_grad[i]) for i in _MLP_GRAD_INPUTS]
+    if dy is None or not any(need):
+        return tuple(none)
+    x, g, u, gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down_a, down_b = ctx.saved_tensors
+    gate_scale, up_scale, down_scale = ctx.scales
+    grads = torch.ops.fastft.lora_glu_mlp_backward(
+        dy, x, g, u, gate_w, gate_a, gate_b, gate_scale, up_w, up_a, up_b, up_scale,
+        down_w, down_a, down_b, down_scale, ctx.activation, ctx.round_dtype, need)
+    for position, wanted, grad in zip(_MLP_GRAD_INPUTS, need, grads):
+        none[position] = grad if wanted else None
+    return tuple(none)
+
+
+_lora_glu_mlp_forward_op.register_autograd(_lora_glu_mlp_backward, setup_context=_lora_glu_mlp_setup_context)

@@ -1,0 +1,221 @@
+"""Low-rank adapters on frozen linears (peft's LoRA), from their math:
+
+    y = linear(x, W, b?) + linear(linear(dropout?(x.to(a_dtype)?), A), B) * s     W frozen, A and B trainable
+    y = y.to(out_dtype)                                                        optional final cast
+
+Recognised from the graph and from which inputs need gradients, never from module classes: the
+base weight must be frozen, and A [r, in] and B [out, r] must fit it. One adapter per linear,
+no dropout in training, no bias on the adapter; anything else is left as it is and reported.
+
+Two rewrites, the larger first:
+
+- ``lora_glu_mlp``: a gated MLP whose gate, up and down projections all carry an adapter
+  becomes ``fastft::lora_glu_mlp`` (the backward recomputes act(gate) * up);
+- ``lora``: any other adapted linear becomes ``fastft::lora_linear``.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastft.kernels.lora import lora_glu_mlp, lora_glu_mlp_reference, lora_linear_reference
+from fastft.passes.canonical import canonical, dtype_of, same_size, tensor_meta
+from fastft.passes.matcher import Cast, Lit, Match, Op, Var
+from fastft.passes.pattern import Pattern, Replacement
+
+from .glu import activation_rounding, gated_product, gated_product_problem
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _adapted_linear(x, p: str = ""):
+    """One LoRA linear over the sub-expression ``x``; every binding name starts with ``p``."""
+    base = Op("linear", x, Var(p + "weight"), Var(p + "bias") | None, name=p + "base")
+    adapter_in = Cast(Op("dropout", x, name=p + "dropout") | x, p + "x_cast")
+    low_rank = Op("linear", adapter_in, Var(p + "lora_a"), Var(p + "lora_a_bias") | None, name=p + "a_out")
+    adapter = Op("linear", low_rank, Var(p + "lora_b"), Var(p + "lora_b_bias") | None, name=p + "b_out")
+    scaled = Op("mul", adapter, Lit(p + "scale"), commutative=True, name=p + "scaled") | adapter
+    return Cast(Op("add", base, scaled, commutative=True, name=p + "sum"), p + "out_cast")
+
+
+def _adapter_problem(b: dict, x_node, p: str = "") -> str | None:
+    """Why one matched LoRA linear cannot be fused, or None."""
+    where = f"{p.rstrip('_')} projection: " if p else ""
+    x, weight = tensor_meta(x_node), tensor_meta(b[p + "weight"])
+    lora_a, lora_b = tensor_meta(b[p + "lora_a"]), tensor_meta(b[p + "lora_b"])
+    if p + "dropout" in b:
+        attrs = canonical(b[p + "dropout"]).attrs
+        if attrs["training"] is not False and attrs["p"] != 0:
+            return f"{where}the adapter applies dropout p={attrs['p']} in training; the fused op has no dropout"
+    if p + "lora_a_bias" in b or p + "lora_b_bias" in b:
+        return f"{where}the adapter has a bias; the fused op has none"
+    if weight.requires_grad:
+        return f"{where}the base weight is trainable (not a frozen base with an adapter)"
+    if not (lora_a.requires_grad or lora_b.requires_grad):
+        return f"{where}neither adapter matrix is trainable (a frozen low-rank product, not an adapter)"
+    for name, t in (("x", x), ("base weight", weight), ("lora_A", lora_a), ("lora_B", lora_b)):
+        if t.dtype not in SUPPORTED_DTYPES:
+            return f"{where}{name} dtype {t.dtype} has no fused op (supported: float32, bfloat16, float16)"
+    if x.dtype != weight.dtype:
+        return f"{where}x is {x.dtype} but the base weight is {weight.dtype}"
+    if p + "bias" in b and dtype_of(b[p + "bias"]) != weight.dtype:
+        return f"{where}the base bias is {dtype_of(b[p + 'bias'])} but the weight is {weight.dtype}"
+    if b[p + "x_cast"] not in (None, lora_a.dtype):
+        return f"{where}x is cast to {b[p + 'x_cast']} for an adapter of dtype {lora_a.dtype}"
+    if weight.dim() != 2 or lora_a.dim() != 2 or lora_b.dim() != 2:
+        return f"{where}weights of {weight.dim()}, {lora_a.dim()} and {lora_b.dim()} dimensions"
+    out_features, in_features = weight.shape
+    rank = lora_a.shape[0]
+    if not (same_size(lora_a.shape[1], in_features) and same_size(lora_b.shape[0], out_features)
+            and same_size(lora_b.shape[1], rank)):
+        return (f"{where}adapter shapes A {tuple(lora_a.shape)} and B {tuple(lora_b.shape)} do not fit the "
+                f"base weight {tuple(weight.shape)}")
+    scale = b.get(p + "scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        return f"{where}the adapter is scaled by {scale!r}, not a number"
+    return None
+
+
+def _another_adapter_added(root) -> bool:
+    """Does ``root`` go into a sum with a second low-rank branch (a second active adapter)?"""
+    for user in root.users:
+        canon = canonical(user)
+        if canon is None or canon.op != "add":
+            continue
+        for other in canon.args:
+            scaled = canonical(other)
+            if other is root or scaled is None:
+                continue
+            branch = [a for a in scaled.args if canonical(a) is not None] if scaled.op == "mul" else [other]
+            if any(_is_low_rank_product(node) for node in branch):
+                return True
+    return False
+
+
+def _is_low_rank_product(node) -> bool:
+    """``node`` is linear(linear(., A), B) with A narrower than both its input and B's output."""
+    canon = canonical(node)
+    if canon is None or canon.op != "linear":
+        return False
+    inner = canonical(canon.args[0])
+    if inner is None or inner.op != "linear":
+        return False
+    a, b = tensor_meta(inner.args[1]), tensor_meta(canon.args[1])
+    if a is None or b is None or a.dim() != 2 or b.dim() != 2:
+        return False
+    rank = a.shape[0]
+    return bool(rank < a.shape[1] and rank < b.shape[0])
+
+
+def _out_dtype(m: Match):
+    return dtype_of(m.root)
+
+
+# --------------------------------------------------------------------------------------------
+# lora: one adapted linear
+# --------------------------------------------------------------------------------------------
+def _check_lora(m: Match) -> str | None:
+    b = m.bindings
+    reason = _adapter_problem(b, b["x"])
+    if reason is not None:
+        return reason
+    if dtype_of(m.root) not in SUPPORTED_DTYPES:
+        return f"the result is cast to {dtype_of(m.root)}"
+    if _another_adapter_added(m.root):
+        return "a second adapter is added to the same linear (several active adapters)"
+    return None
+
+
+def _replace_lora(m: Match) -> Replacement:
+    b = m.bindings
+    return Replacement(torch.ops.fastft.lora_linear.default,
+                       (b["x"], b["weight"], b.get("bias"), b["lora_a"], b["lora_b"], float(b.get("scale", 1.0)),
+                        _out_dtype(m)))
+
+
+def _is_adapter_up_projection(node) -> bool:
+    """The anchor of a LoRA region: the up-projection of a low-rank product of trainable weights."""
+    if not _is_low_rank_product(node):
+        return False
+    canon = canonical(node)
+    inner = canonical(canon.args[0])
+    return bool(tensor_meta(inner.args[1]).requires_grad or tensor_meta(canon.args[1]).requires_grad)
+
+
+LORA = Pattern(
+    name="lora",
+    family="lora",
+    expr=_adapted_linear(Var("x")),
+    check=_check_lora,
+    replace=_replace_lora,
+    anchors=frozenset({"linear"}),
+    anchor_filter=_is_adapter_up_projection,
+    reference=lora_linear_reference,
+    kernel="fastft::lora_linear",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# lora_glu_mlp: down(act(gate(x)) * up(x)), all three adapted
+# --------------------------------------------------------------------------------------------
+def _projection_output(b: dict, p: str):
+    """The node a matched adapted linear's value leaves from (its final cast, or the sum)."""
+    total = b[p + "sum"]
+    if b[p + "out_cast"] is None:
+        return total
+    return next(u for u in total.users if (c := canonical(u)) is not None and c.op == "cast")
+
+
+def _check_mlp(m: Match) -> str | None:
+    b = m.bindings
+    x = tensor_meta(b["x"])
+    gate, up = _projection_output(b, "gate_"), _projection_output(b, "up_")
+    product = canonical(b["down_base"]).args[0]
+    for p, x_node in (("gate_", b["x"]), ("up_", b["x"]), ("down_", product)):
+        reason = _adapter_problem(b, x_node, p)
+        if reason is not None:
+            return reason
+        if p + "bias" in b:
+            return f"the {p.rstrip('_')} projection has a bias; the fused MLP has none"
+    reason = gated_product_problem(b, gate, up)
+    if reason is not None:
+        return reason
+    for name, node in (("gate", gate), ("up", up), ("the gated product", product),
+                       ("the MLP's result", m.root)):
+        if dtype_of(node) != x.dtype:
+            return f"{name} is {dtype_of(node)} but the MLP's input is {x.dtype}; the fused MLP keeps one dtype"
+    if _another_adapter_added(m.root):
+        return "a second adapter is added to the down projection (several active adapters)"
+    return None
+
+
+def _replace_mlp(m: Match) -> Replacement:
+    b = m.bindings
+    kind, round_dtype = activation_rounding(b)
+    args = [b["x"]]
+    for p in ("gate_", "up_", "down_"):
+        args += [b[p + "weight"], b[p + "lora_a"], b[p + "lora_b"], float(b.get(p + "scale", 1.0))]
+    return Replacement(lora_glu_mlp, (*args, kind, round_dtype))
+
+
+def _lora_mlp_expr():
+    gate = _adapted_linear(Var("x"), "gate_")
+    up = _adapted_linear(Var("x"), "up_")
+    return _adapted_linear(gated_product(gate, up), "down_")
+
+
+def _mlp_reference(x, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w, down_a, down_b, down_s,
+                   activation, round_dtype):
+    return lora_glu_mlp_reference(x, (gate_w, gate_a, gate_b, gate_s), (up_w, up_a, up_b, up_s),
+                                  (down_w, down_a, down_b, down_s), activation, round_dtype)
+
+
+LORA_GLU_MLP = Pattern(
+    name="lora_glu_mlp",
+    family="lora",
+    expr=_lora_mlp_expr(),
+    check=_check_mlp,
+    replace=_replace_mlp,
+    anchors=frozenset(),  # an MLP that is not fused whole still gets the single-linear rewrites
+    reference=_mlp_reference,
+    kernel="fastft::lora_glu_mlp",
+)
