@@ -4,7 +4,8 @@
     y = y.to(out_dtype)                                                        optional final cast
 
 Recognised from the graph and from which inputs need gradients, never from module classes: the
-base weight must be frozen, and A [r, in] and B [out, r] must fit it. One adapter per linear,
+base weight must be frozen, and A [r, in] and B [out, r] must fit it (frozen adapters, as in
+evaluation or when another adapter trains, are fused too: the math is the same). One adapter per linear,
 no dropout in training, no bias on the adapter; anything else is left as it is and reported.
 
 Two rewrites, the larger first:
@@ -30,7 +31,10 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def _adapted_linear(x, p: str = ""):
     """One LoRA linear over the sub-expression ``x``; every binding name starts with ``p``."""
     base = Op("linear", x, Var(p + "weight"), Var(p + "bias") | None, name=p + "base")
-    adapter_in = Cast(Op("dropout", x, name=p + "dropout") | x, p + "x_cast")
+    # peft casts x to the adapter's dtype, then applies dropout; the other order is the same math.
+    cast_x = Cast(x, p + "x_cast")
+    adapter_in = (Op("dropout", cast_x, name=p + "dropout") | Cast(Op("dropout", x, name=p + "dropout"), p + "x_cast")
+                  | cast_x)
     low_rank = Op("linear", adapter_in, Var(p + "lora_a"), Var(p + "lora_a_bias") | None, name=p + "a_out")
     adapter = Op("linear", low_rank, Var(p + "lora_b"), Var(p + "lora_b_bias") | None, name=p + "b_out")
     scaled = Op("mul", adapter, Lit(p + "scale"), commutative=True, name=p + "scaled") | adapter
@@ -50,8 +54,6 @@ def _adapter_problem(b: dict, x_node, p: str = "") -> str | None:
         return f"{where}the adapter has a bias; the fused op has none"
     if weight.requires_grad:
         return f"{where}the base weight is trainable (not a frozen base with an adapter)"
-    if not (lora_a.requires_grad or lora_b.requires_grad):
-        return f"{where}neither adapter matrix is trainable (a frozen low-rank product, not an adapter)"
     for name, t in (("x", x), ("base weight", weight), ("lora_A", lora_a), ("lora_B", lora_b)):
         if t.dtype not in SUPPORTED_DTYPES:
             return f"{where}{name} dtype {t.dtype} has no fused op (supported: float32, bfloat16, float16)"

@@ -1,0 +1,174 @@
+"""fastft::lora_linear and fastft::lora_glu_mlp against peft's math (kernels/lora.py references)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastft  # noqa: F401  (registers the ops)
+from fastft.kernels.lora import (lora_glu_mlp, lora_glu_mlp_reference, lora_linear,
+                                 lora_linear_reference)
+
+from helpers import DEVICE
+
+# Output: elementwise (atol, rtol); gradients: relative L2. bf16/fp16 runs every GEMM in 16 bits
+# on both sides, but the adapter's product is rounded where peft's float32 adapter is not.
+OUT_TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (3e-2, 2e-2), torch.float16: (4e-3, 4e-3)}
+GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+# The MLP rounds three projections and the gated product to 16 bits: an ulp of difference in an
+# intermediate reaches the output scaled by the next projection, so allow about two output ulps.
+MLP_OUT_TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (6e-2, 4e-2), torch.float16: (8e-3, 8e-3)}
+
+
+def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _linear_inputs(shape, out_features, rank, dtype, adapter_dtype, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    in_features = shape[-1]
+
+    def rand(*s, dt, scale=1.0):
+        return (torch.randn(*s, generator=g) * scale).to(DEVICE, dt)
+
+    x = rand(*shape, dt=dtype).requires_grad_()
+    weight = rand(out_features, in_features, dt=dtype, scale=in_features ** -0.5)
+    b = rand(out_features, dt=dtype).requires_grad_() if bias else None
+    lora_a = rand(rank, in_features, dt=adapter_dtype, scale=in_features ** -0.5).requires_grad_()
+    lora_b = rand(out_features, rank, dt=adapter_dtype, scale=rank ** -0.5).requires_grad_()
+    return x, weight, b, lora_a, lora_b
+
+
+def _assert_matches(out, ref, inputs, dtype, out_tol=OUT_TOL):
+    atol, rtol = out_tol[dtype]
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(ref)
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    have = torch.autograd.grad(out, wanted, grad_out)
+    want = torch.autograd.grad(ref, wanted, grad_out)
+    for i, (a, b) in enumerate(zip(have, want)):
+        assert a.dtype == b.dtype and a.shape == b.shape, f"grad {i}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+        assert _rel_l2(a, b) <= GRAD_TOL[dtype], f"grad {i}: rel_l2 {_rel_l2(a, b):.3g}"
+
+
+@pytest.mark.parametrize("dtype,adapter_dtype", [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_lora_linear_matches_peft_math(dtype, adapter_dtype, bias):
+    x, weight, b, lora_a, lora_b = _linear_inputs((3, 7, 40), 24, 4, dtype, adapter_dtype, bias)
+    out = lora_linear(x, weight, b, lora_a, lora_b, 1.75, dtype)
+    ref = lora_linear_reference(x, weight, b, lora_a, lora_b, 1.75, dtype)
+    _assert_matches(out, ref, (x, b, lora_a, lora_b), dtype)
+
+
+@settings(max_examples=12, deadline=None)
+@given(rows=st.integers(1, 9), in_features=st.integers(1, 33), out_features=st.integers(1, 33),
+       rank=st.integers(1, 8), scale=st.floats(-4, 4, allow_nan=False), seed=st.integers(0, 2 ** 16))
+def test_lora_linear_odd_shapes_float32(rows, in_features, out_features, rank, scale, seed):
+    x, weight, b, lora_a, lora_b = _linear_inputs((rows, in_features), out_features, rank, torch.float32,
+                                                  torch.float32, bias=True, seed=seed)
+    out = lora_linear(x, weight, b, lora_a, lora_b, scale, torch.float32)
+    ref = lora_linear_reference(x, weight, b, lora_a, lora_b, scale, torch.float32)
+    _assert_matches(out, ref, (x, b, lora_a, lora_b), torch.float32)
+
+
+def test_lora_linear_frozen_input_and_trainable_base():
+    """Only the gradients asked for are computed: no dx for a frozen input; dW when the base trains."""
+    x, weight, _, lora_a, lora_b = _linear_inputs((5, 16), 12, 2, torch.float32, torch.float32, bias=False)
+    x = x.detach()
+    weight.requires_grad_()
+    out = lora_linear(x, weight, None, lora_a, lora_b, 0.5, torch.float32)
+    ref = lora_linear_reference(x, weight, None, lora_a, lora_b, 0.5, torch.float32)
+    _assert_matches(out, ref, (weight, lora_a, lora_b), torch.float32)
+
+
+def test_lora_linear_out_dtype_upcasts():
+    x, weight, _, lora_a, lora_b = _linear_inputs((4, 16), 8, 2, torch.bfloat16, torch.float32, bias=False)
+    out = lora_linear(x, weight, None, lora_a, lora_b, 2.0, torch.float32)
+    ref = lora_linear_reference(x, weight, None, lora_a, lora_b, 2.0, torch.float32)
+    assert out.dtype == torch.float32
+    _assert_matches(out, ref, (x, lora_a, lora_b), torch.bfloat16)
+
+
+def test_lora_linear_backward_keeps_only_its_inputs():
+    """The saved tensors are the op's inputs: no [rows, out] or [rows, r] intermediate is kept."""
+    x, weight, _, lora_a, lora_b = _linear_inputs((6, 16), 32, 4, torch.float32, torch.float32, bias=False)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        lora_linear(x, weight, None, lora_a, lora_b, 1.0, torch.float32)
+    shapes = sorted(tuple(t.shape) for t in saved)
+    assert shapes == sorted([tuple(x.shape), tuple(weight.shape), tuple(lora_a.shape), tuple(lora_b.shape)])
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(x_dtype=torch.float16), "x is torch.float16 but the base weight is torch.float32"),
+    (dict(rank_b=3), "adapter shapes"),
+    (dict(in_features=15), "does not fit a weight"),
+    (dict(adapter_dtype=torch.float64), "lora_a has unsupported dtype torch.float64"),
+])
+def test_lora_linear_rejects_bad_inputs(bad, message):
+    x = torch.randn(4, bad.get("in_features", 16), dtype=bad.get("x_dtype", torch.float32), device=DEVICE)
+    weight = torch.randn(8, 16, device=DEVICE)
+    adapter_dtype = bad.get("adapter_dtype", torch.float32)
+    lora_a = torch.randn(2, 16, dtype=adapter_dtype, device=DEVICE)
+    lora_b = torch.randn(8, bad.get("rank_b", 2), dtype=adapter_dtype, device=DEVICE)
+    with pytest.raises(ValueError, match=message):
+        lora_linear(x, weight, None, lora_a, lora_b, 1.0, torch.float32)
+
+
+def _mlp_inputs(shape, width, rank, dtype, adapter_dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = shape[-1]
+
+    def projection(out_features, in_features):
+        w = (torch.randn(out_features, in_features, generator=g) * in_features ** -0.5).to(DEVICE, dtype)
+        a = (torch.randn(rank, in_features, generator=g) * in_features ** -0.5).to(DEVICE, adapter_dtype)
+        b = (torch.randn(out_features, rank, generator=g) * rank ** -0.5).to(DEVICE, adapter_dtype)
+        return w, a.requires_grad_(), b.requires_grad_(), float(torch.rand((), generator=g)) + 0.5
+
+    x = torch.randn(*shape, generator=g).to(DEVICE, dtype).requires_grad_()
+    return x, projection(width, hidden), projection(width, hidden), projection(hidden, width)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_erf", "gelu_tanh"])
+@pytest.mark.parametrize("dtype,adapter_dtype", [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
+def test_lora_glu_mlp_matches_peft_math(activation, dtype, adapter_dtype):
+    x, gate, up, down = _mlp_inputs((2, 5, 24), 40, 4, dtype, adapter_dtype)
+    round_dtype = None if dtype == torch.float32 else dtype
+    out = lora_glu_mlp(x, *gate, *up, *down, activation, round_dtype)
+    ref = lora_glu_mlp_reference(x, gate, up, down, activation, round_dtype)
+    inputs = (x, gate[1], gate[2], up[1], up[2], down[1], down[2])
+    _assert_matches(out, ref, inputs, dtype, MLP_OUT_TOL)
+
+
+def test_lora_glu_mlp_saves_no_gated_product():
+    """act(gate) * up is recomputed in the backward: it is not among the saved tensors, while
+    the gate and up pre-activations (which the GLU backward reads) are, once each."""
+    x, gate, up, down = _mlp_inputs((3, 16), 48, 2, torch.float32, torch.float32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        lora_glu_mlp(x, *gate, *up, *down, "silu", None)
+    activations = [t for t in saved if t.shape == (3, 48)]
+    assert len(activations) == 2, [tuple(t.shape) for t in saved]
+    assert sum(t.shape == x.shape for t in saved) == 1
+
+
+def test_lora_glu_mlp_frozen_input_gives_adapter_grads_only():
+    x, gate, up, down = _mlp_inputs((4, 16), 24, 2, torch.float32, torch.float32)
+    x = x.detach()
+    out = lora_glu_mlp(x, *gate, *up, *down, "gelu_tanh", None)
+    ref = lora_glu_mlp_reference(x, gate, up, down, "gelu_tanh", None)
+    _assert_matches(out, ref, (gate[1], gate[2], up[1], up[2], down[1], down[2]), torch.float32)
+
+
+def test_lora_ops_pass_opcheck():
+    x, weight, b, lora_a, lora_b = _linear_inputs((3, 16), 8, 2, torch.float32, torch.float32, bias=True)
+    torch.library.opcheck(torch.ops.fastft.lora_linear.default, (x, weight, b, lora_a, lora_b, 0.5, torch.float32),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    x, gate, up, down = _mlp_inputs((3, 16), 24, 2, torch.float32, torch.float32)
+    torch.library.opcheck(torch.ops.fastft.lora_glu_mlp_forward.default, (x, *gate, *up, *down, "silu", None),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

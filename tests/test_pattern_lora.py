@@ -1,0 +1,172 @@
+"""The LoRA patterns on tiny peft models: what is rewritten (counted), what is left alone and
+reported, equivalence (fastft.check), training and saved adapters."""
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+
+import fastft
+from fastft.optimize import state_of
+
+from helpers import DEVICE, assert_same_training, tiny, twin
+
+ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _adapted(model_type="llama", dtype=torch.float32, targets=ALL_LINEARS, **lora):
+    torch.manual_seed(0)
+    model = tiny(model_type).to(dtype)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=lora.pop("lora_dropout", 0.0),
+                             **lora)
+    model = peft.get_peft_model(model, config)
+    with torch.no_grad():  # lora_B starts at zero: give the adapters something to compute
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    return model
+
+
+def _batch(seed=0, batch=2, seq=9):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 128, (batch, seq), generator=g).to(DEVICE)
+    return {"input_ids": ids, "labels": ids}
+
+
+def _counts(model) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for record in fastft.report(model).rewrites:
+        counts[record.pattern] = counts.get(record.pattern, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_all_linear_adapters_fuse_and_check(dtype):
+    model = fastft.optimize(_adapted(dtype=dtype))
+    result = fastft.check(model, _batch())
+    assert result.ok, str(result)
+    counts = _counts(model)
+    layers = model.get_base_model().config.num_hidden_layers
+    assert counts.get("lora_glu_mlp") == layers  # gate, up and down as one op per layer
+    assert counts.get("lora") == 4 * layers  # q, k, v, o
+    assert "glu" not in counts
+    assert result.regions_checked >= 5 * layers
+    assert not [m for m in fastft.report(model).near_misses if m.pattern.startswith("lora")]
+
+
+def test_attention_only_adapters_leave_the_mlp_to_the_glu_rewrite():
+    model = fastft.optimize(_adapted(targets=["q_proj", "v_proj"]))
+    result = fastft.check(model, _batch())
+    assert result.ok, str(result)
+    counts = _counts(model)
+    layers = model.get_base_model().config.num_hidden_layers
+    assert counts.get("lora") == 2 * layers
+    assert counts.get("glu") == layers
+    assert "lora_glu_mlp" not in counts
+
+
+def test_three_steps_train_like_the_original():
+    model = _adapted()
+    reference = twin(model)
+    batches = [_batch(seed) for seed in range(3)]
+    assert_same_training(reference, fastft.optimize(model), batches)
+
+
+def test_saved_adapters_reload_with_the_same_outputs(tmp_path):
+    model = fastft.optimize(_adapted())
+    batch = _batch()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    model(**batch).loss.backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=batch["input_ids"]).logits
+    model.save_pretrained(tmp_path)
+    base = tiny("llama")
+    reloaded = peft.PeftModel.from_pretrained(base, tmp_path).to(DEVICE).eval()
+    with torch.no_grad():
+        have = reloaded(input_ids=batch["input_ids"]).logits
+    torch.testing.assert_close(have, want, atol=1e-4, rtol=1e-4)
+
+
+def _lora_misses(model):
+    return [m for m in fastft.report(model).near_misses if m.pattern.startswith("lora")]
+
+
+def test_dropout_in_training_is_a_near_miss():
+    model = fastft.optimize(_adapted(lora_dropout=0.1))
+    model.train()
+    model(**_batch()).loss.backward()
+    assert "lora" not in _counts(model) and "lora_glu_mlp" not in _counts(model)
+    misses = _lora_misses(model)
+    assert len(misses) == 7 * model.get_base_model().config.num_hidden_layers
+    assert all("dropout p=0.1" in m.reason for m in misses), misses
+
+
+def test_dropout_in_evaluation_is_fused():
+    model = fastft.optimize(_adapted(lora_dropout=0.1)).eval()
+    result = fastft.check(model, _batch())
+    assert result.ok, str(result)
+    assert _counts(model).get("lora_glu_mlp") == model.get_base_model().config.num_hidden_layers
+
+
+def test_two_active_adapters_are_left_alone():
+    model = _adapted(targets=["q_proj"])
+    model.add_adapter("second", peft.LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"]))
+    model.base_model.set_adapter(["default", "second"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    fastft.optimize(model)
+    result = fastft.check(model, _batch())
+    assert result.ok, str(result)
+    assert "lora" not in _counts(model)
+    reasons = [m.reason for m in _lora_misses(model)]
+    assert any("several active adapters" in r for r in reasons), reasons
+
+
+def test_adapter_bias_is_left_alone():
+    model = fastft.optimize(_adapted(targets=["q_proj"], lora_bias=True))
+    result = fastft.check(model, _batch())
+    assert result.ok, str(result)
+    assert "lora" not in _counts(model)
+    assert any("adapter has a bias" in m.reason for m in _lora_misses(model))
+
+
+def test_frozen_adapters_are_fused_for_evaluation():
+    """Only the base weight's frozen-ness is required: an adapter that does not train (evaluation,
+    or a second adapter stacked under a trained one) is the same math."""
+    model = _adapted(targets=["q_proj"])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    fastft.optimize(model)
+    batch = _batch()
+    with torch.no_grad():
+        have = model(**batch).logits
+        with state_of(model).original():
+            want = model(**batch).logits
+    torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-4)
+    assert _counts(model).get("lora") == model.get_base_model().config.num_hidden_layers
+    assert not _lora_misses(model)
+
+
+def test_trainable_base_is_left_alone():
+    model = _adapted(targets=["q_proj"])
+    for name, p in model.named_parameters():
+        if "q_proj.base_layer" in name:
+            p.requires_grad_(True)
+    fastft.optimize(model)
+    result = fastft.check(model, _batch())
+    assert result.ok, str(result)
+    assert "lora" not in _counts(model)
+    assert any("base weight is trainable" in m.reason for m in _lora_misses(model))
+
+
+def test_a_different_architecture_fuses_by_its_math():
+    """Qwen3 (q/k norms) with adapters on every linear: the same rewrites, no per-model code."""
+    model = fastft.optimize(_adapted("qwen3"))
+    result = fastft.check(model, _batch())
+    assert result.ok, str(result)
+    layers = model.get_base_model().config.num_hidden_layers
+    assert _counts(model).get("lora_glu_mlp") == layers and _counts(model).get("lora") == 4 * layers
