@@ -1,0 +1,167 @@
+"""Results: the JSON (everything) and the Markdown table, with device, versions, command, date."""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from .systems import package_versions
+
+ROOT = Path(__file__).resolve().parents[2]
+GIB = 2**30
+MODE_TEXT = {
+    "lora": "LoRA r16 alpha16 dropout 0 on q,k,v,o,gate,up,down (peft; bf16 base, peft's adapter dtype)",
+    "qlora": "QLoRA: bitsandbytes 4-bit NF4 base with double quant, bf16 compute, the same LoRA",
+    "full": "full fine-tuning (every parameter, bf16)",
+}
+
+
+def meta(args: Any, prep: dict[str, Any], systems: list[str]) -> dict[str, Any]:
+    total = prep.get("total_memory_bytes")
+    return {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "device": prep.get("device_name", prep.get("device")),
+        "device_kind": prep.get("device"),
+        "capability": prep.get("capability"),
+        "total_memory_bytes": total,
+        "memory_cap_gib": args.memory_cap_gib or (round(total / GIB, 2) if total else None),
+        "memory_cap_source": "--memory-cap-gib" if args.memory_cap_gib else "the device's total memory",
+        "torch_cuda": prep.get("torch_cuda"),
+        "python": platform.python_version(),
+        "versions": package_versions(systems),
+        "git": _git(),
+    }
+
+
+def _git() -> dict[str, Any]:
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+    try:
+        return {"commit": git("rev-parse", "--short", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    except Exception:  # noqa: BLE001  (the GPU machine's copy of the tree may have no .git)
+        return {}
+
+
+def write(out: Path, stem: str, data: dict[str, Any], md: str) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    j, m = out / f"{stem}.json", out / f"{stem}.md"
+    j.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    m.write_text(md)
+    return j, m
+
+
+def _header(title: str, data: dict[str, Any]) -> list[str]:
+    v = data["versions"]
+    soft = ", ".join(f"{k} {val}" for k, val in v.items() if val)
+    missing = [k for k, val in v.items() if not val]
+    git = data.get("git") or {}
+    cap = data.get("memory_cap_gib")
+    lines = [
+        f"# {title}",
+        "",
+        f"- device: {data['device']}" + (f" (CUDA {data['torch_cuda']})" if data.get("torch_cuda") else "")
+        + (f"; memory cap {cap} GiB ({data['memory_cap_source']})" if cap else "")
+        + f"; date (UTC): {data['date_utc']}",
+        f"- software: {soft}" + (f"; not installed: {', '.join(missing)}" if missing else "")
+        + (f"; fastft tree at {git['commit']}{' + uncommitted changes' if git.get('dirty') else ''}" if git else ""),
+        f"- command: `{data['command']}`",
+    ]
+    return lines
+
+
+def _gib(x: Any) -> str:
+    return f"{x / GIB:.2f}" if isinstance(x, (int, float)) else "-"
+
+
+def _num(x: Any, fmt: str) -> str:
+    return format(x, fmt) if isinstance(x, (int, float)) else "-"
+
+
+def status_text(r: dict[str, Any]) -> str:
+    s = r.get("status", "?")
+    if s == "oom":
+        return f"OOM (step {r.get('completed_steps', 0) + 1})" if "completed_steps" in r else "OOM (loading)"
+    if s == "timeout":
+        return f"timeout ({r.get('timeout_s', 0):.0f} s)"
+    return s
+
+
+def compare_markdown(data: dict[str, Any]) -> str:
+    st = data["settings"]
+    k_last = st["warmup"] + st["steps"]
+    ckpt = {"none": "none", "layer": "each decoder layer (non-reentrant torch.utils.checkpoint)"}[st["checkpointing"]]
+    lines = _header(f"Training step: {data['shape']}, {data['mode']}", data) + [
+        f"- step: batch {st['batch']} x seq {st['seq']} = {st['batch'] * st['seq']} tokens; {MODE_TEXT[data['mode']]}; "
+        f"bf16 weights, SDPA attention (Unsloth: its own); torch.optim.AdamW lr {st['lr']:g} over the trainable "
+        f"parameters; random token ids (seed {st['seed']}), labels = input_ids; gradient checkpointing: {ckpt}",
+        f"- {st['warmup']} warm-up + {st['steps']} timed steps, each system in its own process; step ms: median of the "
+        "timed steps, the device synchronised before and after each; tokens/s = tokens per step / median step time",
+        "- peak: torch.cuda.max_memory_allocated / max_memory_reserved from before step 1 (stats reset after loading) "
+        "to the last step; first step: from the model ready on the device through the end of step 1 (capture and "
+        f"compilation included); loss @1: before any update (the same function for every system), @{k_last}: last step",
+        "",
+        f"| system | tokens/s | x vs hf | step ms | peak alloc GiB | peak reserved GiB | first step s | loss @1 "
+        f"| loss @{k_last} | status |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    base = next((r.get("tokens_per_s") for r in data["results"] if r["system"] == "hf"), None)
+    notes = []
+    for r in data["results"]:
+        tps = r.get("tokens_per_s")
+        rel = f"{tps / base:.2f}x" if tps and base else "-"
+        losses = r.get("losses") or []
+        l1 = _num(losses[0], ".4f") if losses else "-"
+        lk = _num(losses[k_last - 1], ".4f") if len(losses) >= k_last else "-"
+        step_ms = r["step_s"] * 1e3 if isinstance(r.get("step_s"), (int, float)) else None
+        lines.append(f"| {r['system']} | {_num(tps, ',.0f')} | {rel} | {_num(step_ms, '.1f')} | "
+                     f"{_gib(r.get('peak_allocated_bytes'))} | {_gib(r.get('peak_reserved_bytes'))} | "
+                     f"{_num(r.get('first_step_s'), '.2f')} | {l1} | {lk} | {status_text(r)} |")
+        notes += _notes(r)
+    if notes:
+        lines += ["", "Notes:", ""] + notes
+    return "\n".join(lines) + "\n"
+
+
+def _notes(r: dict[str, Any]) -> list[str]:
+    out = []
+    if r.get("error"):
+        out.append(f"- {r['system']}: {r['status']}: {r['error'].splitlines()[0][:400]}")
+    rep = r.get("fastft_report")
+    if rep:
+        if "report_error" in rep:
+            out.append(f"- fastft: report unavailable ({rep['report_error']})")
+        else:
+            out.append(f"- fastft rewrote {rep['rewrites'] or 'nothing'} in {rep['graphs_captured']} captured graph(s); "
+                       f"{rep['graph_breaks']} graph break(s), {rep['near_misses']} near miss(es)"
+                       + (f"; capture failed: {'; '.join(rep['capture_failures'])}" if rep["capture_failures"] else ""))
+    info = r.get("info", {})
+    if r.get("trainable_parameters"):
+        out.append(f"- {r['system']}: {r['trainable_parameters']:,} trainable parameters ({', '.join(r['trainable_dtypes'])}); "
+                   f"{info.get('linears_4bit', 0)} 4-bit linears; {info.get('checkpointed_layers', 0)} layers with HF "
+                   "gradient checkpointing" + (f", Unsloth use_gradient_checkpointing={info['unsloth_checkpointing']}"
+                                               if "unsloth_checkpointing" in info else "")
+                   + f"; setup (load + apply) {_num(r.get('setup_s'), '.1f')} s, process {_num(r.get('wall_s'), '.0f')} s")
+    return out
+
+
+def max_context_markdown(data: dict[str, Any]) -> str:
+    st = data["settings"]
+    lines = _header(f"Longest trainable sequence: {data['shape']}, {data['mode']}, batch 1", data) + [
+        f"- one training step (forward, backward, AdamW step) at batch 1; {MODE_TEXT[data['mode']]}; gradient "
+        f"checkpointing: {st['checkpointing']}; each probe a fresh process; searched over multiples of "
+        f"{st['ctx_step']} from {st['ctx_min']} to {st['ctx_max']} (doubling, then bisection), "
+        f"probe timeout {st['probe_timeout_s']} s, {st['budget_s']:.0f} s for the whole search",
+        "",
+        "| system | longest seq that trained | shortest that failed | probes | peak alloc GiB at the longest | note |",
+        "|---|--:|--:|--:|--:|---|",
+    ]
+    for r in data["results"]:
+        lines.append(f"| {r['system']} | {r.get('max_ok') or '-'} | {r.get('min_fail') or '-'} | {len(r.get('probes', []))} "
+                     f"| {_gib(r.get('peak_allocated_bytes_at_max'))} | {r.get('note', '')} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,183 @@
+"""One measured run in its own process: ``python bench/train_step --worker SPEC.json --result R.json``.
+
+Kinds of spec: ``prepare`` (build and save the random-weight model, report the device) and
+``train`` (one system: load, apply, then warm-up + timed training steps). The result file is
+written in every case the process survives: ok, oom, error (with traceback) or unavailable.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import math
+import statistics
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from .systems import Setting, Unavailable, early_import, fastft_summary, prepare_system
+
+
+def run_worker(spec_path: str, result_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    result: dict[str, Any] = {"kind": spec["kind"], "system": spec.get("system"), "status": "running"}
+
+    def save() -> None:  # progress, for a run killed at its timeout
+        Path(result_path).write_text(json.dumps(result, indent=1, default=str))
+
+    save()
+    try:
+        if spec["kind"] == "prepare":
+            _prepare(spec, result)
+        else:
+            _train(spec, result, save)  # fills ``result`` as it goes: a failure keeps what was measured
+    except Unavailable as e:
+        result.update(status="unavailable", error=str(e))
+    except BaseException as e:  # noqa: BLE001  (recorded, never raised: the parent reads the file)
+        result.update(status="oom" if _is_oom(e) else "error", error=f"{type(e).__name__}: {_clip(str(e))}",
+                      traceback=_clip(traceback.format_exc(), 6000))
+    save()
+    return 0
+
+
+def _prepare(spec: dict[str, Any], out: dict[str, Any]) -> None:
+    from .prepare import prepare
+
+    device = _resolve_device(spec["device"])
+    out.update(_device_info(device))
+    out.update(prepare(spec["shape"], spec["seed"], Path(spec["model_dir"]), device))
+    out["status"] = "ok"
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _device_info(device: str) -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {"device": device, "torch_cuda": torch.version.cuda}
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(0)
+        info.update(device_name=props.name, total_memory_bytes=props.total_memory,
+                    capability=f"{props.major}.{props.minor}")
+    else:
+        info.update(device_name="cpu (Triton interpreter)", total_memory_bytes=None)
+    return info
+
+
+def _train(spec: dict[str, Any], out: dict[str, Any], save) -> None:
+    out.update(batch=spec["batch"], seq=spec["seq"])
+    early_import(spec["system"])  # before transformers and triton: see systems.py
+    import torch
+
+    device = spec["device"]
+    cuda = device.startswith("cuda")
+    out.update(_device_info(device))
+    if cuda and spec.get("memory_cap_gib"):
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, spec["memory_cap_gib"] * 2**30 / total))
+        out["memory_cap_gib"] = spec["memory_cap_gib"]
+
+    t_load = time.perf_counter()
+    setting = Setting(spec["system"], spec["mode"], spec["checkpointing"], device, spec["seq"], spec["seed"])
+    prepared = prepare_system(Path(spec["model_dir"]), setting)
+    model, step_model = prepared.model, prepared.step_model
+    out["info"] = {**prepared.info, **_model_facts(model)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    out["trainable_parameters"] = sum(p.numel() for p in params)
+    out["trainable_dtypes"] = sorted({str(p.dtype).replace("torch.", "") for p in params})
+    optimizer = torch.optim.AdamW(params, lr=spec["lr"])
+    batches = _batches(spec, device)
+    out["setup_s"] = time.perf_counter() - t_load
+
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        out["ready_allocated_bytes"] = torch.cuda.memory_allocated()
+
+    def sync_and_record() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+            out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+            out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
+
+    times: list[float] = []
+    losses: list[float] = []
+    out.update(completed_steps=0, losses=losses, step_times_s=times)
+    save()
+    t_ready = time.perf_counter()
+    try:
+        for i, batch in enumerate(batches):
+            sync_and_record()
+            t0 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss = step_model(input_ids=batch, labels=batch, use_cache=False).loss
+            loss.backward()
+            optimizer.step()
+            if cuda:
+                torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            losses.append(float(loss.detach().float().item()))
+            out["completed_steps"] = i + 1
+            if i == 0:
+                out["first_step_s"] = t1 - t_ready
+                if spec["system"] == "fastft":
+                    out["fastft_report"] = fastft_summary(model)
+            if i >= spec["warmup"]:
+                times.append(t1 - t0)
+            save()
+    finally:
+        sync_and_record()
+    if times:
+        med = statistics.median(times)
+        out.update(step_s=med, tokens_per_s=spec["batch"] * spec["seq"] / med)
+    bad = [i + 1 for i, x in enumerate(losses) if not math.isfinite(x)]
+    out["status"] = "ok" if not bad else "error"
+    if bad:
+        out["error"] = f"non-finite loss at step(s) {bad}"
+
+
+def _model_facts(model) -> dict[str, int]:
+    """What the system actually built, to check that every system trains the same thing."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    mods = list(model.modules())
+    return {"linears_4bit": sum(type(m).__module__.startswith("bitsandbytes") and "4bit" in type(m).__name__
+                                for m in mods),
+            "checkpointed_layers": sum(isinstance(m, GradientCheckpointingLayer) and bool(m.gradient_checkpointing)
+                                       for m in mods)}
+
+
+def _batches(spec: dict[str, Any], device: str) -> list:
+    """Random token ids, a fixed seed per step: every system sees the same data."""
+    import torch
+
+    batches = []
+    for i in range(spec["warmup"] + spec["steps"]):
+        g = torch.Generator().manual_seed(spec["seed"] * 100003 + 1000 + i)
+        batches.append(torch.randint(0, spec["vocab"], (spec["batch"], spec["seq"]), generator=g).to(device))
+    return batches
+
+
+def _is_oom(e: BaseException) -> bool:
+    import torch
+
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:  # compile errors wrap the OOM that caused them
+        seen.add(id(e))
+        if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
+            return True
+        e = e.__cause__ or e.__context__ or getattr(e, "inner_exception", None)
+    return False
+
+
+def _clip(text: str, n: int = 2000) -> str:
+    return text if len(text) <= n else text[: n // 4] + "\n...\n" + text[-(3 * n) // 4:]
+

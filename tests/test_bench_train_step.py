@@ -1,0 +1,87 @@
+"""bench/train_step: the CPU smoke run (hf and fastft train the same tiny LoRA model in their own
+processes), the max-context search logic, and a worker killed at its timeout."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "bench" / "train_step"
+
+
+def _package():
+    """bench/train_step as the package ``train_step``, as its __main__ loads it (bench/ is not put
+    on sys.path: bench/kernels.py would shadow the Hugging Face ``kernels`` package)."""
+    if "train_step" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("train_step", PKG / "__init__.py",
+                                                      submodule_search_locations=[str(PKG)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["train_step"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["train_step"]
+
+
+def test_smoke_hf_and_fastft_train_the_same_tiny_lora(tmp_path):
+    cmd = [sys.executable, str(PKG), "--shape", "tiny", "--mode", "lora", "--device", "cpu",
+           "--systems", "hf,fastft", "--warmup", "0", "--steps", "2", "--seq", "32", "--batch", "2",
+           "--out", str(tmp_path), "--model-dir", str(tmp_path / "model"), "--timeout-s", "120", "--no-plot"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "train_tiny_lora.json").read_text())
+    assert (tmp_path / "train_tiny_lora.md").exists()
+    results = {r["system"]: r for r in data["results"]}
+    assert set(results) == {"hf", "fastft"}
+    for name, r in results.items():
+        assert r["status"] == "ok", (name, r.get("error"), r.get("log_tail"))
+        assert len(r["step_times_s"]) == 2 and all(math.isfinite(t) and t > 0 for t in r["step_times_s"])
+        assert math.isfinite(r["step_s"]) and r["step_s"] > 0 and r["tokens_per_s"] > 0
+        assert r["first_step_s"] > 0 and len(r["losses"]) == 2
+    for step, (a, b) in enumerate(zip(results["hf"]["losses"], results["fastft"]["losses"]), 1):
+        assert math.isfinite(a) and abs(a - b) <= 1e-3 * abs(a), f"step {step}: hf {a} vs fastft {b}"
+    assert data["settings"]["checkpointing"] == "none" and data["versions"]["torch"]
+
+
+def test_max_context_search_doubles_then_bisects(monkeypatch):
+    pkg = _package()
+    import train_step.max_context as mc
+    from train_step import runner
+
+    limit, seen = 5000, []
+
+    def fake_run(spec, tag, timeout_s, workdir, logdir, device):
+        seen.append(spec["seq"])
+        assert spec["batch"] == 1 and spec["warmup"] == 0 and spec["steps"] == 1
+        ok = spec["seq"] <= limit
+        return {"status": "ok" if ok else "oom", "wall_s": 0.1, "peak_allocated_bytes": spec["seq"] * 1000,
+                "error": None if ok else "OutOfMemoryError: CUDA out of memory"}
+
+    monkeypatch.setattr(runner, "run", fake_run)
+
+    class S:  # the parts of a Session the search uses
+        args = type("A", (), {"shape": "tiny", "mode": "lora"})()
+        budget = runner.Budget(600)
+        work = logs = Path(tempfile.gettempdir())
+        device = "cuda"
+
+        def train_spec(self, system, batch, seq, warmup, steps):
+            return {"system": system, "batch": batch, "seq": seq, "warmup": warmup, "steps": steps}
+
+    st = {"ctx_min": 1024, "ctx_max": 65536, "ctx_step": 1024, "probe_timeout_s": 100}
+    out = mc._search(S(), "hf", runner.Budget(600), st)
+    assert seen == [1024, 2048, 4096, 8192, 6144, 5120]
+    assert out["max_ok"] == 4096 and out["min_fail"] == 5120 and out["note"] == ""
+    assert pkg is sys.modules["train_step"]
+
+
+def test_worker_past_its_timeout_is_killed_and_recorded(tmp_path):
+    _package()
+    from train_step import runner
+
+    spec = {"kind": "prepare", "shape": "tiny", "seed": 0, "model_dir": str(tmp_path / "m"), "device": "cpu"}
+    r = runner.run(spec, "slow", 0.5, tmp_path, tmp_path / "logs", "cpu")
+    assert r["status"] == "timeout" and "timeout" in r["error"] and r["wall_s"] < 60
