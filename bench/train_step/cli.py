@@ -55,6 +55,8 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--combine", nargs="+", metavar="JSON", help="merge results of the same shape + mode from "
                    "several runs (a later file's result for a system wins) into --out")
     o.add_argument("--no-plot", action="store_true", help="do not draw the PNG after a run")
+    o.add_argument("--profile", action="store_true", help="after the timed steps, profile 2 more under "
+                   "torch.profiler; each system's top GPU kernels go to <logs>/<shape>_<mode>_<system>.profile.txt")
     o.add_argument("--worker", help=argparse.SUPPRESS)
     o.add_argument("--result", help=argparse.SUPPRESS)
     return ap

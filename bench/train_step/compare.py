@@ -59,7 +59,9 @@ class Session:
                 "model_dir": str(self.model_dir), "device": self.device, "batch": batch, "seq": seq,
                 "warmup": warmup, "steps": steps, "checkpointing": self.st["checkpointing"], "lr": self.st["lr"],
                 "seed": self.st["seed"], "vocab": CONFIGS[self.args.shape][1]["vocab_size"],
-                "memory_cap_gib": self.args.memory_cap_gib}
+                "memory_cap_gib": self.args.memory_cap_gib,
+                "profile": str(self.logs / f"{self.args.shape}_{self.args.mode}_{system}.profile.txt")
+                if getattr(self.args, "profile", False) else None}
 
 
 def run_compare(args: Any, systems: list[str]) -> dict[str, Any]:

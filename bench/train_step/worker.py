@@ -117,10 +117,7 @@ def _train(spec: dict[str, Any], out: dict[str, Any], save) -> None:
         for i, batch in enumerate(batches):
             sync_and_record()
             t0 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss = step_model(input_ids=batch, labels=batch, use_cache=False).loss
-            loss.backward()
-            optimizer.step()
+            loss = _step(step_model, optimizer, batch)
             if cuda:
                 torch.cuda.synchronize()
             t1 = time.perf_counter()
@@ -135,6 +132,8 @@ def _train(spec: dict[str, Any], out: dict[str, Any], save) -> None:
             save()
     finally:
         sync_and_record()
+    if spec.get("profile") and cuda:
+        _profile(spec["profile"], lambda b: _step(step_model, optimizer, b), batches[-2:])
     if times:
         med = statistics.median(times)
         out.update(step_s=med, tokens_per_s=spec["batch"] * spec["seq"] / med)
@@ -142,6 +141,27 @@ def _train(spec: dict[str, Any], out: dict[str, Any], save) -> None:
     out["status"] = "ok" if not bad else "error"
     if bad:
         out["error"] = f"non-finite loss at step(s) {bad}"
+
+
+def _step(step_model, optimizer, batch):
+    optimizer.zero_grad(set_to_none=True)
+    loss = step_model(input_ids=batch, labels=batch, use_cache=False).loss
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def _profile(path: str, step, batches: list) -> None:
+    """GPU kernels of a few more steps, by total GPU time (not part of the timed result)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for batch in batches:
+            step(batch)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", max_name_column_width=90, row_limit=45)
+    Path(path).write_text(f"{len(batches)} steps\n{table}")
 
 
 def _model_facts(model) -> dict[str, int]:
