@@ -327,6 +327,14 @@ def _canon_dropout(node: fx.Node) -> Canon | None:
                                              "training": _arg(node, 2, "training", True)})
 
 
+def _canon_sdpa(node: fx.Node) -> Canon | None:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)``."""
+    return Canon("sdpa", (node.args[0], _arg(node, 1, "key"), _arg(node, 2, "value")), {
+        "attn_mask": _arg(node, 3, "attn_mask"), "dropout_p": _arg(node, 4, "dropout_p", 0.0),
+        "is_causal": _arg(node, 5, "is_causal", False), "scale": _arg(node, 6, "scale"),
+        "enable_gqa": _arg(node, 7, "enable_gqa", False)})
+
+
 def _canon_contiguous(node: fx.Node) -> Canon | None:
     return Canon("identity", (node.args[0],))  # same values; only the memory layout may change
 
@@ -337,7 +345,7 @@ _STRUCTURAL = {
     "stack": _canon_cat, "flatten": _canon_flatten, "view": _canon_flatten, "reshape": _canon_flatten,
     "silu": _canon_activation, "gelu": _canon_activation, "layer_norm": _canon_layer_norm,
     "linear": _canon_linear, "cross_entropy": _canon_cross_entropy, "contiguous": _canon_contiguous,
-    "dropout": _canon_dropout,
+    "dropout": _canon_dropout, "scaled_dot_product_attention": _canon_sdpa,
 }
 
 

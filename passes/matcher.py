@@ -88,6 +88,8 @@ class Match:
     root: fx.Node
     bindings: Bindings
     nodes: list[fx.Node]  # every op node inside the region, root included
+    # Nodes the region also recomputes (``Pattern.absorb``); not claimed: another region may absorb them too.
+    absorbed: list[fx.Node] = field(default_factory=list)
 
 
 @dataclass

@@ -48,6 +48,10 @@ class Pattern:
     # Narrows ``anchors``: an anchor op this rejects is not a sign of the family (a plain
     # activation with no gate is not a gated unit that almost matched).
     anchor_filter: Callable[[Any], bool] | None = None
+    # Nodes outside ``expr`` that the replacement makes unnecessary (a mask the new call no
+    # longer reads), returned after ``check`` accepted the match: they join the region, so the
+    # checker recomputes them, and go from the graph when nothing else reads them.
+    absorb: Callable[[Match], list] | None = None
 
     def is_anchor(self, node: Any) -> bool:
         return self.anchor_filter is None or self.anchor_filter(node)

@@ -128,6 +128,12 @@ def _rewrite_graph(gm: fx.GraphModule, patterns: list[Pattern], result: RewriteR
 def _first_accepted(pattern: Pattern, root: fx.Node, consumed: set[fx.Node], failure: Failure):
     for match in match_at(pattern.expr, root, consumed, failure):
         reason = pattern.check(match)
+        if reason is None and pattern.absorb is not None:
+            extra = pattern.absorb(match)
+            if consumed.intersection(extra):
+                reason = "part of what it computes from already belongs to another rewrite"
+            else:
+                match.absorbed = [n for n in dict.fromkeys(extra) if n not in match.nodes]
         if reason is None:
             replacement = pattern.replace(match)
             region, reason = extract_region([match], _inputs(replacement))
@@ -148,7 +154,7 @@ def extract_region(matches: list[Match], inputs: list[fx.Node]) -> tuple[fx.Grap
     env: dict[fx.Node, fx.Node] = {}
     for node in inputs:
         env[node] = graph.placeholder(node.name)
-    inside = {n for m in matches for n in m.nodes}
+    inside = {n for m in matches for n in m.nodes + m.absorbed}
     for node in matches[0].root.graph.nodes:  # graph order is a topological order
         if node not in inside:
             continue
@@ -209,7 +215,7 @@ def _splice(gm: fx.GraphModule, pattern: Pattern, matches: list[Match], prepared
                 out.meta.update({k: v for k, v in m.root.meta.items() if k != "fastft_canon"})
                 m.root.replace_all_uses_with(out)
         fused.meta["example_value"] = tuple(tensor_meta(m.root) for m in matches)
-    inside = set(nodes)
+    inside = set(nodes) | {n for m in matches for n in m.absorbed}
     for m in matches:
         for node in (pattern.release(m) if pattern.release else []):
             if _release(graph, node, inside):

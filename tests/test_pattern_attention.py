@@ -1,0 +1,156 @@
+"""The causal-mask rewrite: masks built in the graph that are proved causal (or all true) become
+SDPA's is_causal (or no mask); any other mask is left alone with the reason."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fastft
+from fastft.optimize import state_of
+from fastft.tiny import random_batch
+
+from helpers import DEVICE, tiny
+
+
+class MaskedAttention(nn.Module):
+    """q, k, v projections and SDPA with a mask that ``make_mask(tokens, x)`` builds."""
+
+    def __init__(self, make_mask, dim=16, heads=2):
+        super().__init__()
+        self.make_mask, self.heads = make_mask, heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def forward(self, x, pad=None):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        mask = self.make_mask(t, x) if pad is None else self.make_mask(t, x, pad)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum()
+
+
+def _positions_causal(t, x):
+    pos = torch.arange(t, device=x.device)
+    return (pos[None, :] <= pos[:, None])[None, None]
+
+
+def _positions_causal_ge(t, x):
+    q = torch.arange(t, device=x.device)[:, None]
+    kv = torch.arange(t, device=x.device)[None, :]
+    return torch.ge(q, kv).expand(x.shape[0], 1, t, t)
+
+
+def _tril(t, x):
+    return torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+
+
+def _all_true(t, x):
+    return torch.ones(t, t, dtype=torch.bool, device=x.device)
+
+
+def _sliding_window(t, x):
+    pos = torch.arange(t, device=x.device)
+    return ((pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - 3))[None, None]
+
+
+def _shifted(t, x):  # queries after a cache of 2 tokens: not SDPA's top-left causal
+    q = torch.arange(t, device=x.device) + 2
+    kv = torch.arange(t, device=x.device)
+    return (kv[None, :] <= q[:, None])[None, None]
+
+
+def _padded(t, x, pad):
+    pos = torch.arange(t, device=x.device)
+    return (pos[None, :] <= pos[:, None])[None, None] & pad[:, None, None, :]
+
+
+def _run(module, x, **kw):
+    reference = module(x, **kw)
+    fastft.optimize(module)
+    out = module(x, **kw)
+    return reference, out, fastft.report(module)
+
+
+@pytest.mark.parametrize("make_mask,kind", [
+    (_positions_causal, "causal"), (_positions_causal_ge, "causal"), (_tril, "causal"), (_all_true, "none")])
+def test_provable_masks_are_rewritten(make_mask, kind):
+    torch.manual_seed(0)
+    module = MaskedAttention(make_mask).to(DEVICE)
+    x = torch.randn(2, 7, 16, device=DEVICE)
+    reference, out, report = _run(module, x)
+    assert report.counts() == {"attention": 1}, str(report)
+    (record,) = report.rewrites
+    assert record.kernel == "sdpa(is_causal)"
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    (graph,) = state_of(module).graphs.values()
+    (call,) = [n for n in graph.gm.graph.nodes if n.op == "call_function" and "attention" in n.target.__name__]
+    assert call.target.__name__ == ("causal_attention" if kind == "causal" else "unmasked_attention")
+    # The mask itself is no longer computed: no boolean tensor is left in the graph.
+    assert not [n for n in graph.gm.graph.nodes
+                if getattr(n.meta.get("example_value"), "dtype", None) == torch.bool], graph.gm.graph
+    result = fastft.check(module, (x,), loss_fn=lambda y: y)
+    assert result.ok and result.regions_checked == 1, str(result)
+
+
+@pytest.mark.parametrize("make_mask,reason", [
+    (_sliding_window, "sliding window"), (_shifted, "different offsets")])
+def test_other_masks_are_left_alone_with_the_reason(make_mask, reason):
+    module = MaskedAttention(make_mask).to(DEVICE)
+    x = torch.randn(2, 7, 16, device=DEVICE)
+    reference, out, report = _run(module, x)
+    assert report.counts() == {}
+    (miss,) = report.near_misses
+    assert miss.pattern == "causal_mask" and reason in miss.reason, miss
+    torch.testing.assert_close(out, reference)
+
+
+def test_a_padding_mask_from_the_input_is_left_alone():
+    module = MaskedAttention(_padded).to(DEVICE)
+    x = torch.randn(2, 7, 16, device=DEVICE)
+    pad = torch.ones(2, 7, dtype=torch.bool, device=DEVICE)
+    pad[1, 5:] = False
+    reference, out, report = _run(module, x, pad=pad)
+    assert report.counts() == {}
+    (miss,) = report.near_misses
+    assert "reads a graph input" in miss.reason, miss
+    torch.testing.assert_close(out, reference)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_model_mask_rewritten_at_two_lengths(model_type):
+    """Without a KV cache (use_cache=False, as under gradient checkpointing) a captured model
+    builds its mask from positions; after a second length (a dynamic-shape recompile, sizes now
+    symbolic) it is still proved causal, and the model checks equal."""
+    model = tiny(model_type)
+    layers = model.config.num_hidden_layers
+    fastft.optimize(model)
+    for seq in (9, 13):
+        batch = {**random_batch(model, batch=2, seq=seq), "use_cache": False}
+        result = fastft.check(model, batch)
+        assert result.ok, str(result)
+        assert fastft.report(model).counts().get("attention") == layers, str(fastft.report(model))
+
+
+def test_padding_attention_mask_passed_to_a_model_is_reported():
+    model = tiny("llama")
+    fastft.optimize(model)
+    batch = {**random_batch(model, batch=2, seq=9), "use_cache": False}
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    batch["attention_mask"][0, :3] = 0
+    result = fastft.check(model, batch)
+    assert result.ok, str(result)
+    report = fastft.report(model)
+    assert "attention" not in report.counts()
+    misses = [m for m in report.near_misses if m.pattern == "causal_mask"]
+    assert len(misses) == model.config.num_hidden_layers and all("graph input" in m.reason for m in misses), misses
+
+
+def test_sliding_window_model_reports_its_masks():
+    model = tiny("mistral", sliding_window=4)
+    fastft.optimize(model)
+    result = fastft.check(model, {**random_batch(model, batch=2, seq=9), "use_cache": False})
+    assert result.ok, str(result)
+    report = fastft.report(model)
+    assert "attention" not in report.counts()
+    misses = [m for m in report.near_misses if m.pattern == "causal_mask"]
+    assert len(misses) == model.config.num_hidden_layers and all("sliding window" in m.reason for m in misses), misses
