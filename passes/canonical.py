@@ -403,6 +403,40 @@ def _same_inputs(a: tuple, b: tuple) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
+_OUTER_META = "fastft_outer_value"
+
+# Higher-order ops whose body is called with the operands that follow it: (body, *operands).
+_BODY_THEN_OPERANDS = ("tag_activation_checkpoint", "wrap")
+
+
+def link_nested_inputs(gm: fx.GraphModule) -> None:
+    """Let each input of a nested body (a checkpointed layer) name the outer node it receives,
+    so that an analysis may follow a value across the boundary (``outer_value``)."""
+    for parent in gm.modules():
+        if not isinstance(parent, fx.GraphModule):
+            continue
+        for node in parent.graph.nodes:
+            if node.op != "call_function" or getattr(node.target, "__name__", None) not in _BODY_THEN_OPERANDS:
+                continue
+            body_ref = node.args[0] if node.args else None
+            if not isinstance(body_ref, fx.Node) or body_ref.op != "get_attr":
+                continue
+            body = getattr(parent, body_ref.target, None)
+            if not isinstance(body, fx.GraphModule):
+                continue
+            inputs = [p for p in body.graph.nodes if p.op == "placeholder"]
+            operands = node.args[1:]
+            if len(inputs) == len(operands):
+                for inner, outer in zip(inputs, operands):
+                    if isinstance(outer, fx.Node):
+                        inner.meta[_OUTER_META] = outer
+
+
+def outer_value(node: fx.Node) -> fx.Node | None:
+    """The node of the enclosing graph that a nested body's input receives, if known."""
+    return node.meta.get(_OUTER_META) if node.op == "placeholder" else None
+
+
 def module_path(node: fx.Node) -> str:
     """Dotted path of the innermost nn.Module that produced ``node``, relative to the captured module."""
     stack = node.meta.get("nn_module_stack") or {}

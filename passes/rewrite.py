@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .canonical import canonical, module_path, tensor_meta
+from .canonical import canonical, link_nested_inputs, module_path, tensor_meta
 from .matcher import Failure, Match, match_at
 from .pattern import Pattern, Replacement
 
@@ -46,6 +46,7 @@ class RewriteResult:
 def rewrite_graph_module(gm: fx.GraphModule, patterns: list[Pattern]) -> RewriteResult:
     """Rewrite ``gm`` in place, including nested graphs (checkpointed layers, control-flow bodies)."""
     result = RewriteResult()
+    link_nested_inputs(gm)
     for sub in list(gm.modules()):
         if isinstance(sub, fx.GraphModule):
             merge_repeated_views(sub.graph)

@@ -27,14 +27,15 @@ from .mask_analysis import Causal, Const, Unknown, analyse_mask
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
-                     enable_gqa: bool, *sizes: Any) -> torch.Tensor:
-    """SDPA with ``is_causal=True``. ``sizes`` are the symbolic sizes the replaced mask was built
-    from: unused, they keep the region's inputs the same as the call's."""
+                     enable_gqa: bool, *mask_inputs: Any) -> torch.Tensor:
+    """SDPA with ``is_causal=True``. ``mask_inputs`` are what the replaced mask was computed from
+    outside the region (symbolic sizes, a mask passed into a checkpointed layer): unused, they
+    keep the region's inputs the same as the call's."""
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)
 
 
 def unmasked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
-                       enable_gqa: bool, *sizes: Any) -> torch.Tensor:
+                       enable_gqa: bool, *mask_inputs: Any) -> torch.Tensor:
     """SDPA without a mask (the replaced one was all true)."""
     return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=enable_gqa)
 
@@ -92,7 +93,7 @@ def _replace(m: Match) -> Replacement:
     target = causal_attention if isinstance(analysis.value, Causal) else unmasked_attention
     b = m.bindings
     return Replacement(target, (b["q"], b["k"], b["v"], attrs["scale"], bool(attrs["enable_gqa"]),
-                                *analysis.sizes))
+                                *analysis.inputs))
 
 
 CAUSAL_MASK = Pattern(

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fastft.passes.canonical import tensor_meta
+from fastft.passes.canonical import outer_value, tensor_meta
 
 
 @dataclass(frozen=True)
@@ -53,15 +53,21 @@ class Unknown(Exception):
 @dataclass
 class MaskAnalysis:
     value: Value
-    nodes: list[fx.Node]  # every op node the mask is computed from
-    sizes: list[fx.Node]  # the symbolic sizes (graph inputs) it reads
+    nodes: list[fx.Node]  # every op node of this graph the mask is computed from
+    inputs: list[fx.Node]  # what else it reads: symbolic sizes, and values an enclosing graph passes in
 
 
 def analyse_mask(mask: fx.Node) -> MaskAnalysis:
     """The abstract value of ``mask`` and the nodes computing it; raises Unknown with a reason."""
     state = _Interpreter()
     value = state.eval(mask)
-    return MaskAnalysis(value, list(state.nodes), list(state.sizes))
+    return MaskAnalysis(value, list(state.nodes), list(state.inputs))
+
+
+def _outer(node: fx.Node) -> Value:
+    """The value an enclosing graph passes into a nested body (a checkpointed layer), proved
+    there; its computation stays in that graph."""
+    return _Interpreter().eval(outer_value(node))
 
 
 def _name(node: fx.Node) -> str:
@@ -82,7 +88,7 @@ class _Interpreter:
     def __init__(self) -> None:
         self.values: dict[fx.Node, Value] = {}
         self.nodes: dict[fx.Node, None] = {}
-        self.sizes: dict[fx.Node, None] = {}
+        self.inputs: dict[fx.Node, None] = {}
 
     def eval(self, node: Any) -> Value:
         if not isinstance(node, fx.Node):
@@ -91,6 +97,10 @@ class _Interpreter:
             raise Unknown(f"the mask uses the constant {node!r}")
         if node in self.values:
             return self.values[node]
+        if node.op == "placeholder" and outer_value(node) is not None:
+            value = self.values[node] = _outer(node)
+            self.inputs[node] = None  # read from outside: an input of the region
+            return value
         if node.op == "placeholder":
             what = "a graph input" if tensor_meta(node) is not None else "a size"
             raise Unknown(f"the mask reads {what} '{node.name}' (a padding mask or positions passed in)")
@@ -108,7 +118,7 @@ class _Interpreter:
             for v in value:
                 self._size(v)
         elif isinstance(value, fx.Node):
-            self.sizes[value] = None
+            self.inputs[value] = None
 
     def _op(self, node: fx.Node) -> Value:  # noqa: C901  (one rule per op, in one place)
         name = _name(node)

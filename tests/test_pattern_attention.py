@@ -154,3 +154,17 @@ def test_sliding_window_model_reports_its_masks():
     assert "attention" not in report.counts()
     misses = [m for m in report.near_misses if m.pattern == "causal_mask"]
     assert len(misses) == model.config.num_hidden_layers and all("sliding window" in m.reason for m in misses), misses
+
+
+def test_mask_passed_into_checkpointed_layers_is_followed_outside():
+    """Under gradient checkpointing the mask is built once and passed into each checkpointed
+    layer; the analysis follows it into the enclosing graph."""
+    model = tiny("llama")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    fastft.optimize(model)
+    result = fastft.check(model, {**random_batch(model, batch=2, seq=9), "use_cache": False})
+    assert result.ok, str(result)
+    report = fastft.report(model)
+    assert report.counts().get("attention") == model.config.num_hidden_layers, str(report)
+    assert not report.graph_breaks and not report.near_misses, str(report)
