@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .glu import glu_backward, glu_forward, glu_reference
+from .nf4 import dequantize_4bit_forward
 from .launch import SUPPORTED_DTYPES, check_dtype
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "lora_glu_mlp_reference",
     "lora_linear",
     "lora_linear_reference",
+    "qlora_linear",
 ]
 
 
@@ -282,3 +284,93 @@ def _lora_glu_mlp_backward(ctx, dy: Optional[torch.Tensor], _dg, _du):
 
 
 _lora_glu_mlp_forward_op.register_autograd(_lora_glu_mlp_backward, setup_context=_lora_glu_mlp_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# fastft::qlora_linear: the base weight stored in 4 bits (bitsandbytes NF4 / FP4)
+# --------------------------------------------------------------------------------------------
+def _dequantized(packed, absmax, absmax2, code2, offset, code, blocksize, out_features, in_features, dtype):
+    """The 4-bit weight as a dense [out, in] tensor in ``dtype``: one Triton launch."""
+    return dequantize_4bit_forward(packed, absmax, _code_table(code, packed.device), blocksize,
+                                   (out_features, in_features), dtype, absmax2, code2,
+                                   _NESTED_BLOCKSIZE if absmax2 is not None else 0,
+                                   offset if offset is not None else 0.0)
+
+
+# bitsandbytes' 4-bit GEMM supports double quantisation with nested blocks of 256 scales only.
+_NESTED_BLOCKSIZE = 256
+_CODE_TABLES: dict = {}
+
+
+def _code_table(code: list[float], device: torch.device) -> torch.Tensor:
+    """The 16-entry code book as a device tensor, made once per book and device."""
+    key = (tuple(code), str(device))
+    if key not in _CODE_TABLES:
+        _CODE_TABLES[key] = torch.tensor(code, dtype=torch.float32, device=device)
+    return _CODE_TABLES[key]
+
+
+def _check_4bit(x, packed, code, blocksize, out_features, in_features, compute_dtype, lora_a, lora_b):
+    op = "fastft::qlora_linear"
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"{op}: packed weight must be uint8, got {packed.dtype}")
+    if packed.numel() * 2 != out_features * in_features:
+        raise ValueError(f"{op}: {packed.numel()} packed bytes for a [{out_features}, {in_features}] weight")
+    if len(code) != 16:
+        raise ValueError(f"{op}: a 4-bit code book has 16 entries, got {len(code)}")
+    check_dtype(op, "compute_dtype", compute_dtype)
+    # Shapes and dtypes only: meta tensors stand for the cast input and the dequantised weight.
+    _check(op, torch.empty((1, in_features), dtype=compute_dtype, device="meta"),
+           torch.empty((out_features, in_features), dtype=compute_dtype, device="meta"), None,
+           lora_a.to("meta"), lora_b.to("meta"))
+
+
+@torch.library.custom_op("fastft::qlora_linear", mutates_args=())
+def qlora_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, absmax2: Optional[torch.Tensor],
+                 code2: Optional[torch.Tensor], offset: Optional[torch.Tensor], code: list[float], blocksize: int,
+                 out_features: int, in_features: int, compute_dtype: torch.dtype, lora_a: torch.Tensor,
+                 lora_b: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """x W^T + scale (x A^T) B^T with W the dequantised 4-bit weight, computed in ``compute_dtype``;
+    W exists only for the duration of the call (and again in the backward)."""
+    _check_4bit(x, packed, code, blocksize, out_features, in_features, compute_dtype, lora_a, lora_b)
+    weight = _dequantized(packed, absmax, absmax2, code2, offset, code, blocksize, out_features, in_features,
+                          compute_dtype)
+    y = _forward_2d(_rows(x).to(compute_dtype), weight, None, lora_a, lora_b, scale)
+    return y.reshape(*x.shape[:-1], out_features).to(out_dtype)
+
+
+@qlora_linear.register_fake
+def _qlora_linear_fake(x, packed, absmax, absmax2, code2, offset, code, blocksize, out_features, in_features,
+                       compute_dtype, lora_a, lora_b, scale, out_dtype):
+    _check_4bit(x, packed, code, blocksize, out_features, in_features, compute_dtype, lora_a, lora_b)
+    return x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype)
+
+
+_QLORA_GRAD_INPUTS = {0: "x", 11: "lora_a", 12: "lora_b"}
+
+
+def _qlora_setup_context(ctx, inputs, output) -> None:
+    (x, packed, absmax, absmax2, code2, offset, code, blocksize, out_features, in_features, compute_dtype,
+     lora_a, lora_b, scale, _out_dtype) = inputs
+    ctx.save_for_backward(x, packed, absmax, absmax2, code2, offset, lora_a, lora_b)
+    ctx.static = (code, blocksize, out_features, in_features, compute_dtype, scale)
+    ctx.set_materialize_grads(False)
+
+
+def _qlora_backward(ctx, dy: Optional[torch.Tensor]):
+    grads: list[Optional[torch.Tensor]] = [None] * 15
+    need_dx, need_da, need_db = (bool(ctx.needs_input_grad[i]) for i in _QLORA_GRAD_INPUTS)
+    if dy is None or not (need_dx or need_da or need_db):
+        return tuple(grads)
+    x, packed, absmax, absmax2, code2, offset, lora_a, lora_b = ctx.saved_tensors
+    code, blocksize, out_features, in_features, compute_dtype, scale = ctx.static
+    weight = _dequantized(packed, absmax, absmax2, code2, offset, code, blocksize, out_features, in_features,
+                          compute_dtype)
+    dx, _, _, da, db = _backward_2d(_rows(dy), _rows(x).to(compute_dtype), weight, lora_a, lora_b, scale,
+                                    (need_dx, False, False, need_da, need_db))
+    grads[0] = dx.reshape(x.shape).to(x.dtype) if dx is not None else None
+    grads[11], grads[12] = da, db
+    return tuple(grads)
+
+
+qlora_linear.register_autograd(_qlora_backward, setup_context=_qlora_setup_context)

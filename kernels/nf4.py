@@ -130,7 +130,11 @@ def _check_args(
     if nested and nested_blocksize <= 0:
         raise ValueError(f"{_OP}: absmax2 and code2 were given but nested_blocksize is "
                          f"{nested_blocksize}; pass quant_state.state2.blocksize (> 0)")
-    if not nested and (nested_blocksize != 0 or offset != 0.0):
+    if isinstance(offset, torch.Tensor):
+        if offset.numel() != 1 or offset.dtype != torch.float32 or not nested:
+            raise ValueError(f"{_OP}: a tensor offset must be one float32 value of a double-quantised "
+                             f"weight, got {offset.dtype} of {offset.numel()} elements")
+    elif not nested and (nested_blocksize != 0 or offset != 0.0):
         raise ValueError(f"{_OP}: nested_blocksize={nested_blocksize} and offset={offset} describe "
                          f"double quantisation, but absmax2 and code2 were not given")
 
@@ -208,8 +212,9 @@ def dequantize_4bit_kernel(
     out_ptr,  # OUT_DTYPE [n_blocks * BLOCKSIZE]
     n_blocks,
     nested_blocksize,
-    offset,
+    offset,  # a float, or (OFFSET_IN_MEMORY) a pointer to one
     NESTED: tl.constexpr,
+    OFFSET_IN_MEMORY: tl.constexpr,
     BLOCKSIZE: tl.constexpr,
     BLOCKS_PER_PROGRAM: tl.constexpr,
     OUT_DTYPE: tl.constexpr,
@@ -225,7 +230,10 @@ def dequantize_4bit_kernel(
         q_scale = tl.load(absmax_ptr + blocks, mask=block_mask, other=0).to(tl.int32)
         scale = tl.load(code2_ptr + q_scale, mask=block_mask, other=0.0)
         scale = scale * tl.load(absmax2_ptr + blocks // nested_blocksize, mask=block_mask, other=0.0)
-        scale = scale + offset
+        if OFFSET_IN_MEMORY:
+            scale = scale + tl.load(offset)
+        else:
+            scale = scale + offset
     else:
         scale = tl.load(absmax_ptr + blocks, mask=block_mask, other=0.0)
 
@@ -269,7 +277,7 @@ def dequantize_4bit_forward(
     absmax2: Optional[torch.Tensor] = None,
     code2: Optional[torch.Tensor] = None,
     nested_blocksize: int = 0,
-    offset: float = 0.0,
+    offset: Union[float, torch.Tensor] = 0.0,
     blocks_per_program: Optional[int] = None,
 ) -> torch.Tensor:
     """Launch the kernel once; returns a new contiguous tensor of ``shape`` in ``dtype``.
@@ -290,8 +298,10 @@ def dequantize_4bit_forward(
         out,
         n_blocks,
         nested_blocksize if nested else 1,
-        float(offset),
+        # The captured graph holds the offset as a device tensor: read it there, with no host sync.
+        offset.reshape(1) if isinstance(offset, torch.Tensor) else float(offset),
         NESTED=nested,
+        OFFSET_IN_MEMORY=isinstance(offset, torch.Tensor),
         BLOCKSIZE=blocksize,
         BLOCKS_PER_PROGRAM=bpp,
         OUT_DTYPE=TL_DTYPE[dtype],

@@ -345,7 +345,7 @@ _STRUCTURAL = {
     "stack": _canon_cat, "flatten": _canon_flatten, "view": _canon_flatten, "reshape": _canon_flatten,
     "silu": _canon_activation, "gelu": _canon_activation, "layer_norm": _canon_layer_norm,
     "linear": _canon_linear, "cross_entropy": _canon_cross_entropy, "contiguous": _canon_contiguous,
-    "dropout": _canon_dropout, "scaled_dot_product_attention": _canon_sdpa,
+    "dropout": _canon_dropout, "scaled_dot_product_attention": _canon_sdpa, "clone": _canon_contiguous,
 }
 
 

@@ -166,7 +166,9 @@ def extract_region(matches: list[Match], inputs: list[fx.Node]) -> tuple[fx.Grap
         env[node] = graph.node_copy(node, lambda n: env[n])
     roots = [env[m.root] for m in matches]
     graph.output(roots[0] if len(roots) == 1 else tuple(roots))
-    return fx.GraphModule(torch.nn.Module(), graph), None
+    # Built over the graph's own module, so that a body the region calls (get_attr) comes along.
+    owner = matches[0].root.graph.owning_module
+    return fx.GraphModule(owner if owner is not None else torch.nn.Module(), graph), None
 
 
 def _splice_group(gm: fx.GraphModule, pattern: Pattern, group: list, result: RewriteResult) -> None:

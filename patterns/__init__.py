@@ -1,6 +1,7 @@
 """Declarative patterns, one module per op family. ``DEFAULT_PATTERNS`` is the ordered list
 ``optimize()`` hands to the pass pipeline: larger regions first, so that a fused MLP is tried
-before the activation inside it (and an adapted MLP before both), and LayerNorm before RMSNorm (a written-out LayerNorm ends in
+before the activation inside it (and an adapted MLP before both; single adapted linears
+before the activation too, since a 4-bit base reads the product through a cast of its own), and LayerNorm before RMSNorm (a written-out LayerNorm ends in
 an RMSNorm of the centred input, which must not be taken for one). The causal-mask rewrite comes last:
 the mask it removes is computed from positions that other regions may share."""
 from .attention import CAUSAL_MASK
@@ -10,7 +11,7 @@ from .loss import LINEAR_CROSS_ENTROPY
 from .norms import LAYER_NORM, RMS_NORM
 from .rope import ROPE, ROPE_POLAR
 
-DEFAULT_PATTERNS = [LINEAR_CROSS_ENTROPY, LORA_GLU_MLP, GLU, LORA, ROPE, ROPE_POLAR, LAYER_NORM, RMS_NORM,
+DEFAULT_PATTERNS = [LINEAR_CROSS_ENTROPY, LORA_GLU_MLP, LORA, GLU, ROPE, ROPE_POLAR, LAYER_NORM, RMS_NORM,
                     CAUSAL_MASK]
 
 __all__ = ["CAUSAL_MASK", "DEFAULT_PATTERNS", "GLU", "LINEAR_CROSS_ENTROPY", "LORA", "LORA_GLU_MLP", "LAYER_NORM", "RMS_NORM", "ROPE", "ROPE_POLAR"]

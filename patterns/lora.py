@@ -23,28 +23,53 @@ from fastft.passes.canonical import canonical, dtype_of, same_size, tensor_meta
 from fastft.passes.matcher import Cast, Lit, Match, Op, Var
 from fastft.passes.pattern import Pattern, Replacement
 
+from .four_bit import code_book, four_bit_linear
 from .glu import activation_rounding, gated_product, gated_product_problem
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _adapted_linear(x, p: str = ""):
-    """One LoRA linear over the sub-expression ``x``; every binding name starts with ``p``."""
-    base = Op("linear", x, Var(p + "weight"), Var(p + "bias") | None, name=p + "base")
+    """One LoRA linear over the sub-expression ``x``; every binding name starts with ``p``. The
+    base is a linear, or any tensor (``base4``) that the check must prove to be a 4-bit linear of x."""
+    base = (Op("linear", x, Var(p + "weight"), Var(p + "bias") | None, name=p + "base")
+            | Cast(Var(p + "base4"), p + "base_cast"))
     # peft casts x to the adapter's dtype, then applies dropout; the other order is the same math.
     cast_x = Cast(x, p + "x_cast")
     adapter_in = (Op("dropout", cast_x, name=p + "dropout") | Cast(Op("dropout", x, name=p + "dropout"), p + "x_cast")
                   | cast_x)
     low_rank = Op("linear", adapter_in, Var(p + "lora_a"), Var(p + "lora_a_bias") | None, name=p + "a_out")
     adapter = Op("linear", low_rank, Var(p + "lora_b"), Var(p + "lora_b_bias") | None, name=p + "b_out")
-    scaled = Op("mul", adapter, Lit(p + "scale"), commutative=True, name=p + "scaled") | adapter
+    scaled = Cast(Op("mul", adapter, Lit(p + "scale"), commutative=True, name=p + "scaled") | adapter,
+                  p + "adapter_cast")
     return Cast(Op("add", base, scaled, commutative=True, name=p + "sum"), p + "out_cast")
 
 
+def _where(p: str) -> str:
+    return f"{p.rstrip('_')} projection: " if p else ""
+
+
 def _adapter_problem(b: dict, x_node, p: str = "") -> str | None:
-    """Why one matched LoRA linear cannot be fused, or None."""
-    where = f"{p.rstrip('_')} projection: " if p else ""
+    """Why one matched LoRA linear over a plain frozen weight cannot be fused, or None."""
+    where = _where(p)
     x, weight = tensor_meta(x_node), tensor_meta(b[p + "weight"])
+    if weight.requires_grad:
+        return f"{where}the base weight is trainable (not a frozen base with an adapter)"
+    if weight.dtype not in SUPPORTED_DTYPES:
+        return f"{where}base weight dtype {weight.dtype} has no fused op (supported: float32, bfloat16, float16)"
+    if x.dtype != weight.dtype:
+        return f"{where}x is {x.dtype} but the base weight is {weight.dtype}"
+    if p + "bias" in b and dtype_of(b[p + "bias"]) != weight.dtype:
+        return f"{where}the base bias is {dtype_of(b[p + 'bias'])} but the weight is {weight.dtype}"
+    if weight.dim() != 2:
+        return f"{where}a base weight of {weight.dim()} dimensions"
+    return _branch_problem(b, x_node, p, tuple(weight.shape))
+
+
+def _branch_problem(b: dict, x_node, p: str, base_shape: tuple) -> str | None:
+    """Why the adapter branch ``B(A(x)) * s`` beside a base of ``base_shape`` cannot be fused, or None."""
+    where = _where(p)
+    x = tensor_meta(x_node)
     lora_a, lora_b = tensor_meta(b[p + "lora_a"]), tensor_meta(b[p + "lora_b"])
     if p + "dropout" in b:
         attrs = canonical(b[p + "dropout"]).attrs
@@ -52,25 +77,19 @@ def _adapter_problem(b: dict, x_node, p: str = "") -> str | None:
             return f"{where}the adapter applies dropout p={attrs['p']} in training; the fused op has no dropout"
     if p + "lora_a_bias" in b or p + "lora_b_bias" in b:
         return f"{where}the adapter has a bias; the fused op has none"
-    if weight.requires_grad:
-        return f"{where}the base weight is trainable (not a frozen base with an adapter)"
-    for name, t in (("x", x), ("base weight", weight), ("lora_A", lora_a), ("lora_B", lora_b)):
+    for name, t in (("x", x), ("lora_A", lora_a), ("lora_B", lora_b)):
         if t.dtype not in SUPPORTED_DTYPES:
             return f"{where}{name} dtype {t.dtype} has no fused op (supported: float32, bfloat16, float16)"
-    if x.dtype != weight.dtype:
-        return f"{where}x is {x.dtype} but the base weight is {weight.dtype}"
-    if p + "bias" in b and dtype_of(b[p + "bias"]) != weight.dtype:
-        return f"{where}the base bias is {dtype_of(b[p + 'bias'])} but the weight is {weight.dtype}"
     if b[p + "x_cast"] not in (None, lora_a.dtype):
         return f"{where}x is cast to {b[p + 'x_cast']} for an adapter of dtype {lora_a.dtype}"
-    if weight.dim() != 2 or lora_a.dim() != 2 or lora_b.dim() != 2:
-        return f"{where}weights of {weight.dim()}, {lora_a.dim()} and {lora_b.dim()} dimensions"
-    out_features, in_features = weight.shape
+    if lora_a.dim() != 2 or lora_b.dim() != 2:
+        return f"{where}adapter matrices of {lora_a.dim()} and {lora_b.dim()} dimensions"
+    out_features, in_features = base_shape
     rank = lora_a.shape[0]
     if not (same_size(lora_a.shape[1], in_features) and same_size(lora_b.shape[0], out_features)
             and same_size(lora_b.shape[1], rank)):
         return (f"{where}adapter shapes A {tuple(lora_a.shape)} and B {tuple(lora_b.shape)} do not fit the "
-                f"base weight {tuple(weight.shape)}")
+                f"base weight {tuple(base_shape)}")
     scale = b.get(p + "scale", 1.0)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         return f"{where}the adapter is scaled by {scale!r}, not a number"
@@ -115,9 +134,37 @@ def _out_dtype(m: Match):
 # --------------------------------------------------------------------------------------------
 # lora: one adapted linear
 # --------------------------------------------------------------------------------------------
+def _four_bit_problem(b: dict, p: str = "") -> str | None:
+    """Why a LoRA linear whose base (``base4``) should be a 4-bit linear of x cannot be fused."""
+    record, why = four_bit_linear(b[p + "base4"])
+    if record is None:
+        return f"the base is neither a linear nor a 4-bit linear: {why}"
+    if _uncast(record.x) is not _uncast(b["x"]):
+        return (f"the 4-bit base reads '{_uncast(record.x).name}' and the adapter "
+                f"'{_uncast(b['x']).name}': different inputs")
+    compute = dtype_of(record.x)
+    if compute not in SUPPORTED_DTYPES:
+        return f"the 4-bit linear computes in {compute}"
+    if b[p + "adapter_cast"] not in (None, compute):
+        return f"the adapter's product is cast to {b[p + 'adapter_cast']}, the base computes in {compute}"
+    return _branch_problem(b, b["x"], p, record.shape)
+
+
+def _uncast(node):
+    """``node`` without the casts (and copies) in front of it."""
+    while (canon := canonical(node)) is not None and canon.op in ("cast", "identity"):
+        node = canon.args[0]
+    return node
+
+
 def _check_lora(m: Match) -> str | None:
     b = m.bindings
-    reason = _adapter_problem(b, b["x"])
+    if "base4" in b:
+        reason = _four_bit_problem(b)
+    else:
+        reason = _adapter_problem(b, b["x"])
+        if reason is None and b["adapter_cast"] not in (None, dtype_of(b["b_out"])):
+            reason = f"the adapter's product is cast to {b['adapter_cast']} before the sum"
     if reason is not None:
         return reason
     if dtype_of(m.root) not in SUPPORTED_DTYPES:
@@ -129,9 +176,35 @@ def _check_lora(m: Match) -> str | None:
 
 def _replace_lora(m: Match) -> Replacement:
     b = m.bindings
+    if "base4" in b:
+        return _replace_qlora(m)
     return Replacement(torch.ops.fastft.lora_linear.default,
                        (b["x"], b["weight"], b.get("bias"), b["lora_a"], b["lora_b"], float(b.get("scale", 1.0)),
                         _out_dtype(m)))
+
+
+def _replace_qlora(m: Match) -> Replacement:
+    b = m.bindings
+    record, _ = four_bit_linear(b["base4"])
+    absmax2, code2, offset = record.nested if record.nested is not None else (None, None, None)
+    out_features, in_features = record.shape
+    return Replacement(torch.ops.fastft.qlora_linear.default,
+                       (b["x"], record.packed, record.absmax, absmax2, code2, offset,
+                        code_book(record.quant_type), record.blocksize, out_features, in_features,
+                        dtype_of(record.x), b["lora_a"], b["lora_b"], float(b.get("scale", 1.0)), _out_dtype(m)))
+
+
+def _absorb_four_bit(m: Match) -> list:
+    """With a 4-bit base, the region also holds the 4-bit linear and the casts of x before it."""
+    b = m.bindings
+    if "base4" not in b:
+        return []
+    record, _ = four_bit_linear(b["base4"])
+    casts, node = [], record.x
+    while node is not b["x"] and node is not _uncast(b["x"]):
+        casts.append(node)
+        node = canonical(node).args[0]
+    return [*casts, *record.nodes]
 
 
 def _is_adapter_up_projection(node) -> bool:
@@ -153,6 +226,7 @@ LORA = Pattern(
     anchor_filter=_is_adapter_up_projection,
     reference=lora_linear_reference,
     kernel="fastft::lora_linear",
+    absorb=_absorb_four_bit,
 )
 
 
@@ -171,6 +245,8 @@ def _check_mlp(m: Match) -> str | None:
     b = m.bindings
     x = tensor_meta(b["x"])
     gate, up = _projection_output(b, "gate_"), _projection_output(b, "up_")
+    if any(p + "base4" in b for p in ("gate_", "up_", "down_")):
+        return "a projection has a 4-bit base: the fused MLP takes dense weights (each adapted linear is fused alone)"
     product = canonical(b["down_base"]).args[0]
     for p, x_node in (("gate_", b["x"]), ("up_", b["x"]), ("down_", product)):
         reason = _adapter_problem(b, x_node, p)

@@ -264,3 +264,16 @@ def test_nested_errors(drop, changes, match) -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(ValueError, match=match):
         _call(args, kwargs, **changes)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_offset_read_from_a_tensor(device, quant_type) -> None:
+    """The captured graph holds the offset as a 0-d device tensor: the launcher reads it there
+    and gives the same bits as with the Python float."""
+    _, packed, qs = _quantised((24, 64), 64, quant_type, True)
+    args, kwargs = _op_args(packed, qs, device)
+    expected = dequantize_4bit_forward(*args, torch.bfloat16, **kwargs)
+    kwargs["offset"] = qs.offset.to(device)
+    assert torch.equal(dequantize_4bit_forward(*args, torch.bfloat16, **kwargs), expected)
+    with pytest.raises(ValueError, match="tensor offset"):
+        dequantize_4bit_forward(*args, torch.bfloat16, **{**kwargs, "offset": torch.zeros(2, device=device)})
