@@ -110,7 +110,9 @@ def test_gradient_checkpointing_nested_graphs():
     batch = random_batch(model)
     result = fastft.check(model, batch)
     assert result.ok, str(result)
-    assert fastft.report(model).counts() == expected_counts(model, "llama")
+    # Checkpointing turns the KV cache off, so the model builds its causal mask: proved, removed.
+    layers = model.config.num_hidden_layers
+    assert fastft.report(model).counts() == {**expected_counts(model, "llama"), "attention": layers}
     assert_same_training(reference, model, _batches(model))
 
 

@@ -94,7 +94,9 @@ def test_optimise_check_and_fine_tune(smollm2):
     report = fastft.report(model)
     assert report.counts() == {"rms_norm": count_modules(model, "RMSNorm"), "rope": layers,
                                "glu_mlp": layers, "linear_cross_entropy": 1}, str(report)
-    assert not report.capture_failures and not report.near_misses, str(report)
+    assert not report.capture_failures, str(report)
+    # The batch is padded: its attention mask comes from the data, and is left as it is.
+    assert all(m.pattern == "causal_mask" and "graph input" in m.reason for m in report.near_misses), str(report)
 
     # Real text, real weights: every rewritten region and the whole model against the original.
     result = fastft.check(model, batch)

@@ -1,0 +1,86 @@
+"""LoRA over bitsandbytes 4-bit bases (QLoRA) on a tiny model: every adapted linear becomes
+fastft::qlora_linear, checked equal and trained equal; bitsandbytes' 4-bit path runs on the CPU."""
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+
+import fastft
+from fastft.tiny import random_batch
+
+from helpers import DEVICE, assert_same_training, tiny, twin
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    tiny("llama").save_pretrained(path)
+    return path
+
+
+def _qlora(path, quant_type="nf4", double_quant=True, checkpointing=False, dropout=0.0):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=config,
+                                                 device_map={"": DEVICE})
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(1)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                                       target_modules=TARGETS))
+    with torch.no_grad():  # lora_B starts at zero: give the adapters something to compute
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    return model.train()
+
+
+def _batch(model, seed=0):
+    return {**random_batch(model, batch=2, seq=9, seed=seed), "use_cache": False}
+
+
+def _lora_records(model):
+    return [r for r in fastft.report(model).rewrites if r.pattern == "lora"]
+
+
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
+def test_every_adapted_4bit_linear_is_fused_and_checked(saved_model, quant_type, double_quant):
+    model = fastft.optimize(_qlora(saved_model, quant_type, double_quant))
+    result = fastft.check(model, _batch(model))
+    assert result.ok, str(result)
+    layers = model.get_base_model().config.num_hidden_layers
+    records = _lora_records(model)
+    assert len(records) == len(TARGETS) * layers, str(fastft.report(model))
+    assert {r.kernel for r in records} == {"fastft::qlora_linear"}
+    assert not [m for m in fastft.report(model).near_misses if m.pattern == "lora"], str(fastft.report(model))
+
+
+def test_three_steps_train_like_the_original(saved_model):
+    model = _qlora(saved_model)
+    reference = twin(model)
+    batches = [_batch(model, seed) for seed in range(3)]
+    assert_same_training(reference, fastft.optimize(model), batches)
+
+
+def test_checkpointed_layers_fuse_inside_their_bodies(saved_model):
+    """Under checkpointing (and with inputs that need gradients) the 4-bit GEMM is an autograd
+    Function inside each checkpointed body: it is read from there."""
+    model = fastft.optimize(_qlora(saved_model, checkpointing=True))
+    result = fastft.check(model, _batch(model))
+    assert result.ok, str(result)
+    layers = model.get_base_model().config.num_hidden_layers
+    assert len(_lora_records(model)) == len(TARGETS) * layers, str(fastft.report(model))
+
+
+def test_dropout_is_a_near_miss_over_4bit_too(saved_model):
+    model = fastft.optimize(_qlora(saved_model, dropout=0.1))
+    model(**_batch(model)).loss.backward()
+    assert not _lora_records(model)
+    misses = [m for m in fastft.report(model).near_misses if m.pattern == "lora"]
+    assert misses and all("dropout p=0.1" in m.reason for m in misses), misses
