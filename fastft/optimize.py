@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-from fastft.passes.capture import CapturedGraph, make_backend
+from fastft.passes.capture import CapturedGraph, make_backend, redundant_requires_grad_dropped
 from fastft.passes.pattern import Pattern
 from fastft.patterns import DEFAULT_PATTERNS
 
@@ -58,7 +58,7 @@ class EntryPoint:
         before = dict(counters["graph_break"])
         try:
             with torch._dynamo.config.patch(ignore_logging_functions=_logging_methods(),
-                                            **_CAPTURE_DATA_DEPENDENT):
+                                            **_CAPTURE_DATA_DEPENDENT), redundant_requires_grad_dropped():
                 out = self.compiled(*args, **kwargs)
         except torch._dynamo.exc.TorchDynamoException as error:
             if self.state.options.fullgraph:
@@ -74,7 +74,7 @@ class EntryPoint:
                        "or it skipped the frame)")
         for reason, count in counters["graph_break"].items():
             if count > before.get(reason, 0):
-                self.state.report.record_graph_break(self.name, _first_line(reason), count - before.get(reason, 0))
+                self.state.report.record_graph_break(self.name, _break_reason(reason), count - before.get(reason, 0))
         return out
 
     def _fail(self, reason: str) -> None:
@@ -223,6 +223,24 @@ def _entry_function(module: nn.Module):
     fn = types.FunctionType(call.__code__.replace(co_name=f"fastft_entry_{id(module):x}"), call.__globals__,
                             call.__name__, call.__defaults__, call.__closure__)
     return fn
+
+
+# What fastft adds to Dynamo's own words for breaks it cannot remove (keyed by their first line).
+_BREAK_NOTES = {
+    "requires_grad_() intermediate leaked as output":
+        "a requires_grad_() inside the forward (e.g. an input-embedding hook for gradient "
+        "checkpointing) is what makes an output require grad: nothing trainable reaches that output, "
+        "or the marked tensor is returned; fastft drops such a mark only where it changes no gradient",
+    "Unsupported Tensor.requires_grad_() call":
+        "requires_grad_() on a tensor the graph received as an input (often the resumption of the "
+        "break above): a graph cannot change an input's requires_grad",
+}
+
+
+def _break_reason(reason: str) -> str:
+    first = _first_line(reason)
+    note = _BREAK_NOTES.get(first)
+    return f"{first} ({note})" if note else first
 
 
 def _first_line(error: Any) -> str:
