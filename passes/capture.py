@@ -139,7 +139,8 @@ def _install_leak_check() -> None:
         return
 
     def check(self, rv, tx):
-        if _scope.active:
+        # The attribute it reads is Dynamo's too: where a torch lacks it, Dynamo's check runs alone.
+        if _scope.active and hasattr(self, "leaf_var_creation_order"):
             drop_redundant_requires_grad(self, rv)
         return original(self, rv, tx)
 
