@@ -346,7 +346,31 @@ def _qlora_linear_fake(x, packed, absmax, absmax2, code2, offset, code, blocksiz
     return x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype)
 
 
-_QLORA_GRAD_INPUTS = {0: "x", 11: "lora_a", 12: "lora_b"}
+# The backward is an op of its own (as for the GLU): AOT autograd traces it through its fake,
+# while its body launches the dequantisation kernel on real tensors.
+@torch.library.custom_op("fastft::qlora_linear_backward", mutates_args=())
+def _qlora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
+                              absmax2: Optional[torch.Tensor], code2: Optional[torch.Tensor],
+                              offset: Optional[torch.Tensor], code: list[float], blocksize: int,
+                              out_features: int, in_features: int, compute_dtype: torch.dtype,
+                              lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, need: list[bool]
+                              ) -> list[torch.Tensor]:
+    need_dx, need_da, need_db = need
+    weight = _dequantized(packed, absmax, absmax2, code2, offset, code, blocksize, out_features, in_features,
+                          compute_dtype)
+    dx, _, _, da, db = _backward_2d(_rows(dy), _rows(x).to(compute_dtype), weight, lora_a, lora_b, scale,
+                                    (need_dx, False, False, need_da, need_db))
+    dx = dx.reshape(x.shape).to(x.dtype) if dx is not None else x.new_empty(0)
+    return [dx, da if da is not None else lora_a.new_empty(0), db if db is not None else lora_b.new_empty(0)]
+
+
+@_qlora_linear_backward_op.register_fake
+def _qlora_linear_backward_fake(dy, x, packed, absmax, absmax2, code2, offset, code, blocksize, out_features,
+                                in_features, compute_dtype, lora_a, lora_b, scale, need):
+    return [ref.new_empty(ref.shape) if n else ref.new_empty(0) for n, ref in zip(need, (x, lora_a, lora_b))]
+
+
+_QLORA_GRAD_INPUTS = (0, 11, 12)  # x, lora_a, lora_b among the op's arguments
 
 
 def _qlora_setup_context(ctx, inputs, output) -> None:
@@ -359,17 +383,16 @@ def _qlora_setup_context(ctx, inputs, output) -> None:
 
 def _qlora_backward(ctx, dy: Optional[torch.Tensor]):
     grads: list[Optional[torch.Tensor]] = [None] * 15
-    need_dx, need_da, need_db = (bool(ctx.needs_input_grad[i]) for i in _QLORA_GRAD_INPUTS)
-    if dy is None or not (need_dx or need_da or need_db):
+    need = [bool(ctx.needs_input_grad[i]) for i in _QLORA_GRAD_INPUTS]
+    if dy is None or not any(need):
         return tuple(grads)
     x, packed, absmax, absmax2, code2, offset, lora_a, lora_b = ctx.saved_tensors
     code, blocksize, out_features, in_features, compute_dtype, scale = ctx.static
-    weight = _dequantized(packed, absmax, absmax2, code2, offset, code, blocksize, out_features, in_features,
-                          compute_dtype)
-    dx, _, _, da, db = _backward_2d(_rows(dy), _rows(x).to(compute_dtype), weight, lora_a, lora_b, scale,
-                                    (need_dx, False, False, need_da, need_db))
-    grads[0] = dx.reshape(x.shape).to(x.dtype) if dx is not None else None
-    grads[11], grads[12] = da, db
+    results = torch.ops.fastft.qlora_linear_backward(dy, x, packed, absmax, absmax2, code2, offset, code, blocksize,
+                                                     out_features, in_features, compute_dtype, lora_a, lora_b,
+                                                     scale, need)
+    for position, wanted, grad in zip(_QLORA_GRAD_INPUTS, need, results):
+        grads[position] = grad if wanted else None
     return tuple(grads)
 
 

@@ -172,3 +172,45 @@ def test_lora_ops_pass_opcheck():
     x, gate, up, down = _mlp_inputs((3, 16), 24, 2, torch.float32, torch.float32)
     torch.library.opcheck(torch.ops.fastft.lora_glu_mlp_forward.default, (x, *gate, *up, *down, "silu", None),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def _quantised_linear(out_features=16, in_features=64, quant_type="nf4", nested=True):
+    """A bitsandbytes 4-bit weight (CPU quantisation) as fastft::qlora_linear takes it."""
+    from bitsandbytes.functional import quantize_4bit
+
+    w = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(3)) * 0.1
+    packed, qs = quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type=quant_type)
+    nested_args = ((qs.state2.absmax.to(DEVICE), qs.state2.code.to(DEVICE), qs.offset.to(DEVICE)) if nested
+                   else (None, None, None))
+    from bitsandbytes.functional import dequantize_4bit as bnb_dequantize
+
+    qs_dense = bnb_dequantize(packed, qs).reshape(out_features, in_features)
+    args = (packed.to(DEVICE), qs.absmax.to(DEVICE), *nested_args, [float(v) for v in qs.code], 64,
+            out_features, in_features)
+    return args, qs_dense.to(DEVICE)
+
+
+@pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("fp4", False)])
+def test_qlora_linear_matches_lora_over_the_dequantised_weight(quant_type, nested):
+    """The 4-bit op equals the dense LoRA op over the weight bitsandbytes dequantises."""
+    quant, dense = _quantised_linear(quant_type=quant_type, nested=nested)
+    x, _, _, lora_a, lora_b = _linear_inputs((2, 5, 64), 16, 4, torch.bfloat16, torch.float32, bias=False)
+    out = torch.ops.fastft.qlora_linear(x, *quant, torch.bfloat16, lora_a, lora_b, 1.5, torch.bfloat16)
+    ref = lora_linear_reference(x, dense.to(torch.bfloat16), None, lora_a, lora_b, 1.5, torch.bfloat16)
+    _assert_matches(out, ref, (x, lora_a, lora_b), torch.bfloat16)
+
+
+def test_lora_ops_trace_through_aot_autograd():
+    """Under torch.compile the backwards are traced with fake tensors: every op's backward must
+    go through ops with fake implementations (a raw kernel launch there fails)."""
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
+    quant, _ = _quantised_linear()
+    x, _, _, lora_a, lora_b = _linear_inputs((3, 64), 16, 2, torch.bfloat16, torch.float32, bias=False)
+    torch.library.opcheck(torch.ops.fastft.qlora_linear.default,
+                          (x, *quant, torch.bfloat16, lora_a, lora_b, 0.5, torch.bfloat16), test_utils=utils)
+    x, weight, b, lora_a, lora_b = _linear_inputs((3, 16), 8, 2, torch.float32, torch.float32, bias=True)
+    torch.library.opcheck(torch.ops.fastft.lora_linear.default, (x, weight, b, lora_a, lora_b, 0.5, torch.float32),
+                          test_utils=utils)
+    x, gate, up, down = _mlp_inputs((3, 16), 24, 2, torch.float32, torch.float32)
+    torch.library.opcheck(torch.ops.fastft.lora_glu_mlp_forward.default, (x, *gate, *up, *down, "silu", None),
+                          test_utils=utils)
