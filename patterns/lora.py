@@ -12,7 +12,8 @@ Two rewrites, the larger first:
 
 - ``lora_glu_mlp``: a gated MLP whose gate, up and down projections all carry an adapter
   becomes ``fastft::lora_glu_mlp`` (the backward recomputes act(gate) * up);
-- ``lora``: any other adapted linear becomes ``fastft::lora_linear``.
+- ``lora``: any other adapted linear becomes ``fastft::lora_linear`` (``fastft::qlora_linear`` over a
+  4-bit base); three of one input (attention's q, k and v) become one ``fastft::lora_linear_x3``.
 """
 from __future__ import annotations
 
@@ -183,6 +184,23 @@ def _replace_lora(m: Match) -> Replacement:
                         _out_dtype(m)))
 
 
+def _shared_input_key(m: Match):
+    """Plain LoRA linears of one input (q, k and v) without biases group into one op; anything
+    else gets a key of its own, so it never waits for partners."""
+    b = m.bindings
+    if "base4" in b or "bias" in b:
+        return m.root
+    return (b["x"], dtype_of(m.root))
+
+
+def _replace_shared_input(matches: list[Match]) -> Replacement:
+    args = [matches[0].bindings["x"]]
+    for m in matches:
+        b = m.bindings
+        args += [b["weight"], b["lora_a"], b["lora_b"], float(b.get("scale", 1.0))]
+    return Replacement(torch.ops.fastft.lora_linear_x3.default, (*args, _out_dtype(matches[0])), outputs=3)
+
+
 def _replace_qlora(m: Match) -> Replacement:
     b = m.bindings
     record, _ = four_bit_linear(b["base4"])
@@ -227,6 +245,9 @@ LORA = Pattern(
     reference=lora_linear_reference,
     kernel="fastft::lora_linear",
     absorb=_absorb_four_bit,
+    group_key=_shared_input_key,
+    group_size=3,
+    replace_group=_replace_shared_input,
 )
 
 

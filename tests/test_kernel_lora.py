@@ -214,3 +214,39 @@ def test_lora_ops_trace_through_aot_autograd():
     x, gate, up, down = _mlp_inputs((3, 16), 24, 2, torch.float32, torch.float32)
     torch.library.opcheck(torch.ops.fastft.lora_glu_mlp_forward.default, (x, *gate, *up, *down, "silu", None),
                           test_utils=utils)
+    torch.library.opcheck(torch.ops.fastft.lora_linear_x3.default, (x, *gate, *up, *gate, torch.float32),
+                          test_utils=utils)
+
+
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+def test_lora_linear_x3_matches_three_lora_linears(dtype, adapter_dtype):
+    x, *_ = _linear_inputs((2, 5, 24), 8, 2, dtype, adapter_dtype, bias=False)
+    projections = []
+    for seed, out_features in ((1, 16), (2, 8), (3, 8)):  # q wider than k and v (grouped-query attention)
+        _, w, _, a, b = _linear_inputs((1, 24), out_features, 4, dtype, adapter_dtype, bias=False, seed=seed)
+        projections.append((w, a, b, 0.5 + seed))
+    outs = torch.ops.fastft.lora_linear_x3(x, *[t for p in projections for t in p], dtype)
+    refs = [lora_linear_reference(x, w, None, a, b, s, dtype) for w, a, b, s in projections]
+    inputs = [x] + [t for _, a, b, _ in projections for t in (a, b)]
+    grad_outs = [torch.randn(r.shape, generator=torch.Generator().manual_seed(7 + i)).to(r) for i, r in enumerate(refs)]
+    have = torch.autograd.grad(outs, inputs, grad_outs)
+    want = torch.autograd.grad(refs, inputs, grad_outs)
+    atol, rtol = OUT_TOL[dtype]
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+    for i, (a, b) in enumerate(zip(have, want)):
+        assert a.dtype == b.dtype and _rel_l2(a, b) <= GRAD_TOL[dtype], f"grad {i}: {_rel_l2(a, b):.3g}"
+
+
+def test_lora_linear_x3_with_one_output_unused_and_frozen_input():
+    x, *_ = _linear_inputs((4, 16), 8, 2, torch.float32, torch.float32, bias=False)
+    x = x.detach()
+    projections = [_linear_inputs((1, 16), 8, 2, torch.float32, torch.float32, bias=False, seed=s)[1:]
+                   for s in (1, 2, 3)]
+    projections = [(w, a, b, 1.0) for w, _, a, b in projections]
+    q, k, v = torch.ops.fastft.lora_linear_x3(x, *[t for p in projections for t in p], torch.float32)
+    (q.sum() + v.sum()).backward()  # k gets no gradient: its adapters get none either
+    assert projections[1][1].grad is None and projections[1][2].grad is None
+    ref = lora_linear_reference(x, *projections[0][:1], None, *projections[0][1:], torch.float32)
+    want = torch.autograd.grad(ref.sum(), projections[0][1])[0]
+    torch.testing.assert_close(projections[0][1].grad, want)
