@@ -239,7 +239,10 @@ class _Interpreter:
         prepend = node.kwargs.get("prepend")
         if prepend is not None:
             first = self.eval(prepend)
-            # The prepended value is the first position minus one: the first difference is 1 too.
+            # One prepended value, the first position minus one: the first difference is 1 too.
+            meta = tensor_meta(prepend)
+            if meta is None or meta.shape[axis] != 1:
+                raise Unknown(f"'{node.name}': a difference with more than one prepended value")
             if not (isinstance(first, Ramp) and first.axis == axis and first.offset == inner.offset - 1):
                 raise Unknown(f"'{node.name}': a difference with a prepended value the rules do not prove")
         if node.kwargs.get("append") is not None:

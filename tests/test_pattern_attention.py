@@ -168,3 +168,38 @@ def test_mask_passed_into_checkpointed_layers_is_followed_outside():
     report = fastft.report(model)
     assert report.counts().get("attention") == model.config.num_hidden_layers, str(report)
     assert not report.graph_breaks and not report.near_misses, str(report)
+
+
+def _packed_positions(t, x):
+    """transformers' packed-sequence test: positions that restart mark a new sequence."""
+    pos = torch.arange(t, device=x.device)[None, :]
+    segment = torch.cumsum(torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1, -1)
+    same = segment[:, None, :] == segment[:, :, None]
+    return ((pos[:, None, :] <= pos[:, :, None]) & same)[:, None]
+
+
+def _wrong_prepend(t, x):
+    """The same, but with the whole position row prepended: the first real difference is not 1,
+    so the segments are not provably one."""
+    pos = torch.arange(t, device=x.device)[None, :]
+    segment = torch.cumsum(torch.diff(pos, prepend=pos - 1, dim=-1) != 1, -1)[:, t - 1:]
+    same = segment[:, None, :] == segment[:, :, None]
+    return ((pos[:, None, :] <= pos[:, :, None]) & same)[:, None]
+
+
+def test_packed_sequence_test_of_plain_positions_is_proved_true():
+    module = MaskedAttention(_packed_positions).to(DEVICE)
+    x = torch.randn(2, 7, 16, device=DEVICE)
+    reference, out, report = _run(module, x)
+    assert report.counts() == {"attention": 1}, str(report)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_a_prepend_of_several_values_is_not_proved():
+    module = MaskedAttention(_wrong_prepend).to(DEVICE)
+    x = torch.randn(2, 7, 16, device=DEVICE)
+    reference, out, report = _run(module, x)
+    assert report.counts() == {}, str(report)
+    (miss,) = report.near_misses
+    assert miss.pattern == "causal_mask", miss
+    torch.testing.assert_close(out, reference)
