@@ -105,14 +105,19 @@ def _forward_2d(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 
 
 def _backward_2d(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
-                 lora_b: torch.Tensor, scale: float, need: tuple[bool, bool, bool, bool, bool]):
-    """(dx, dweight, dbias, dlora_a, dlora_b) on 2-D views; None where ``need`` says no."""
+                 lora_b: torch.Tensor, scale: float, need: tuple[bool, bool, bool, bool, bool],
+                 dx: Optional[torch.Tensor] = None):
+    """(dx, dweight, dbias, dlora_a, dlora_b) on 2-D views; None where ``need`` says no. Given
+    ``dx`` (other linears of the same input), the input gradient accumulates into it in place."""
     need_dx, need_dw, need_dbias, need_da, need_db = need
     dtype = weight.dtype
     dy2 = dy2.to(dtype)
     a, b = lora_a.to(dtype), lora_b.to(dtype)
     dy_b = torch.mm(dy2, b) if (need_dx or need_da) else None  # [rows, r]
-    dx = torch.mm(dy2, weight).addmm_(dy_b, a, alpha=scale) if need_dx else None
+    if need_dx:
+        # Each GEMM accumulates into the one buffer (beta = 1): no temporary per contribution.
+        dx = torch.mm(dy2, weight) if dx is None else dx.addmm_(dy2, weight)
+        dx.addmm_(dy_b, a, alpha=scale)
     dw = torch.mm(dy2.t(), x2).to(weight.dtype) if need_dw else None
     dbias = dy2.sum(0) if need_dbias else None
     da = torch.mm(dy_b.t(), x2).mul_(scale).to(lora_a.dtype) if need_da else None
@@ -198,28 +203,18 @@ def _lora_linear_x3_setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
 
 
-def _lora_linear_x3_backward(ctx, dy0, dy1, dy2):
-    x, w0, a0, b0, w1, a1, b1, w2, a2, b2 = ctx.saved_tensors
+def _lora_linear_x3_backward(ctx, *dys: Optional[torch.Tensor]):
+    x, *saved = ctx.saved_tensors
     grads: list[Optional[torch.Tensor]] = [None] * 14
-    need_dx = ctx.needs_input_grad[0]
-    x2 = _rows(x)
-    dx = None
-    for i, (dy, w, a, b, s) in enumerate(((dy0, w0, a0, b0, ctx.scales[0]), (dy1, w1, a1, b1, ctx.scales[1]),
-                                          (dy2, w2, a2, b2, ctx.scales[2]))):
+    x2, dx = _rows(x), None
+    for i, dy in enumerate(dys):
         if dy is None:
             continue
-        need_da, need_db = ctx.needs_input_grad[2 + 4 * i], ctx.needs_input_grad[3 + 4 * i]
-        dy2 = _rows(dy).to(w.dtype)
-        a_c, b_c = a.to(w.dtype), b.to(w.dtype)
-        dy_b = torch.mm(dy2, b_c) if (need_dx or need_da) else None
-        if need_dx:
-            # Every contribution accumulates into the one dx buffer (beta = 1).
-            dx = torch.mm(dy2, w) if dx is None else dx.addmm_(dy2, w)
-            dx.addmm_(dy_b, a_c, alpha=s)
-        if need_da:
-            grads[2 + 4 * i] = torch.mm(dy_b.t(), x2).mul_(s).to(a.dtype)
-        if need_db:
-            grads[3 + 4 * i] = torch.mm(dy2.t(), torch.mm(x2, a_c.t())).mul_(s).to(b.dtype)
+        w, a, b = saved[3 * i:3 * i + 3]
+        need = (ctx.needs_input_grad[0], False, False, ctx.needs_input_grad[2 + 4 * i],
+                ctx.needs_input_grad[3 + 4 * i])
+        dx, _, _, grads[2 + 4 * i], grads[3 + 4 * i] = _backward_2d(_rows(dy), x2, w, a, b, ctx.scales[i], need,
+                                                                    dx)
     if dx is not None:
         grads[0] = dx.reshape(x.shape)
     return tuple(grads)
@@ -303,12 +298,12 @@ def _lora_glu_mlp_backward_op(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor
     if need_dh:
         dg, du = glu_backward(dh, g, u, activation, round_dtype)
         del dh
-        dx_g, _, _, grads[1], grads[2] = _backward_2d(dg, x2, gate_w, gate_a, gate_b, gate_scale,
-                                                      (need_dx, False, False, need_gate_a, need_gate_b))
-        dx_u, _, _, grads[3], grads[4] = _backward_2d(du, x2, up_w, up_a, up_b, up_scale,
-                                                      (need_dx, False, False, need_up_a, need_up_b))
+        dx, _, _, grads[1], grads[2] = _backward_2d(dg, x2, gate_w, gate_a, gate_b, gate_scale,
+                                                    (need_dx, False, False, need_gate_a, need_gate_b))
+        dx, _, _, grads[3], grads[4] = _backward_2d(du, x2, up_w, up_a, up_b, up_scale,
+                                                    (need_dx, False, False, need_up_a, need_up_b), dx)
         if need_dx:
-            grads[0] = dx_g.add_(dx_u).reshape(x.shape)
+            grads[0] = dx.reshape(x.shape)
     like = (x, gate_a, gate_b, up_a, up_b, down_a, down_b)
     return [t if t is not None else ref.new_empty(0) for t, ref in zip(grads, like)]
 
