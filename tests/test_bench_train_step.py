@@ -85,3 +85,28 @@ def test_worker_past_its_timeout_is_killed_and_recorded(tmp_path):
     spec = {"kind": "prepare", "shape": "tiny", "seed": 0, "model_dir": str(tmp_path / "m"), "device": "cpu"}
     r = runner.run(spec, "slow", 0.5, tmp_path, tmp_path / "logs", "cpu")
     assert r["status"] == "timeout" and "timeout" in r["error"] and r["wall_s"] < 60
+
+
+def test_memory_peak_replay_finds_the_live_blocks_at_the_highest_point():
+    _package()
+    memory = importlib.import_module("train_step.memory")
+    here = str(ROOT / "bench" / "train_step" / "memory.py")
+    act = [{"filename": here, "line": 1, "name": "save_activation"}]
+    tmp = [{"filename": "/x/torch/_ops.py", "line": 5, "name": "__call__"},
+           {"filename": here, "line": 2, "name": "workspace"}]
+    trace = [
+        {"action": "free_completed", "addr": 99, "size": 40},  # a gradient from before the step
+        {"action": "alloc", "addr": 1, "size": 100, "frames": act},
+        {"action": "alloc", "addr": 2, "size": 300, "frames": tmp},
+        {"action": "free_completed", "addr": 2, "size": 300},
+        {"action": "alloc", "addr": 3, "size": 50, "frames": act},
+        {"action": "alloc", "addr": 4, "size": 200, "frames": tmp},  # 1000 - 40 + 100 + 50 + 200 = 1310
+        {"action": "free_completed", "addr": 4, "size": 200},
+    ]
+    s = memory.peak_breakdown(trace, baseline=1000)
+    assert s["peak_bytes"] == 1360  # 1000 - 40 + 100 + 300, above the later 1310
+    assert s["baseline_at_peak_bytes"] == 960
+    assert s["allocated_in_step_at_peak_bytes"] == 400
+    by_site = {r["site"].split(" <-")[0]: r for r in s["sites"]}
+    assert by_site["train_step/memory.py:2 workspace"]["bytes"] == 300  # torch's frame skipped, the caller named
+    assert by_site["train_step/memory.py:1 save_activation"]["blocks"] == 1

@@ -57,6 +57,9 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--no-plot", action="store_true", help="do not draw the PNG after a run")
     o.add_argument("--profile", action="store_true", help="after the timed steps, profile 2 more under "
                    "torch.profiler; each system's top GPU kernels go to <logs>/<shape>_<mode>_<system>.profile.txt")
+    o.add_argument("--memory-profile", action="store_true", help="after the timed steps, one more step under "
+                   "the CUDA allocator's recorder; what is live at its peak, by allocating line, goes to "
+                   "<logs>/<shape>_<mode>_<system>.memory.txt")
     o.add_argument("--worker", help=argparse.SUPPRESS)
     o.add_argument("--result", help=argparse.SUPPRESS)
     return ap

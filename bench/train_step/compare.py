@@ -61,7 +61,9 @@ class Session:
                 "seed": self.st["seed"], "vocab": CONFIGS[self.args.shape][1]["vocab_size"],
                 "memory_cap_gib": self.args.memory_cap_gib,
                 "profile": str(self.logs / f"{self.args.shape}_{self.args.mode}_{system}.profile.txt")
-                if getattr(self.args, "profile", False) else None}
+                if getattr(self.args, "profile", False) else None,
+                "memory_profile": str(self.logs / f"{self.args.shape}_{self.args.mode}_{system}.memory.txt")
+                if getattr(self.args, "memory_profile", False) else None}
 
 
 def run_compare(args: Any, systems: list[str]) -> dict[str, Any]:

@@ -103,12 +103,13 @@ def compare_markdown(data: dict[str, Any]) -> str:
         f"- {st['warmup']} warm-up + {st['steps']} timed steps, each system in its own process; step ms: median of the "
         "timed steps, the device synchronised before and after each; tokens/s = tokens per step / median step time",
         "- peak: torch.cuda.max_memory_allocated / max_memory_reserved from before step 1 (stats reset after loading) "
-        "to the last step; first step: from the model ready on the device through the end of step 1 (capture and "
+        "to the last step; steady peak: the same over steps 2 on (without capture and compilation); first step: from the model ready on the device through the end of step 1 (capture and "
         f"compilation included); loss @1: before any update (the same function for every system), @{k_last}: last step",
         "",
-        f"| system | tokens/s | x vs hf | step ms | peak alloc GiB | peak reserved GiB | first step s | loss @1 "
+        f"| system | tokens/s | x vs hf | step ms | peak alloc GiB | steady peak GiB | peak reserved GiB | first step s "
+        f"| loss @1 "
         f"| loss @{k_last} | status |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     base = next((r.get("tokens_per_s") for r in data["results"] if r["system"] == "hf"), None)
     notes = []
@@ -120,8 +121,8 @@ def compare_markdown(data: dict[str, Any]) -> str:
         lk = _num(losses[k_last - 1], ".4f") if len(losses) >= k_last else "-"
         step_ms = r["step_s"] * 1e3 if isinstance(r.get("step_s"), (int, float)) else None
         lines.append(f"| {r['system']} | {_num(tps, ',.0f')} | {rel} | {_num(step_ms, '.1f')} | "
-                     f"{_gib(r.get('peak_allocated_bytes'))} | {_gib(r.get('peak_reserved_bytes'))} | "
-                     f"{_num(r.get('first_step_s'), '.2f')} | {l1} | {lk} | {status_text(r)} |")
+                     f"{_gib(r.get('peak_allocated_bytes'))} | {_gib(r.get('peak_allocated_steady_bytes'))} | "
+                     f"{_gib(r.get('peak_reserved_bytes'))} | {_num(r.get('first_step_s'), '.2f')} | {l1} | {lk} | {status_text(r)} |")
         notes += _notes(r)
     if notes:
         lines += ["", "Notes:", ""] + notes

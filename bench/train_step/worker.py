@@ -103,10 +103,14 @@ def _train(spec: dict[str, Any], out: dict[str, Any], save) -> None:
         out["ready_allocated_bytes"] = torch.cuda.memory_allocated()
 
     def sync_and_record() -> None:
-        if cuda:
+        if cuda:  # the peak stats are reset after step 1: the peak is the larger of step 1's and the rest's
             torch.cuda.synchronize()
-            out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
-            out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
+            now = torch.cuda.max_memory_allocated()
+            first = out.get("peak_allocated_first_step_bytes")
+            if first is not None:
+                out["peak_allocated_steady_bytes"] = now
+            out["peak_allocated_bytes"] = max(now, first or 0)
+            out["peak_reserved_bytes"] = max(out.get("peak_reserved_bytes", 0), torch.cuda.max_memory_reserved())
 
     times: list[float] = []
     losses: list[float] = []
@@ -125,6 +129,10 @@ def _train(spec: dict[str, Any], out: dict[str, Any], save) -> None:
             out["completed_steps"] = i + 1
             if i == 0:
                 out["first_step_s"] = t1 - t_ready
+                if cuda:  # step 1 includes capture and compilation; the steps after it are the steady state
+                    torch.cuda.synchronize()
+                    out["peak_allocated_first_step_bytes"] = torch.cuda.max_memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
                 if spec["system"] == "fastft":
                     out["fastft_report"] = fastft_summary(model)
             if i >= spec["warmup"]:
@@ -134,6 +142,11 @@ def _train(spec: dict[str, Any], out: dict[str, Any], save) -> None:
         sync_and_record()
     if spec.get("profile") and cuda:
         _profile(spec["profile"], lambda b: _step(step_model, optimizer, b), batches[-2:])
+    if spec.get("memory_profile") and cuda:
+        from .memory import profile_memory
+
+        out["memory_profile"] = profile_memory(spec["memory_profile"],
+                                               lambda: _step(step_model, optimizer, batches[-1]))
     if times:
         med = statistics.median(times)
         out.update(step_s=med, tokens_per_s=spec["batch"] * spec["seq"] / med)
