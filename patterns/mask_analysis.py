@@ -71,9 +71,11 @@ def _outer(node: fx.Node) -> Value:
 
 
 def _name(node: fx.Node) -> str:
-    if node.op == "call_method":
-        return node.target
-    return getattr(node.target, "__name__", str(node.target))
+    """The op's name, a dunder method as its operator (``__eq__`` -> ``eq``, ``__and__`` -> ``and_``)."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+    if name.startswith("__") and name.endswith("__") and name not in ("__and__",):
+        return name[2:-2]
+    return name
 
 
 def _int(value: Any) -> int | None:

@@ -203,3 +203,20 @@ def test_a_prepend_of_several_values_is_not_proved():
     (miss,) = report.near_misses
     assert miss.pattern == "causal_mask", miss
     torch.testing.assert_close(out, reference)
+
+
+def _dunder_packed_positions(t, x):  # the packed-sequence test spelt with dunder methods
+    pos = torch.arange(t, device=x.device)[None].expand(x.shape[0], t)
+    segment = torch.cumsum(torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1).__ne__(1), -1)
+    same = segment[:, None, :].__eq__(segment[:, :, None])
+    return pos[:, None, :].__le__(pos[:, :, None]).__and__(same)[:, None]
+
+
+def test_masks_spelt_with_dunder_methods_are_proved():
+    module = MaskedAttention(_dunder_packed_positions).to(DEVICE)
+    x = torch.randn(2, 7, 16, device=DEVICE)
+    reference, out, report = _run(module, x)
+    assert report.counts() == {"attention": 1}, str(report)
+    (graph,) = state_of(module).graphs.values()
+    assert not [n for n in graph.gm.graph.nodes if n.op == "call_method" and n.target.startswith("__")]
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
