@@ -29,6 +29,7 @@ class Options:
     dynamic: bool | None = None  # torch.compile's: None = dynamic shapes after the first recompile
     patterns: list[Pattern] = field(default_factory=lambda: list(DEFAULT_PATTERNS))
     keep_logits: bool = False  # a fused loss still lets the graph return its logits in training
+    cuda_graphs: bool = False  # replay Inductor's lowered graphs as CUDA graphs (one recording per shape)
 
     def active_patterns(self) -> list[Pattern]:
         if not self.keep_logits:
@@ -46,7 +47,8 @@ class EntryPoint:
         self.name = path or "<model>"
         self.failed: str | None = None
         self.captures = 0
-        backend = make_backend(state.options.active_patterns(), state.options.lower, self._on_capture)
+        backend = make_backend(state.options.active_patterns(), state.options.lower, self._on_capture,
+                               state.options.cuda_graphs)
         self.compiled = torch.compile(_entry_function(module), backend=backend,
                                       fullgraph=state.options.fullgraph, dynamic=state.options.dynamic)
 
@@ -138,7 +140,10 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
     Options: ``lower`` ("auto" | "eager" | "inductor"), ``fullgraph`` (bool), ``dynamic``
     (bool | None), ``patterns`` (list of patterns; default: every registered family),
     ``keep_logits`` (bool, default False: in a training step whose loss is fused, the logits
-    output is an empty tensor instead of [batch, seq, vocab] values; True computes them too).
+    output is an empty tensor instead of [batch, seq, vocab] values; True computes them too),
+    ``cuda_graphs`` (bool, default False: on a GPU, replay each lowered graph as a CUDA graph,
+    which removes the host time of its launches; one recording per input shape, so it suits
+    fixed-length batches; a tensor a step returns is only valid until the next step runs).
     Calling it again on an optimised model changes nothing and returns it.
     """
     if not isinstance(model, nn.Module):

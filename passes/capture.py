@@ -65,11 +65,15 @@ def resolve_lowering(lower: str, example_inputs: list) -> str:
     return "inductor" if on_cuda else "eager"
 
 
-def make_backend(patterns: list[Pattern], lower: str,
-                 on_capture: Callable[[CapturedGraph], None]) -> Callable[[fx.GraphModule, list], Any]:
-    """A torch.compile backend that rewrites with ``patterns`` and reports each graph to ``on_capture``."""
+def make_backend(patterns: list[Pattern], lower: str, on_capture: Callable[[CapturedGraph], None],
+                 cuda_graphs: bool = False) -> Callable[[fx.GraphModule, list], Any]:
+    """A torch.compile backend that rewrites with ``patterns`` and reports each graph to ``on_capture``.
+    ``cuda_graphs``: Inductor records each lowered CUDA graph (forward and backward) once per shape
+    and replays it, so the many small launches of a step cost no host time."""
     if lower not in ("auto", "eager", "inductor"):
         raise ValueError(f"lower must be 'auto', 'eager' or 'inductor', not {lower!r}")
+    if cuda_graphs and lower == "eager":
+        raise ValueError("cuda_graphs needs Inductor's lowering: use lower='auto' or 'inductor', not 'eager'")
 
     def backend(gm: fx.GraphModule, example_inputs: list) -> CapturedGraph:
         key = graph_key(gm)
@@ -78,7 +82,7 @@ def make_backend(patterns: list[Pattern], lower: str,
         if how == "inductor":
             from torch._inductor.compile_fx import compile_fx
 
-            lowered = compile_fx(gm, example_inputs)
+            lowered = compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": cuda_graphs})
         else:
             lowered = gm.forward
         captured = CapturedGraph(gm, lowered, result, key)

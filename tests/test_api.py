@@ -79,6 +79,25 @@ def test_unknown_option():
         fastft.optimize(Plain("tensor"), turbo=True)
 
 
+def test_cuda_graphs_reach_inductor_and_refuse_eager_lowering(monkeypatch):
+    with pytest.raises(ValueError, match="cuda_graphs needs Inductor"):
+        fastft.optimize(Plain("tensor"), cuda_graphs=True, lower="eager")
+    import torch._inductor.compile_fx as inductor
+
+    seen = []
+
+    def spy(gm, example_inputs, config_patches=None, **kw):  # stands in for Inductor on the CPU
+        seen.append(config_patches)
+        return gm.forward
+
+    monkeypatch.setattr(inductor, "compile_fx", spy)
+    for flag in (True, False):
+        model = fastft.optimize(Plain("tensor"), cuda_graphs=flag, lower="inductor")
+        model(torch.randn(3, 6))
+        assert seen.pop() == {"triton.cudagraphs": flag}
+        assert fastft.report(model).counts() == {"rms_norm": 1}
+
+
 def test_unsupported_parameter_dtype_names_the_parameter():
     model = Plain("tensor").double()
     with pytest.raises(TypeError, match=r"'lin.weight' is torch.float64"):

@@ -136,11 +136,13 @@ def _notes(r: dict[str, Any]) -> list[str]:
     rep = r.get("fastft_report")
     if rep:
         if "report_error" in rep:
-            out.append(f"- fastft: report unavailable ({rep['report_error']})")
+            out.append(f"- {r['system']}: report unavailable ({rep['report_error']})")
         else:
-            out.append(f"- fastft rewrote {rep['rewrites'] or 'nothing'} in {rep['graphs_captured']} captured graph(s); "
+            out.append(f"- {r['system']} rewrote {rep['rewrites'] or 'nothing'} in {rep['graphs_captured']} captured graph(s); "
                        f"{rep['graph_breaks']} graph break(s), {rep['near_misses']} near miss(es)"
-                       + (f"; capture failed: {'; '.join(rep['capture_failures'])}" if rep["capture_failures"] else ""))
+                       + (f"; capture failed: {'; '.join(rep['capture_failures'])}" if rep["capture_failures"] else "")
+                       + (f"; {rep['cudagraph_skips']} graph(s) Inductor did not record as CUDA graphs"
+                          if rep.get("cudagraph_skips") else ""))
     info = r.get("info", {})
     if r.get("trainable_parameters"):
         out.append(f"- {r['system']}: {r['trainable_parameters']:,} trainable parameters ({', '.join(r['trainable_dtypes'])}); "

@@ -16,12 +16,13 @@ from typing import Any, Callable
 from .shapes import LORA_ALPHA, LORA_RANK, LORA_TARGETS
 
 SYSTEMS = ("hf", "compile", "liger", "unsloth", "fastft")
-EXTRA_SYSTEMS = ("unsloth-offload",)  # Unsloth with its own offloaded checkpointing ("unsloth")
+# Unsloth with its own offloaded checkpointing ("unsloth"); fastft with cuda_graphs=True.
+EXTRA_SYSTEMS = ("unsloth-offload", "fastft-cg")
 # The distribution whose version is reported beside each system's result.
 PACKAGES = {"hf": ["transformers"], "compile": ["torch"], "liger": ["liger-kernel"],
             "unsloth": ["unsloth", "unsloth_zoo"], "unsloth-offload": ["unsloth", "unsloth_zoo"],
-            "fastft": ["fastft"]}
-_EARLY = {"fastft": "fastft", "liger": "liger_kernel.transformers", "unsloth": "unsloth",
+            "fastft": ["fastft"], "fastft-cg": ["fastft"]}
+_EARLY = {"fastft": "fastft", "fastft-cg": "fastft", "liger": "liger_kernel.transformers", "unsloth": "unsloth",
           "unsloth-offload": "unsloth"}
 # liger-kernel's patch function per transformers model_type (class-level: called before loading).
 _LIGER_PATCH = {"llama": "apply_liger_kernel_to_llama", "qwen3": "apply_liger_kernel_to_qwen3",
@@ -77,10 +78,10 @@ def prepare_system(model_dir: Path, s: Setting) -> Prepared:
         import torch
 
         step_model = torch.compile(model)
-    elif s.system == "fastft":
+    elif s.system.startswith("fastft"):
         import fastft
 
-        fastft.optimize(model)
+        fastft.optimize(model, cuda_graphs=s.system == "fastft-cg")
     return Prepared(model, step_model, info)
 
 

@@ -133,8 +133,11 @@ def _train(spec: dict[str, Any], out: dict[str, Any], save) -> None:
                     torch.cuda.synchronize()
                     out["peak_allocated_first_step_bytes"] = torch.cuda.max_memory_allocated()
                     torch.cuda.reset_peak_memory_stats()
-                if spec["system"] == "fastft":
+                if spec["system"].startswith("fastft"):
                     out["fastft_report"] = fastft_summary(model)
+                    from torch._dynamo.utils import counters  # graphs Inductor would not record (and why: the log)
+
+                    out["fastft_report"]["cudagraph_skips"] = counters["inductor"].get("cudagraph_skips", 0)
             if i >= spec["warmup"]:
                 times.append(t1 - t0)
             save()
