@@ -37,6 +37,7 @@ __all__ = [
     "lora_linear",
     "lora_linear_reference",
     "lora_linear_x3",
+    "code_table",
     "qlora_linear",
 ]
 
@@ -353,7 +354,7 @@ _lora_glu_mlp_forward_op.register_autograd(_lora_glu_mlp_backward, setup_context
 # --------------------------------------------------------------------------------------------
 def _dequantized(packed, absmax, absmax2, code2, offset, code, blocksize, out_features, in_features, dtype):
     """The 4-bit weight as a dense [out, in] tensor in ``dtype``: one Triton launch."""
-    return dequantize_4bit_forward(packed, absmax, _code_table(code, packed.device), blocksize,
+    return dequantize_4bit_forward(packed, absmax, code_table(code, packed.device), blocksize,
                                    (out_features, in_features), dtype, absmax2, code2,
                                    _NESTED_BLOCKSIZE if absmax2 is not None else 0,
                                    offset if offset is not None else 0.0)
@@ -364,8 +365,12 @@ _NESTED_BLOCKSIZE = 256
 _CODE_TABLES: dict = {}
 
 
-def _code_table(code: list[float], device: torch.device) -> torch.Tensor:
-    """The 16-entry code book as a device tensor, made once per book and device."""
+def code_table(code: list[float], device: torch.device) -> torch.Tensor:
+    """The 16-entry code book as a device tensor, made once per book and device and kept.
+
+    A graph rewrite calls this when it places the op, so the table exists before the first run:
+    made during a CUDA graph's warm-up instead, it would be a live allocation in the graph's
+    private memory pool that no output accounts for, which CUDA graph recording refuses."""
     key = (tuple(code), str(device))
     if key not in _CODE_TABLES:
         _CODE_TABLES[key] = torch.tensor(code, dtype=torch.float32, device=device)

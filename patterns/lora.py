@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from fastft.kernels.lora import lora_glu_mlp, lora_glu_mlp_reference, lora_linear_reference
+from fastft.kernels.lora import code_table, lora_glu_mlp, lora_glu_mlp_reference, lora_linear_reference
 from fastft.passes.canonical import canonical, dtype_of, same_size, tensor_meta
 from fastft.passes.matcher import Cast, Lit, Match, Op, Var
 from fastft.passes.pattern import Pattern, Replacement
@@ -206,6 +206,7 @@ def _replace_qlora(m: Match) -> Replacement:
     record, _ = four_bit_linear(b["base4"])
     absmax2, code2, offset = record.nested if record.nested is not None else (None, None, None)
     out_features, in_features = record.shape
+    code_table(code_book(record.quant_type), tensor_meta(record.packed).device)  # made now, not in a CUDA graph
     return Replacement(torch.ops.fastft.qlora_linear.default,
                        (b["x"], record.packed, record.absmax, absmax2, code2, offset,
                         code_book(record.quant_type), record.blocksize, out_features, in_features,

@@ -84,3 +84,24 @@ def test_dropout_is_a_near_miss_over_4bit_too(saved_model):
     assert not _lora_records(model)
     misses = [m for m in fastft.report(model).near_misses if m.pattern == "lora"]
     assert misses and all("dropout p=0.1" in m.reason for m in misses), misses
+
+
+def test_code_book_exists_before_the_first_run(saved_model, monkeypatch):
+    """The rewrite makes the device's code table when it places the op: made inside a CUDA
+    graph's warm-up run instead, it would be an untracked allocation in the graph's pool."""
+    from fastft.kernels import lora as lora_kernels
+
+    monkeypatch.setattr(lora_kernels, "_CODE_TABLES", {})
+    tables_at_first_run = []
+    dequantized = lora_kernels._dequantized
+
+    def spy(*args, **kwargs):
+        tables_at_first_run.append(dict(lora_kernels._CODE_TABLES))
+        return dequantized(*args, **kwargs)
+
+    monkeypatch.setattr(lora_kernels, "_dequantized", spy)
+    model = fastft.optimize(_qlora(saved_model))
+    model(**_batch(model))
+    assert tables_at_first_run and len(tables_at_first_run[0]) == 1, tables_at_first_run[:1]
+    (key,) = tables_at_first_run[0]
+    assert key[1] == str(torch.device(DEVICE)) and len(key[0]) == 16
