@@ -6,20 +6,21 @@ Lowering hands the rewritten graph to Inductor (the fused ops are opaque custom 
 generates code only for the glue between them) or runs it as it is ("eager", the CPU default:
 Inductor's generated C++ buys nothing in tests and costs compile time).
 
-``redundant_requires_grad_dropped()`` is the context the entry points trace in: it keeps a forward
-in one graph across a ``requires_grad_()`` that changes no gradient (see there).
+``redundant_requires_grad_dropped()`` (passes/requires_grad.py) is the context the entry points
+trace in: it keeps a forward in one graph across a ``requires_grad_()`` that changes no gradient.
 """
 from __future__ import annotations
 
-import contextlib
-import threading
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 
 from .pattern import Pattern
+from .requires_grad import check_dropped_marks, redundant_requires_grad_dropped
 from .rewrite import RewriteResult, rewrite_graph_module
+
+__all__ = ["CapturedGraph", "make_backend", "redundant_requires_grad_dropped"]
 
 GraphObserver = Callable[["CapturedGraph", tuple], None]
 
@@ -77,6 +78,7 @@ def make_backend(patterns: list[Pattern], lower: str, on_capture: Callable[[Capt
 
     def backend(gm: fx.GraphModule, example_inputs: list) -> CapturedGraph:
         key = graph_key(gm)
+        check_dropped_marks(gm)
         result = rewrite_graph_module(gm, patterns)
         how = resolve_lowering(lower, example_inputs)
         if how == "inductor":
@@ -90,127 +92,3 @@ def make_backend(patterns: list[Pattern], lower: str, on_capture: Callable[[Capt
         return captured
 
     return backend
-
-
-# --- requires_grad_() on an intermediate --------------------------------------------------------
-#
-# Fine-tuning recipes for gradient checkpointing register a forward hook on the input embeddings
-# that calls ``output.requires_grad_(True)``: with reentrant checkpointing, a checkpointed block
-# whose inputs need no grad would pass no gradient to the adapters inside it. Dynamo traces the call,
-# but when the marked tensor (or anything computed from it: the loss) is a graph output, it throws the
-# graph away and breaks there ("requires_grad_() intermediate leaked as output"), because
-# AOTAutograd would drop the mark from the outputs. The break lands inside the forward's context
-# managers, where Dynamo cannot resume, so whole frames fall back to eager and the model splits into
-# several graphs.
-#
-# Inside a captured graph the mark is redundant when every graph output it reaches requires grad
-# anyway, through some other tensor (a trainable parameter, an input that requires grad): the marked
-# tensor is a leaf (it had no grad before, so nothing flows through it into earlier tensors), so
-# dropping the mark leaves every output's value, every output's requires_grad and the gradient of
-# every other leaf as they were; Dynamo captures checkpointed blocks as differentiable regions
-# whatever their inputs need. What it loses is the ``.grad`` of a tensor that no caller can reach
-# (it is not an output) and the backward work to compute it. Then the mark is dropped from the graph
-# and Dynamo keeps the one graph. In every other case (an output that requires grad only through the
-# mark, such as the marked embeddings returned among the hidden states) Dynamo's own check runs and
-# breaks the graph as it would without fastft.
-
-class _Scope(threading.local):
-    active = False
-
-
-_scope = _Scope()
-
-
-@contextlib.contextmanager
-def redundant_requires_grad_dropped() -> Iterator[None]:
-    """Graphs Dynamo captures in this thread, inside this context, drop redundant ``requires_grad_()``
-    marks of intermediates (see above) instead of breaking there. Torch versions without Dynamo's
-    leak check are left as they are."""
-    _install_leak_check()
-    previous, _scope.active = _scope.active, True
-    try:
-        yield
-    finally:
-        _scope.active = previous
-
-
-def _install_leak_check() -> None:
-    from torch._dynamo import output_graph
-
-    cls = output_graph.OutputGraph
-    original = getattr(cls, "_check_requires_grad_intermediate_outputs", None)
-    if original is None or getattr(original, "_fastft_wrapped", False):
-        return
-
-    def check(self, rv, tx):
-        # The attribute it reads is Dynamo's too: where a torch lacks it, Dynamo's check runs alone.
-        if _scope.active and hasattr(self, "leaf_var_creation_order"):
-            drop_redundant_requires_grad(self, rv)
-        return original(self, rv, tx)
-
-    check._fastft_wrapped = True  # type: ignore[attr-defined]
-    check.__wrapped__ = original  # type: ignore[attr-defined]
-    cls._check_requires_grad_intermediate_outputs = check
-
-
-def drop_redundant_requires_grad(output_graph: Any, rv: list) -> int:
-    """Remove the ``requires_grad_()`` calls on intermediates from the graph Dynamo is about to
-    compile when all of them are redundant for the outputs ``rv``; returns how many were removed
-    (all or none). Removed marks no longer count for Dynamo's leak check, which then runs as usual
-    for anything else."""
-    from torch._dynamo.variables.tensor import TensorVariable
-
-    calls: dict[fx.Node, list[fx.Node]] = {}
-    for node in output_graph.graph.nodes:
-        if node.op == "call_method" and node.target == "requires_grad_" and node.args:
-            calls.setdefault(node.args[0], []).append(node)
-    marked = [v for v in output_graph.leaf_var_creation_order
-              if isinstance(v, TensorVariable) and not v.source and v.as_proxy().node in calls]
-    if not marked:
-        return 0
-    marks = {id(v.as_proxy().node.meta.get("example_value")) for v in marked}
-    for var in rv:
-        if not isinstance(var, TensorVariable):
-            continue
-        value = var.as_proxy().node.meta.get("example_value")
-        if isinstance(value, torch.Tensor) and value.requires_grad and not _needs_grad_without(value, marks):
-            return 0
-    removed = 0
-    for var in marked:
-        for call in calls.pop(var.as_proxy().node, []):
-            _erase_with_toggles(output_graph.graph, call)
-            removed += 1
-        output_graph.leaf_var_creation_order.remove(var)
-    return removed
-
-
-def _needs_grad_without(value: torch.Tensor, marks: set[int]) -> bool:
-    """Whether ``value`` would require grad if the tensors ``marks`` (ids) did not: its autograd
-    graph (Dynamo's fake tensors carry one) reaches a leaf that is not one of them. A node without
-    edges that is not a leaf's accumulator counts for nothing, so an unknown case answers False."""
-    if value.grad_fn is None:
-        return id(value) not in marks
-    seen: set = set()
-    stack = [value.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        leaf = getattr(fn, "variable", None)
-        if isinstance(leaf, torch.Tensor):
-            if id(leaf) not in marks:
-                return True
-            continue
-        stack.extend(next_fn for next_fn, _ in fn.next_functions)
-    return False
-
-
-def _erase_with_toggles(graph: fx.Graph, call: fx.Node) -> None:
-    """Erase a ``requires_grad_`` call and the functorch permission toggles Dynamo puts around it."""
-    toggle = getattr(torch._C._functorch, "set_inplace_requires_grad_allowed", None)
-    around = [n for n in (call.prev, call.next)
-              if n.op == "call_function" and n.target is toggle and not n.users]
-    for node in [call, *around]:
-        if not node.users:
-            graph.erase_node(node)

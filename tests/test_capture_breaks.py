@@ -153,3 +153,54 @@ def test_peft_llama_with_input_require_grads_breaks_without_the_fix(monkeypatch)
     report = fastft.report(model)
     assert _breaks(model) > 0 and report.graphs_captured > 1, str(report)
     assert all("requires_grad_()" in b.reason for b in report.graph_breaks), str(report)
+
+
+# --- a Dynamo without the leak check (torch before 2.13): the call is skipped while tracing ---------
+requires_grad_module = importlib.import_module("fastft.passes.requires_grad")
+
+
+@pytest.fixture
+def older_dynamo(monkeypatch):
+    monkeypatch.setattr(requires_grad_module, "has_leak_check", lambda: False)
+
+
+def test_older_dynamo_skips_a_redundant_mark_and_keeps_one_graph(older_dynamo):
+    torch.manual_seed(0)
+    model = Marked().to(DEVICE)
+    reference = twin(model)
+    fastft.optimize(model)
+    assert model(_ids(0)).loss.requires_grad
+    report = fastft.report(model)
+    assert _breaks(model) == 0 and report.graphs_captured == 1 and not report.capture_failures, str(report)
+    (graph,) = optimize_module.state_of(model).graphs.values()
+    assert [n for n in graph.gm.graph.nodes if n.meta.get(requires_grad_module.DROPPED_MARK)]  # skipped, not traced
+    assert not [n for n in graph.gm.graph.nodes if n.target == "requires_grad_"]
+    assert_same_training(reference, model, [{"ids": _ids(s)} for s in range(3)])
+
+
+@pytest.mark.parametrize("trainable,return_embeddings", [(False, False), (True, True)])
+def test_older_dynamo_fails_the_capture_where_the_mark_decides(older_dynamo, trainable, return_embeddings):
+    # An output that requires grad only through the mark: the capture fails, the model runs
+    # unoptimised (its outputs still require grad, as in eager) and the Report says why.
+    torch.manual_seed(0)
+    model = Marked(trainable=trainable, return_embeddings=return_embeddings).to(DEVICE)
+    reference = twin(model)
+    fastft.optimize(model)
+    out, want = model(_ids(0)), reference(_ids(0))
+    assert out.loss.requires_grad and torch.allclose(out.loss, want.loss)
+    if return_embeddings:
+        assert out.embeddings.requires_grad
+    (failure,) = fastft.report(model).capture_failures
+    assert "RequiresGradMarkNeeded" in failure.error and "requires_grad_()" in failure.error, failure
+
+
+@pytest.mark.parametrize("checkpointing", ["non-reentrant", "reentrant"])
+def test_older_dynamo_keeps_a_checkpointed_peft_llama_in_one_graph(older_dynamo, checkpointing):
+    model = _peft_llama(checkpointing)
+    reference = twin(model)
+    fastft.optimize(model)
+    result = fastft.check(model, random_batch(model, seq=8))
+    assert result.ok, str(result)
+    report = fastft.report(model)
+    assert _breaks(model) == 0 and not report.capture_failures and report.graphs_captured == 1, str(report)
+    assert_same_training(reference, model, [random_batch(model, seq=8, seed=s) for s in range(1, 3)])

@@ -133,6 +133,8 @@ def _notes(r: dict[str, Any]) -> list[str]:
     out = []
     if r.get("error"):
         out.append(f"- {r['system']}: {r['status']}: {r['error'].splitlines()[0][:400]}")
+    if r.get("run_date_utc"):  # a table combined from several runs: say which run this row is from
+        out.append(f"- {r['system']}: from the run of {r['run_date_utc']}")
     rep = r.get("fastft_report")
     if rep:
         if "report_error" in rep:
