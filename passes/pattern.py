@@ -52,6 +52,9 @@ class Pattern:
     # longer reads), returned after ``check`` accepted the match: they join the region, so the
     # checker recomputes them, and go from the graph when nothing else reads them.
     absorb: Callable[[Match], list] | None = None
+    # The fused op is cheap next to keeping its output for the backward (a norm, whose input is
+    # kept anyway): AOT autograd's partitioner is asked to recompute it in the backward instead.
+    recompute: bool = False
 
     def is_anchor(self, node: Any) -> bool:
         return self.anchor_filter is None or self.anchor_filter(node)

@@ -209,6 +209,10 @@ def _splice(gm: fx.GraphModule, pattern: Pattern, matches: list[Match], prepared
     nodes = [n for m in matches for n in m.nodes]
     applied = AppliedRewrite(pattern=pattern, module_path=_region_path(nodes), node=fused, region=region)
     fused.meta[REWRITE_META] = applied
+    if pattern.recompute:  # a checkpointed region's own policy, copied from the root above, stays
+        from torch.utils.checkpoint import CheckpointPolicy
+
+        fused.meta.setdefault("recompute", CheckpointPolicy.PREFER_RECOMPUTE)
     if replacement.outputs is None:
         matches[0].root.replace_all_uses_with(fused)
     else:

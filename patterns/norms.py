@@ -152,6 +152,9 @@ RMS_NORM = Pattern(
     reference=rms_norm_reference,
     kernel="fastft::rms_norm",
     anchor_filter=_is_rms_anchor,
+    # The normed output feeds linears that keep it for their backward, beside the norm's own
+    # input: recomputing it there (one cheap kernel) keeps one tensor per norm instead of two.
+    recompute=True,
 )
 
 
@@ -234,4 +237,5 @@ LAYER_NORM = Pattern(
     anchors=frozenset({"layer_norm", "var"}),
     reference=layer_norm_reference,
     kernel="fastft::layer_norm",
+    recompute=True,  # as for RMSNorm
 )

@@ -332,3 +332,54 @@ def test_norms_of_a_fused_rotation_output_are_rewritten(dtype):
     result = fastft.check(model, (x,))
     assert result.ok, result
     assert result.regions_checked == 3
+
+
+class NormBetweenLinears(nn.Module):
+    def __init__(self, width: int = 48) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(width, width), nn.Linear(width, width)
+        self.norm = CastBeforeWeight(width)
+
+    def forward(self, x):
+        return self.out(self.norm(self.inp(x))).square().mean()
+
+
+def _saved_bytes(model, x) -> int:
+    """Bytes the forward keeps for the backward (every tensor autograd saves, compiled or not)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(x)
+    loss.backward()
+    return total
+
+
+def test_lowered_norm_is_recomputed_in_the_backward_not_saved(monkeypatch):
+    """Under AOT autograd (Inductor lowering) the norm's output is not kept for the next linear's
+    backward: the norm runs again there from its input, which its own backward keeps anyway."""
+    import dataclasses
+
+    from fastft.patterns import RMS_NORM
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 48, device=DEVICE)
+    saved, models = {}, {}
+    # The compile caches' keys do not include the partitioner's recompute hints: compile afresh.
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    for recompute in (True, False):
+        torch.manual_seed(1)
+        model = NormBetweenLinears().to(DEVICE)
+        models[recompute] = model
+        fastft.optimize(model, lower="inductor", patterns=[dataclasses.replace(RMS_NORM, recompute=recompute)])
+        _saved_bytes(model, x)  # the first call captures and compiles
+        saved[recompute] = _saved_bytes(model, x)
+        assert fastft.report(model).counts() == {"rms_norm": 1}
+    assert saved[False] - saved[True] == x.numel() * x.element_size(), saved
+    for a, b in zip(models[True].parameters(), models[False].parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
