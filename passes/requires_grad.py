@@ -54,7 +54,10 @@ def redundant_requires_grad_dropped() -> Iterator[None]:
     """Graphs Dynamo captures in this thread, inside this context, drop redundant ``requires_grad_()``
     marks of intermediates (see above) instead of breaking there."""
     skip = not has_leak_check()
-    _install_skip_while_tracing() if skip else _install_leak_check()
+    if skip:
+        _install_skip_while_tracing()
+    else:
+        _install_leak_check()
     previous = _scope.active, _scope.skip_marks
     _scope.active, _scope.skip_marks = True, skip
     try:

@@ -25,6 +25,7 @@ from helpers import DEVICE, assert_same_training, tiny, twin
 
 # The module, not the function fastft exports under the same name.
 optimize_module = importlib.import_module("fastft.optimize")
+requires_grad_module = importlib.import_module("fastft.passes.requires_grad")
 
 
 def _mark_requires_grad(module, inputs, output):
@@ -79,14 +80,21 @@ def test_redundant_requires_grad_mark_breaks_without_the_fix(monkeypatch):
     assert _breaks(model) > 0 and any("requires_grad_()" in b.reason for b in report.graph_breaks), str(report)
 
 
-def test_redundant_requires_grad_mark_keeps_one_graph():
+@pytest.mark.parametrize("dynamo", ["with leak check", "older"])
+def test_redundant_requires_grad_mark_keeps_one_graph(monkeypatch, dynamo):
+    if dynamo == "older":  # torch before 2.13: the call is skipped while tracing
+        monkeypatch.setattr(requires_grad_module, "has_leak_check", lambda: False)
     torch.manual_seed(0)
     model = Marked().to(DEVICE)
     reference = twin(model)
     fastft.optimize(model)
     assert model(_ids(0)).loss.requires_grad
     report = fastft.report(model)
-    assert _breaks(model) == 0 and report.graphs_captured == 1, str(report)
+    assert _breaks(model) == 0 and report.graphs_captured == 1 and not report.capture_failures, str(report)
+    (graph,) = optimize_module.state_of(model).graphs.values()
+    assert not [n for n in graph.gm.graph.nodes if n.target == "requires_grad_"]
+    flagged = [n for n in graph.gm.graph.nodes if n.meta.get(requires_grad_module.DROPPED_MARK)]
+    assert bool(flagged) == (dynamo == "older")
     assert fastft.check(model, (_ids(1),)).ok
     assert_same_training(reference, model, [{"ids": _ids(s)} for s in range(3)])
 
@@ -156,26 +164,11 @@ def test_peft_llama_with_input_require_grads_breaks_without_the_fix(monkeypatch)
 
 
 # --- a Dynamo without the leak check (torch before 2.13): the call is skipped while tracing ---------
-requires_grad_module = importlib.import_module("fastft.passes.requires_grad")
 
 
 @pytest.fixture
 def older_dynamo(monkeypatch):
     monkeypatch.setattr(requires_grad_module, "has_leak_check", lambda: False)
-
-
-def test_older_dynamo_skips_a_redundant_mark_and_keeps_one_graph(older_dynamo):
-    torch.manual_seed(0)
-    model = Marked().to(DEVICE)
-    reference = twin(model)
-    fastft.optimize(model)
-    assert model(_ids(0)).loss.requires_grad
-    report = fastft.report(model)
-    assert _breaks(model) == 0 and report.graphs_captured == 1 and not report.capture_failures, str(report)
-    (graph,) = optimize_module.state_of(model).graphs.values()
-    assert [n for n in graph.gm.graph.nodes if n.meta.get(requires_grad_module.DROPPED_MARK)]  # skipped, not traced
-    assert not [n for n in graph.gm.graph.nodes if n.target == "requires_grad_"]
-    assert_same_training(reference, model, [{"ids": _ids(s)} for s in range(3)])
 
 
 @pytest.mark.parametrize("trainable,return_embeddings", [(False, False), (True, True)])
