@@ -46,12 +46,16 @@ def rms_norm_reference(
     weight_offset: float = 0.0,
     norm_dtype: Optional[torch.dtype] = None,
     out_dtype: Optional[torch.dtype] = None,
+    sum_of_squares: bool = False,
 ) -> torch.Tensor:
-    """Plain PyTorch RMSNorm with the exact rounding the kernels reproduce (differentiable)."""
+    """Plain PyTorch RMSNorm with the exact rounding the kernels reproduce (differentiable).
+    ``sum_of_squares``: the sum of the squares instead of their mean (an L2 normalisation)."""
     if out_dtype is None:
         out_dtype = x.dtype
     xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    squares = xf.pow(2)
+    ms = squares.sum(-1, keepdim=True) if sum_of_squares else squares.mean(-1, keepdim=True)
+    y = xf * torch.rsqrt(ms + eps)
     if norm_dtype is not None:
         y = y.to(norm_dtype)  # rounded before the weight multiply, as the modules do
     if weight is not None:
@@ -77,6 +81,7 @@ def rms_norm_fwd_kernel(
     HAS_WEIGHT: tl.constexpr,
     NORM_DTYPE: tl.constexpr,  # tl.float32 means "no extra rounding"
     OUT_DTYPE: tl.constexpr,
+    SUM_OF_SQUARES: tl.constexpr,  # an L2 normalisation: the sum of the squares, not their mean
     BLOCK_ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -91,7 +96,10 @@ def rms_norm_fwd_kernel(
 
     x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     # Masked lanes load 0, so they add nothing to the sum; divide by the true width N.
-    r = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+    ms = tl.sum(x * x, axis=1)
+    if not SUM_OF_SQUARES:
+        ms = ms / N
+    r = tl.rsqrt(ms + eps)
     y = round_fp32(x * r[:, None], NORM_DTYPE)
     if HAS_WEIGHT:
         w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32) + weight_offset
@@ -120,6 +128,7 @@ def rms_norm_bwd_kernel(
     DX_DTYPE: tl.constexpr,
     COMPUTE_DX: tl.constexpr,
     COMPUTE_DW: tl.constexpr,
+    SUM_OF_SQUARES: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -138,7 +147,10 @@ def rms_norm_bwd_kernel(
         rows64 = rows.to(tl.int64)
         x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        r = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+        ms = tl.sum(x * x, axis=1)
+        if not SUM_OF_SQUARES:
+            ms = ms / N
+        r = tl.rsqrt(ms + eps)
         xhat = x * r[:, None]
         if COMPUTE_DW:
             # dW sees the rounded normalised value (it is what multiplied the weight).
@@ -151,7 +163,10 @@ def rms_norm_bwd_kernel(
             # As in autograd: the gradient w.r.t. the norm_dtype value is itself a norm_dtype
             # tensor (rounded), then passes the cast back to fp32 unchanged.
             g = round_fp32(g, NORM_DTYPE)
-            c = tl.sum(g * xhat, axis=1) / N
+            # dx = r (g - k xhat sum(g xhat)), k the factor of the sum of squares: 1/N or 1.
+            c = tl.sum(g * xhat, axis=1)
+            if not SUM_OF_SQUARES:
+                c = c / N
             dx = r[:, None] * (g - xhat * c[:, None])
             dx = round_fp32(dx, DX_DTYPE).to(DX_DTYPE)
             tl.store(dx_ptr + rows64[:, None] * stride_dx + cols[None, :], dx, mask=mask)
@@ -224,6 +239,7 @@ def rms_norm_forward(
     norm_dtype: Optional[torch.dtype] = None,
     out_dtype: Optional[torch.dtype] = None,
     block_rows: Optional[int] = None,
+    sum_of_squares: bool = False,
 ) -> torch.Tensor:
     """Launch the forward kernel; returns a contiguous tensor of x's shape in ``out_dtype``."""
     if out_dtype is None:
@@ -245,6 +261,7 @@ def rms_norm_forward(
         HAS_WEIGHT=weight is not None,
         NORM_DTYPE=TL_DTYPE[norm_dtype] if norm_dtype is not None else tl.float32,
         OUT_DTYPE=TL_DTYPE[out_dtype],
+        SUM_OF_SQUARES=sum_of_squares,
         BLOCK_ROWS=br,
         BLOCK_N=bn,
         num_warps=num_warps,
@@ -263,6 +280,7 @@ def rms_norm_backward(
     compute_dw: bool = True,
     block_rows: Optional[int] = None,
     num_programs: Optional[int] = None,
+    sum_of_squares: bool = False,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Launch the backward kernel; returns (dx in x.dtype, dw in weight.dtype), None where not asked.
 
@@ -305,6 +323,7 @@ def rms_norm_backward(
         DX_DTYPE=TL_DTYPE[x.dtype],
         COMPUTE_DX=compute_dx,
         COMPUTE_DW=compute_dw,
+        SUM_OF_SQUARES=sum_of_squares,
         BLOCK_ROWS=br,
         BLOCK_N=bn,
         num_warps=num_warps,
@@ -324,9 +343,10 @@ def rms_norm(
     weight_offset: float,
     norm_dtype: Optional[torch.dtype],
     out_dtype: torch.dtype,
+    sum_of_squares: bool = False,
 ) -> torch.Tensor:
     """RMSNorm over the last dim of x; see ``rms_norm_reference`` for the exact semantics."""
-    return rms_norm_forward(x, weight, eps, weight_offset, norm_dtype, out_dtype)
+    return rms_norm_forward(x, weight, eps, weight_offset, norm_dtype, out_dtype, sum_of_squares=sum_of_squares)
 
 
 @rms_norm.register_fake
@@ -337,6 +357,7 @@ def _rms_norm_fake(
     weight_offset: float,
     norm_dtype: Optional[torch.dtype],
     out_dtype: torch.dtype,
+    sum_of_squares: bool = False,
 ) -> torch.Tensor:
     _check_inputs(x, weight, norm_dtype, out_dtype)
     return x.new_empty(x.shape, dtype=out_dtype)
@@ -354,8 +375,10 @@ def _rms_norm_backward_op(
     norm_dtype: Optional[torch.dtype],
     compute_dx: bool,
     compute_dw: bool,
+    sum_of_squares: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    dx, dw = rms_norm_backward(dy, x, weight, eps, weight_offset, norm_dtype, compute_dx, compute_dw)
+    dx, dw = rms_norm_backward(dy, x, weight, eps, weight_offset, norm_dtype, compute_dx, compute_dw,
+                               sum_of_squares=sum_of_squares)
     return (dx if dx is not None else x.new_empty(0)), (dw if dw is not None else x.new_empty(0))
 
 
@@ -369,6 +392,7 @@ def _rms_norm_backward_fake(
     norm_dtype: Optional[torch.dtype],
     compute_dx: bool,
     compute_dw: bool,
+    sum_of_squares: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     dx = x.new_empty(x.shape) if compute_dx else x.new_empty(0)
     dw = weight.new_empty(weight.shape) if (compute_dw and weight is not None) else x.new_empty(0)
@@ -376,8 +400,9 @@ def _rms_norm_backward_fake(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, eps, weight_offset, norm_dtype, _out_dtype = inputs
+    x, weight, eps, weight_offset, norm_dtype, _out_dtype, sum_of_squares = inputs
     ctx.save_for_backward(x, weight)
+    ctx.sum_of_squares = sum_of_squares
     ctx.eps = eps
     ctx.weight_offset = weight_offset
     ctx.norm_dtype = norm_dtype
@@ -390,9 +415,9 @@ def _backward(ctx, dy: torch.Tensor):
     dx, dw = None, None
     if need_dx or need_dw:
         dx, dw = torch.ops.fastft.rms_norm_backward(
-            dy, x, weight, ctx.eps, ctx.weight_offset, ctx.norm_dtype, need_dx, need_dw
+            dy, x, weight, ctx.eps, ctx.weight_offset, ctx.norm_dtype, need_dx, need_dw, ctx.sum_of_squares
         )
-    return (dx if need_dx else None), (dw if need_dw else None), None, None, None, None
+    return (dx if need_dx else None), (dw if need_dw else None), None, None, None, None, None
 
 
 rms_norm.register_autograd(_backward, setup_context=_setup_context)

@@ -13,8 +13,9 @@ as pow(d, 0.5)), and the mean may be written as sum(x_f ** 2, -1, keepdim) / N (
 variants that change the numbers (where the casts are, ``1 + w``) are bindings of the one
 expression, and the kernel takes them as arguments.
 
-An L2 normalisation, x_f * rsqrt(sum(x_f ** 2) + eps), is rms_norm(x, eps / N) / sqrt(N): the op
-has no output scale, so it is matched only to be reported as a near miss saying so.
+An L2 normalisation, x_f * rsqrt(sum(x_f ** 2) + eps) (the q and k of linear-attention layers),
+is the same expression with the sum of the squares in place of their mean: the op takes that as
+its ``sum_of_squares`` argument.
 
 LayerNorm, either the library op or written out:
 
@@ -45,8 +46,7 @@ def _rms_norm_expr():
     xf = Cast(x, "upcast")
     squares = Op("pow", xf, 2) | Op("mul", xf, xf)
     # The mean may be written as the sum over the row divided by its width (or times 1/width);
-    # the bare sum (an L2 normalisation) is matched too, only for the check to say why it is not
-    # fused.
+    # the bare sum is an L2 normalisation.
     total = Op("sum", squares, dims=_last_dim_only, keepdim=True, name="sum_sq")
     mean_sq = (Op("mean", squares, dims=_last_dim_only, keepdim=True, name="mean_sq")
                | Op("div", total, Lit("width"), name="mean_sq")
@@ -67,10 +67,6 @@ def _rms_norm_expr():
 def _check_rms_norm(m: Match) -> str | None:
     b = m.bindings
     x = tensor_meta(b["x"])
-    if "mean_sq" not in b:
-        # x / sqrt(sum(x^2) + eps) == rms_norm(x, eps / N) / sqrt(N): the op has no output scale.
-        return ("an L2 normalisation (a sum of squares, not a mean): it is an RMSNorm times "
-                "1/sqrt(N), and the fused kernel has no output scale")
     if "width" in b or "inv_width" in b:
         reason = _check_width(b, x.shape[-1])
         if reason is not None:
@@ -138,7 +134,7 @@ def _replace_rms_norm(m: Match) -> Replacement:
     return Replacement(
         torch.ops.fastft.rms_norm.default,
         (b["x"], b.get("weight"), float(b["eps"]), float(b.get("offset", 0.0)), norm_dtype,
-         dtype_of(m.root)),
+         dtype_of(m.root), "mean_sq" not in b),  # no mean: the sum of the squares (L2)
     )
 
 

@@ -32,7 +32,8 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, tol: dict) -> None:
     torch.testing.assert_close(actual.float(), expected.float(), **tol)
 
 
-def _check(x, weight, offset, norm_dtype, out_dtype, x_grad=True, w_grad=True, seed=0) -> None:
+def _check(x, weight, offset, norm_dtype, out_dtype, x_grad=True, w_grad=True, seed=0,
+           sum_of_squares=False) -> None:
     """Forward and backward of the op against the reference run with autograd, same inputs/dy."""
     w_grad = w_grad and weight is not None
     xk = x.detach().clone().requires_grad_(x_grad)
@@ -40,8 +41,8 @@ def _check(x, weight, offset, norm_dtype, out_dtype, x_grad=True, w_grad=True, s
     wk = weight.detach().clone().requires_grad_(w_grad) if weight is not None else None
     wr = weight.detach().clone().requires_grad_(w_grad) if weight is not None else None
 
-    y = torch.ops.fastft.rms_norm(xk, wk, EPS, offset, norm_dtype, out_dtype)
-    y_ref = rms_norm_reference(xr, wr, EPS, offset, norm_dtype, out_dtype)
+    y = torch.ops.fastft.rms_norm(xk, wk, EPS, offset, norm_dtype, out_dtype, sum_of_squares)
+    y_ref = rms_norm_reference(xr, wr, EPS, offset, norm_dtype, out_dtype, sum_of_squares)
     _close(y, y_ref, _tol("fwd", out_dtype, norm_dtype))
 
     if not (x_grad or w_grad):
@@ -215,3 +216,15 @@ def test_opcheck(device: str) -> None:
         (dy, x.detach(), w.detach(), EPS, 0.0, None, False, True),
         test_utils=bwd_tests,
     )
+
+
+@pytest.mark.parametrize("shape", [(3, 1), (5, 7), (2, 3, 96), (4, 130)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("has_weight", [False, True])
+def test_sum_of_squares_is_an_l2_normalisation(device, shape, dtype, has_weight):
+    x, w = _inputs(shape, dtype, device, seed=3)
+    _check(x, w if has_weight else None, 0.0, None, dtype, sum_of_squares=True, seed=4)
+    # Not the mean's result: x / ||x|| is sqrt(N) times smaller than the RMSNorm when N > 1.
+    l2 = torch.ops.fastft.rms_norm(x, None, EPS, 0.0, None, torch.float32, True)
+    want = x.float() / torch.sqrt(x.float().pow(2).sum(-1, keepdim=True) + EPS)
+    torch.testing.assert_close(l2, want, **_tol("fwd", dtype))
