@@ -87,6 +87,16 @@ def _is_torch_callable(target: Any) -> bool:
 
 
 def _canon_cast(node: fx.Node, name: str) -> Canon | None:
+    canon = _cast_of(node, name)
+    if canon is not None and canon.op == "cast" and isinstance(canon.args[0], fx.Node) \
+            and tensor_meta(canon.args[0]) is not None and dtype_of(canon.args[0]) == canon.attrs["dtype"]:
+        # A cast to the dtype the tensor already has changes nothing (``.float()`` of a float32
+        # value): the same value as its input, wherever a pattern reads the input uncast.
+        return Canon("identity", canon.args)
+    return canon
+
+
+def _cast_of(node: fx.Node, name: str) -> Canon | None:
     src = node.args[0] if node.args else None
     if name in _DTYPE_METHODS and len(node.args) == 1:
         return Canon("cast", (src,), {"dtype": _DTYPE_METHODS[name]})

@@ -401,3 +401,26 @@ def test_lowered_norm_is_recomputed_in_the_backward_not_saved(monkeypatch):
     assert saved[False] - saved[True] == x.numel() * x.element_size(), saved
     for a, b in zip(models[True].parameters(), models[False].parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+class UpcastOnlyForTheSquares(nn.Module):
+    """The squares read ``x.to(float32)``, the product reads x itself: on float32 data the cast
+    changes nothing, so it is the same RMSNorm."""
+
+    def __init__(self, width: int = 24) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(width))
+
+    def forward(self, x):
+        variance = x.to(torch.float32).pow(2).mean(dim=-1, keepdim=True)
+        return (x * torch.rsqrt(variance + 1e-6)).to(x.dtype) * self.weight
+
+
+def test_a_cast_to_the_dtype_a_tensor_has_is_no_cast():
+    torch.manual_seed(0)
+    model = Net(UpcastOnlyForTheSquares()).to(DEVICE)
+    x = torch.randn(4, 8, device=DEVICE)
+    report = _optimise_and_run(model, x)
+    assert report.counts() == {"rms_norm": 1} and not report.near_misses, report
+    assert fastft.check(model, (x,)).ok
+
