@@ -213,6 +213,32 @@ def test_check_names_a_region_whose_rewrite_is_wrong():
     assert "FAIL" in str(result) and "wrong_rms_norm@norm" in str(result)
 
 
+class CancellingGeluGate(nn.Module):
+    """erf-GELU gate far in its negative tail times a large up projection: PyTorch's own
+    0.5 x (1 + erf(x / sqrt 2)) cancels there, so fused and original differ by more than the
+    elementwise tolerance while the fused one is no less accurate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up_scale = nn.Parameter(torch.ones(32))
+
+    def forward(self, g, u):
+        return (torch.nn.functional.gelu(g) * (u * self.up_scale)).sum()
+
+
+def test_check_judges_a_region_against_float64_where_the_original_itself_rounds():
+    torch.manual_seed(0)
+    g = torch.randn(64, 32, device=DEVICE)
+    g[:, :8] = -3.5 - 2 * torch.rand(64, 8, device=DEVICE)  # a few columns deep in the tail
+    u = 1e3 * (1 + torch.rand(64, 32, device=DEVICE))
+    model = fastft.optimize(CancellingGeluGate().to(DEVICE))
+    result = fastft.check(model, (g, u), loss_fn=lambda y: y)
+    assert fastft.report(model).counts() == {"glu_mlp": 1}
+    (output,) = [c for c in result.regions if c.name.endswith(" output")]
+    assert output.max_abs_error > 1e-5 and "no further from float64" in output.bound, str(result)
+    assert result.ok, str(result)
+
+
 def test_trainer_runs_and_saves(tmp_path):
     from transformers import Trainer, TrainingArguments
 
