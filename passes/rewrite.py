@@ -214,13 +214,13 @@ def _splice(gm: fx.GraphModule, pattern: Pattern, matches: list[Match], prepared
 
         fused.meta.setdefault("recompute", CheckpointPolicy.PREFER_RECOMPUTE)
     if replacement.outputs is None:
-        matches[0].root.replace_all_uses_with(fused)
+        matches[0].root.replace_all_uses_with(_with_layout_of(graph, fused, matches[0].root, inputs))
     else:
         with graph.inserting_after(fused):
             for i, m in reversed(list(enumerate(matches))):
                 out = graph.call_function(operator.getitem, (fused, i))
                 out.meta.update({k: v for k, v in m.root.meta.items() if k != "fastft_canon"})
-                m.root.replace_all_uses_with(out)
+                m.root.replace_all_uses_with(_with_layout_of(graph, out, m.root, inputs))
         fused.meta["example_value"] = tuple(tensor_meta(m.root) for m in matches)
     inside = set(nodes) | {n for m in matches for n in m.absorbed}
     for m in matches:
@@ -231,6 +231,24 @@ def _splice(gm: fx.GraphModule, pattern: Pattern, matches: list[Match], prepared
         if not node.users:
             graph.erase_node(node)
     result.applied.append(applied)
+
+
+def _with_layout_of(graph: fx.Graph, out: fx.Node, root: fx.Node, inputs: list[fx.Node]) -> fx.Node:
+    """``out``, made contiguous where the region's result was contiguous but a fused op may lay
+    its result out like a strided input of the same shape (a rotation of a transposed q whose
+    original ended in a cat): code after it may ``view`` it. ``contiguous()`` of a tensor that
+    already is returns it as it is."""
+    meta = tensor_meta(root)
+    if meta is None or not meta.is_contiguous():
+        return out
+    strided_like = [a for a in inputs if (m := tensor_meta(a)) is not None and m.shape == meta.shape
+                    and not m.is_contiguous()]
+    if not strided_like:
+        return out
+    with graph.inserting_after(out):
+        kept = graph.call_method("contiguous", (out,))
+    kept.meta.update({k: v for k, v in root.meta.items() if k != "fastft_canon"})
+    return kept
 
 
 def _release(graph: fx.Graph, node: fx.Node, inside: set[fx.Node]) -> bool:

@@ -168,3 +168,28 @@ def test_complex_form_is_the_same_family(dtype):
     assert [r.kernel for r in report.rewrites] == ["fastft::rope_polar"]
     assert report.near_misses == [], report
     assert fastft.check(model, (x,)).ok
+
+
+class ViewAfterRotation(Rotary):
+    """Heads-first q and k (transposed views) rotated partially, the original ending in a cat
+    (a contiguous result) that the code after it reshapes with ``view``."""
+
+    def __init__(self, dtype=torch.float32):
+        super().__init__(rotary=8, head_dim=20, dtype=dtype)
+
+    def forward(self, h):
+        b, s, _ = h.shape
+        q = self.q(h).view(b, s, 4, self.head_dim).transpose(1, 2)
+        k = self.k(h).view(b, s, 2, self.head_dim).transpose(1, 2)
+        cos, sin = self.cos_sin(s, h.dtype)
+        q, k = self.apply(q, cos[None, None], sin[None, None]), self.apply(k, cos[None, None], sin[None, None])
+        return q.view(b * 4, s, self.head_dim).float().pow(2).mean() + k.view(b * 2, s, -1).float().mean()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rotation_read_by_view_keeps_the_original_layout(dtype):
+    torch.manual_seed(0)
+    model = ViewAfterRotation(dtype=dtype).to(DEVICE)
+    x = torch.randn(2, 6, 32, dtype=dtype, device=DEVICE)
+    assert _run(model, x).counts() == {"rope": 1}
+    assert fastft.check(model, (x,)).ok
