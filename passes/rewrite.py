@@ -7,7 +7,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .canonical import canonical, link_nested_inputs, module_path, tensor_meta
+try:
+    from torch._prims_common import is_contiguous_or_false
+except ImportError:  # an older torch: contiguity known only where every size and stride is an int
+    def is_contiguous_or_false(t: torch.Tensor) -> bool:
+        return not any(isinstance(v, torch.SymInt) for v in (*t.shape, *t.stride())) and t.is_contiguous()
+
+from .canonical import canonical, link_nested_inputs, module_path, same_size, tensor_meta
 from .matcher import Failure, Match, match_at
 from .pattern import Pattern, Replacement
 
@@ -239,10 +245,11 @@ def _with_layout_of(graph: fx.Graph, out: fx.Node, root: fx.Node, inputs: list[f
     original ended in a cat): code after it may ``view`` it. ``contiguous()`` of a tensor that
     already is returns it as it is."""
     meta = tensor_meta(root)
-    if meta is None or not meta.is_contiguous():
+    # Guard-free tests (sizes may be symbolic): contiguity only where it is known.
+    if meta is None or not is_contiguous_or_false(meta):
         return out
-    strided_like = [a for a in inputs if (m := tensor_meta(a)) is not None and m.shape == meta.shape
-                    and not m.is_contiguous()]
+    strided_like = [a for a in inputs if (m := tensor_meta(a)) is not None and m.dim() == meta.dim()
+                    and all(same_size(x, y) for x, y in zip(m.shape, meta.shape)) and not is_contiguous_or_false(m)]
     if not strided_like:
         return out
     with graph.inserting_after(out):
