@@ -520,9 +520,11 @@ def rope(
     interleaved: bool,
     round_dtype: Optional[torch.dtype],
     out_dtype: torch.dtype,
+    negate_sin: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary embedding of q and k; see ``rope_reference`` for the exact semantics."""
-    return rope_forward(q, k, cos, sin, interleaved, round_dtype, out_dtype)
+    """Rotary embedding of q and k; see ``rope_reference`` for the exact semantics.
+    ``negate_sin``: rotate by -sin (a rotate-half written ``cat(x2, -x1)``); the sign flip is exact."""
+    return rope_forward(q, k, cos, sin.neg() if negate_sin else sin, interleaved, round_dtype, out_dtype)
 
 
 @rope.register_fake
@@ -534,6 +536,7 @@ def _rope_fake(
     interleaved: bool,
     round_dtype: Optional[torch.dtype],
     out_dtype: torch.dtype,
+    negate_sin: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_inputs(q, k, cos, sin, round_dtype, (out_dtype, out_dtype))
     return _out_like(q, out_dtype), _out_like(k, out_dtype)
@@ -580,8 +583,9 @@ def _rope_backward_fake(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, cos, sin, interleaved, round_dtype, out_dtype = inputs
+    q, k, cos, sin, interleaved, round_dtype, out_dtype, negate_sin = inputs
     ctx.save_for_backward(cos, sin)
+    ctx.negate_sin = negate_sin
     ctx.interleaved = interleaved
     ctx.round_dtype = round_dtype
     ctx.q_meta = (q.shape, q.dtype)
@@ -596,6 +600,8 @@ def _backward(ctx, dq_out: Optional[torch.Tensor], dk_out: Optional[torch.Tensor
             "detach them (they are usually computed from fixed frequencies) or do not use this op"
         )
     cos, sin = ctx.saved_tensors
+    if ctx.negate_sin:
+        sin = sin.neg()
     need_dq, need_dk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     # An unused output may come back without a gradient: it stands for zeros.
     if dq_out is None:
@@ -608,7 +614,7 @@ def _backward(ctx, dq_out: Optional[torch.Tensor], dk_out: Optional[torch.Tensor
             dq_out, dk_out, cos, sin, ctx.interleaved, ctx.round_dtype, ctx.q_meta[1], ctx.k_meta[1],
             need_dq, need_dk,
         )
-    return (dq if need_dq else None), (dk if need_dk else None), None, None, None, None, None
+    return (dq if need_dq else None), (dk if need_dk else None), None, None, None, None, None, None
 
 
 rope.register_autograd(_backward, setup_context=_setup_context)

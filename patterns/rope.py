@@ -2,6 +2,8 @@
 
     r = x[..., :R]                      partial rotary: only the first R columns rotate (R <= D)
     y = r * cos + rotate(r) * sin       rotate-half: cat(-r[..., R/2:], r[..., :R/2])
+                                        or flipped, cat(r[..., R/2:], -r[..., :R/2]): the
+                                        rotation by -sin (the op's ``negate_sin``)
                                         interleaved: stack(-r[..., 1::2], r[..., ::2], -1).flatten(-2)
     y = cat(y, x[..., R:])              the rest passes through (absent when R == D)
     y = y.to(out_dtype)                 optional final cast
@@ -36,11 +38,13 @@ def _second_last(start, canon) -> bool:
 def _rotated(r):
     rotate_half = Op("cat", Op("neg", Op("slice", r, dim=_last, step=1, name="hi")),
                      Op("slice", r, dim=_last, step=1, name="lo"), dim=_last, name="rotate_half")
+    flipped_half = Op("cat", Op("slice", r, dim=_last, step=1, name="hi"),
+                      Op("neg", Op("slice", r, dim=_last, step=1, name="lo")), dim=_last, name="rotate_half_flipped")
     rotate_pairs = Op("flatten", Op("stack", Op("neg", Op("slice", r, dim=_last, step=2, name="hi")),
                                     Op("slice", r, dim=_last, step=2, name="lo"), dim=_last),
                       start=_second_last, end=lambda end, c: end == c.attrs["ndim"] - 1,
                       name="rotate_pairs")
-    return rotate_half | rotate_pairs
+    return rotate_half | flipped_half | rotate_pairs
 
 
 def _embedded(r, rotated_from):
@@ -80,7 +84,7 @@ def _check_rope(m: Match) -> str | None:
         return f"the rotary width {rotary} is odd"
     half = rotary // 2
     lo, hi = _slice(m, "lo"), _slice(m, "hi")
-    if "rotate_half" in b and (lo != (0, half, 1) or hi != (half, rotary, 1)):
+    if ("rotate_half" in b or "rotate_half_flipped" in b) and (lo != (0, half, 1) or hi != (half, rotary, 1)):
         return f"rotate-half takes columns {lo[:2]} and {hi[:2]}; expected halves of {rotary}"
     if "rotate_pairs" in b and (lo[:1] + lo[2:] != (0, 2) or hi[:1] + hi[2:] != (1, 2)):
         return "the pairwise rotation does not take even and odd columns"
@@ -115,15 +119,15 @@ def _settings(m: Match) -> tuple:
     b = m.bindings
     compute_dtype = dtype_of(b["embedded"])
     round_dtype = compute_dtype if compute_dtype != torch.float32 else None
-    return b["cos"], b["sin"], "rotate_pairs" in b, round_dtype, dtype_of(m.root)
+    return b["cos"], b["sin"], "rotate_pairs" in b, round_dtype, dtype_of(m.root), "rotate_half_flipped" in b
 
 
 def _replace_group(matches: list[Match]) -> Replacement:
-    cos, sin, interleaved, round_dtype, out_dtype = _settings(matches[0])
+    cos, sin, interleaved, round_dtype, out_dtype, negate_sin = _settings(matches[0])
     q = matches[0].bindings["x"]
     k = matches[1].bindings["x"] if len(matches) > 1 else q  # alone: rotate it twice, use one
-    return Replacement(torch.ops.fastft.rope.default, (q, k, cos, sin, interleaved, round_dtype, out_dtype),
-                       outputs=len(matches))
+    return Replacement(torch.ops.fastft.rope.default,
+                       (q, k, cos, sin, interleaved, round_dtype, out_dtype, negate_sin), outputs=len(matches))
 
 
 def _group_key(m: Match) -> tuple:

@@ -415,3 +415,28 @@ def test_polar_validation(device) -> None:
         torch.ops.fastft.rope_polar(q, k, torch.view_as_real(freqs).contiguous(), torch.float32)
     with pytest.raises(ValueError, match="pairs"):
         torch.ops.fastft.rope_polar(q, k, freqs[..., :4], torch.float32)
+
+
+def _flipped_rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((x[..., half:], -x[..., :half]), dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_negated_sin_is_the_flipped_rotate_half(dtype, device) -> None:
+    """q cos + cat(q2, -q1) sin, as some models write it, is the rotation by -sin: same values
+    (a sign flip rounds nothing) and the same gradients."""
+    q, k, cos, sin = _inputs((2, 3, 5, 16), (2, 1, 5, 16), (5, 16), dtype, device, seed=7)
+    qk, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+    qr, kr = q.clone().requires_grad_(), k.clone().requires_grad_()
+    round_dtype = None if dtype == torch.float32 else dtype
+    qo, ko = torch.ops.fastft.rope(qk, kk, cos, sin, False, round_dtype, dtype, True)
+    want_q, want_k = (x * cos + _flipped_rotate_half(x) * sin for x in (qr, kr))
+    _close(qo, want_q, dtype == torch.float32, dtype)
+    _close(ko, want_k, dtype == torch.float32, dtype)
+    gen = torch.Generator().manual_seed(8)
+    dq, dk = _randn(q.shape, dtype, device, gen), _randn(k.shape, dtype, device, gen)
+    torch.autograd.backward((qo, ko), (dq, dk))
+    torch.autograd.backward((want_q, want_k), (dq, dk))
+    _close(qk.grad, qr.grad, False, dtype)
+    _close(kk.grad, kr.grad, False, dtype)

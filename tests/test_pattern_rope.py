@@ -194,3 +194,24 @@ def test_a_rotation_read_by_view_keeps_the_original_layout(dtype):
         x = torch.randn(2, seq, 32, dtype=dtype, device=DEVICE)
         assert _run(model, x).counts() == {"rope": 1}
         assert fastft.check(model, (x,)).ok
+
+
+class FlippedRotary(Rotary):
+    """rotate-half written cat(x2, -x1): the rotation by -sin."""
+
+    def apply(self, x, cos, sin):
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((x[..., half:], -x[..., :half]), dim=-1) * sin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_flipped_rotate_half_is_the_rotation_by_minus_sin(dtype):
+    torch.manual_seed(0)
+    model = FlippedRotary(dtype=dtype).to(DEVICE)
+    x = torch.randn(2, 6, 32, dtype=dtype, device=DEVICE)
+    report = _run(model, x)
+    assert report.counts() == {"rope": 1} and not report.near_misses, report
+    (fused,) = _fused(model)
+    assert fused.args[7] is True  # negate_sin
+    result = fastft.check(model, (x,))
+    assert result.ok and result.regions_checked == 1, result
