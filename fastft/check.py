@@ -226,10 +226,7 @@ def _compare_to_truth(first: Comparison, new: torch.Tensor, ref: torch.Tensor, t
     element by element, no further from the float64 result than the original is (plus the
     tolerance): the original's own rounding (say, 1 + erf(x) cancelling for very negative x) is
     not a fault of the fused op."""
-    dtype = ref.dtype
-    if floor is not None and TOLERANCES[floor].rel_l2 > TOLERANCES[dtype].rel_l2:
-        dtype = floor
-    tol = tolerance_for(dtype)
+    tol = _tolerance(ref, floor)
     a, b, t = new.detach().double(), ref.detach().double(), truth.detach().double().to(ref.device)
     if t.shape != b.shape:
         return first
@@ -261,12 +258,17 @@ def _snapshot(args: tuple) -> list:
     return [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args]
 
 
-def _compare(name: str, new: torch.Tensor, ref: torch.Tensor, elementwise: bool,
-             floor: torch.dtype | None = None) -> Comparison:
+def _tolerance(ref: torch.Tensor, floor: torch.dtype | None):
+    """The tolerance of ``ref``'s dtype, or of ``floor`` where that is looser."""
     dtype = ref.dtype if ref.is_floating_point() else torch.float32
     if floor is not None and TOLERANCES[floor].rel_l2 > TOLERANCES[dtype].rel_l2:
         dtype = floor
-    tol = tolerance_for(dtype)
+    return tolerance_for(dtype)
+
+
+def _compare(name: str, new: torch.Tensor, ref: torch.Tensor, elementwise: bool,
+             floor: torch.dtype | None = None) -> Comparison:
+    tol = _tolerance(ref, floor)
     if new.shape != ref.shape:
         return Comparison(name, str(ref.dtype), float("inf"), float("inf"), False,
                           f"shape {tuple(new.shape)} vs {tuple(ref.shape)}")

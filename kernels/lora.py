@@ -388,8 +388,7 @@ def _check_4bit(x, packed, code, blocksize, out_features, in_features, compute_d
     check_dtype(op, "compute_dtype", compute_dtype)
     # Shapes and dtypes only: meta tensors stand for the cast input and the dequantised weight.
     _check(op, torch.empty((1, in_features), dtype=compute_dtype, device="meta"),
-           torch.empty((out_features, in_features), dtype=compute_dtype, device="meta"), None,
-           lora_a.to("meta"), lora_b.to("meta"))
+           torch.empty((out_features, in_features), dtype=compute_dtype, device="meta"), None, lora_a, lora_b)
 
 
 @torch.library.custom_op("fastft::qlora_linear", mutates_args=())

@@ -76,8 +76,8 @@ def four_bit_linear(node: Any) -> tuple[FourBitLinear | None, str | None]:
         return _strip_views(value, what) if views else value
 
     # The packed codes reach the Function as a view: that view belongs to the linear.
-    packed_operand = operands[placeholders.index(_strip_views(gemms[0].args[1], "packed weight"))] \
-        if _strip_views(gemms[0].args[1], "packed weight") in placeholders else None
+    packed_inner = _strip_views(gemms[0].args[1], "packed weight")
+    packed_operand = operands[placeholders.index(packed_inner)] if packed_inner in placeholders else None
     views = (packed_operand,) if isinstance(packed_operand, fx.Node) and _is_view(packed_operand) else ()
     return _from_gemm(gemms[0], outer, (node, apply, fwd_ref, apply.args[1], *views))
 

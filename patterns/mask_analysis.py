@@ -73,8 +73,9 @@ def _outer(node: fx.Node) -> Value:
 def _name(node: fx.Node) -> str:
     """The op's name, a dunder method as its operator (``__eq__`` -> ``eq``, ``__and__`` -> ``and_``)."""
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
-    if name.startswith("__") and name.endswith("__") and name not in ("__and__",):
-        return name[2:-2]
+    if name.startswith("__") and name.endswith("__"):
+        name = name[2:-2]
+        return name + "_" if name in ("and", "or") else name  # operator.and_, operator.or_
     return name
 
 
@@ -148,7 +149,7 @@ class _Interpreter:
             return self._getitem(node)
         if name in ("le", "ge", "lt", "gt", "eq", "ne"):
             return self._compare(node, name)
-        if name in ("and_", "logical_and", "bitwise_and", "__and__", "mul"):
+        if name in ("and_", "logical_and", "bitwise_and", "mul"):
             return _and(self.eval(args[0]), self.eval(args[1]), node)
         if name in ("new_ones", "new_zeros", "ones", "zeros"):
             if name.startswith("new_"):

@@ -137,23 +137,24 @@ def test_padding_attention_mask_passed_to_a_model_is_reported():
     batch = {**random_batch(model, batch=2, seq=9), "use_cache": False}
     batch["attention_mask"] = torch.ones_like(batch["input_ids"])
     batch["attention_mask"][0, :3] = 0
-    result = fastft.check(model, batch)
-    assert result.ok, str(result)
-    report = fastft.report(model)
-    assert "attention" not in report.counts()
-    misses = [m for m in report.near_misses if m.pattern == "causal_mask"]
-    assert len(misses) == model.config.num_hidden_layers and all("graph input" in m.reason for m in misses), misses
+    _assert_every_mask_left_with(model, batch, "graph input")
 
 
 def test_sliding_window_model_reports_its_masks():
     model = tiny("mistral", sliding_window=4)
     fastft.optimize(model)
-    result = fastft.check(model, {**random_batch(model, batch=2, seq=9), "use_cache": False})
+    _assert_every_mask_left_with(model, {**random_batch(model, batch=2, seq=9), "use_cache": False}, "sliding window")
+
+
+def _assert_every_mask_left_with(model, batch, reason: str) -> None:
+    """The model checks equal, no attention is rewritten, and every layer's mask is a near miss
+    whose reason says ``reason``."""
+    result = fastft.check(model, batch)
     assert result.ok, str(result)
     report = fastft.report(model)
     assert "attention" not in report.counts()
     misses = [m for m in report.near_misses if m.pattern == "causal_mask"]
-    assert len(misses) == model.config.num_hidden_layers and all("sliding window" in m.reason for m in misses), misses
+    assert len(misses) == model.config.num_hidden_layers and all(reason in m.reason for m in misses), misses
 
 
 def test_mask_passed_into_checkpointed_layers_is_followed_outside():
