@@ -10,7 +10,9 @@ materialising the full-size intermediates that a module-by-module computation ma
   (``addmm`` with ``alpha = s``): no [tokens, out] product, scaled copy and sum;
 - the backward computes dX = dY W + s (dY B) A the same way, dA = s (dY B)^T X and
   dB = s dY^T (X A^T), and no dW unless the base weight is trainable;
-- only X is saved (X A^T is [tokens, r] and recomputed).
+- X is saved, and X A^T beside it ([tokens, r]: small), so that the backward reads X once, for
+  dA; linears of one input (q, k, v; gate, up) stack their A matrices, so that one GEMM reads X
+  for all their x A^T and one for all their dA.
 
 The matmuls stay with cuBLAS: a GEMM written in Triton would not beat it. The MLP op uses the
 Triton GLU kernels of ``kernels/glu.py`` for the activation and recomputes act(gate) * up in the
@@ -22,7 +24,7 @@ model computes its base linears anyway. Gradients come back in each parameter's 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -93,135 +95,225 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _forward_2d(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
-    dtype = weight.dtype
-    a, b = lora_a.to(dtype), lora_b.to(dtype)
-    if bias is not None:
-        y = torch.addmm(bias.to(dtype), x2, weight.t())
-    else:
-        y = torch.mm(x2, weight.t())
-    # The adapter's product goes straight into y's accumulator (beta = 1): no [rows, out] temporary.
-    return y.addmm_(torch.mm(x2, a.t()), b.t(), alpha=scale)
+# --------------------------------------------------------------------------------------------
+# Host code: the GEMMs of a group of LoRA linears that read one input, on 2-D row views
+# --------------------------------------------------------------------------------------------
+class Adapted(NamedTuple):
+    """One LoRA linear of a group that shares its input (q, k, v; gate, up; or one alone)."""
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scale: float
 
 
-def _backward_2d(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
-                 lora_b: torch.Tensor, scale: float, need: tuple[bool, bool, bool, bool, bool],
-                 dx: Optional[torch.Tensor] = None):
-    """(dx, dweight, dbias, dlora_a, dlora_b) on 2-D views; None where ``need`` says no. Given
-    ``dx`` (other linears of the same input), the input gradient accumulates into it in place."""
-    need_dx, need_dw, need_dbias, need_da, need_db = need
-    dtype = weight.dtype
-    dy2 = dy2.to(dtype)
-    a, b = lora_a.to(dtype), lora_b.to(dtype)
-    dy_b = torch.mm(dy2, b) if (need_dx or need_da) else None  # [rows, r]
-    if need_dx:
+class Needed(NamedTuple):
+    """Which of one linear's parameter gradients the backward computes."""
+
+    dweight: bool = False
+    dbias: bool = False
+    dlora_a: bool = False
+    dlora_b: bool = False
+
+
+def _stacked_a(group: Sequence[Adapted], dtype: torch.dtype) -> torch.Tensor:
+    """The group's A matrices one above the other, [sum of ranks, in], in ``dtype``: one GEMM
+    then reads x for every adapter of the group."""
+    if len(group) == 1:
+        return group[0].lora_a.to(dtype)
+    return torch.cat([lin.lora_a.to(dtype) for lin in group])
+
+
+def _rank_columns(group: Sequence[Adapted]) -> list[slice]:
+    """Where each adapter's x A^T sits among the stacked columns."""
+    columns, start = [], 0
+    for lin in group:
+        columns.append(slice(start, start + lin.lora_a.shape[0]))
+        start += lin.lora_a.shape[0]
+    return columns
+
+
+def _group_forward(x2: torch.Tensor, group: Sequence[Adapted]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each linear's output, and x A^T of every adapter side by side ([rows, sum of ranks]): the
+    backward takes it from here instead of reading x again (it is rank / in of x's size)."""
+    dtype = x2.dtype
+    xa = torch.mm(x2, _stacked_a(group, dtype).t())
+    outs = []
+    for lin, columns in zip(group, _rank_columns(group)):
+        if lin.bias is not None:
+            y = torch.addmm(lin.bias.to(dtype), x2, lin.weight.t())
+        else:
+            y = torch.mm(x2, lin.weight.t())
+        # The adapter's product goes straight into y's accumulator (beta = 1): no [rows, out] temporary.
+        outs.append(y.addmm_(xa[:, columns], lin.lora_b.to(dtype).t(), alpha=lin.scale))
+    return outs, xa
+
+
+def _group_backward(dys: Sequence[Optional[torch.Tensor]], x2: torch.Tensor, xa: torch.Tensor,
+                    group: Sequence[Adapted], need_dx: bool, needs: Sequence[Needed],
+                    dx: Optional[torch.Tensor] = None
+                    ) -> tuple[Optional[torch.Tensor], list[tuple[Optional[torch.Tensor], ...]]]:
+    """dx (accumulated into ``dx`` in place when given) and, per linear, (dweight, dbias, dA, dB),
+    None where not needed or where the linear's output got no gradient (``dys[i]`` None).
+
+    dX = sum_i dY_i W_i + [s_i dY_i B_i]_i [A_i]_i, dA_i = s_i (dY_i B_i)^T X, dB_i = s_i dY_i^T (X A_i^T):
+    the [rows, rank] products of all adapters sit side by side, so that one GEMM over x gives
+    every dA and one accumulates every adapter's share of dX."""
+    dtype = x2.dtype
+    dys = [dy.to(dtype) if dy is not None else None for dy in dys]
+    live = [dy is not None for dy in dys]
+    any_da = any(n.dlora_a and on for n, on in zip(needs, live))
+    dyb = None
+    if (need_dx or any_da) and any(live):
+        parts = []
+        for lin, dy in zip(group, dys):
+            if dy is None:
+                parts.append(x2.new_zeros((x2.shape[0], lin.lora_a.shape[0])))
+                continue
+            part = torch.mm(dy, lin.lora_b.to(dtype))
+            parts.append(part.mul_(lin.scale) if lin.scale != 1.0 else part)
+        dyb = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    if need_dx and dyb is not None:
         # Each GEMM accumulates into the one buffer (beta = 1): no temporary per contribution.
-        dx = torch.mm(dy2, weight) if dx is None else dx.addmm_(dy2, weight)
-        dx.addmm_(dy_b, a, alpha=scale)
-    dw = torch.mm(dy2.t(), x2).to(weight.dtype) if need_dw else None
-    dbias = dy2.sum(0) if need_dbias else None
-    da = torch.mm(dy_b.t(), x2).mul_(scale).to(lora_a.dtype) if need_da else None
-    db = torch.mm(dy2.t(), torch.mm(x2, a.t())).mul_(scale).to(lora_b.dtype) if need_db else None
-    return dx, dw, dbias, da, db
+        for lin, dy in zip(group, dys):
+            if dy is not None:
+                dx = torch.mm(dy, lin.weight) if dx is None else dx.addmm_(dy, lin.weight)
+        dx.addmm_(dyb, _stacked_a(group, dtype))
+    da_all = torch.mm(dyb.t(), x2) if any_da else None
+    grads = []
+    for lin, dy, need, columns in zip(group, dys, needs, _rank_columns(group)):
+        if dy is None:
+            grads.append((None, None, None, None))
+            continue
+        dw = torch.mm(dy.t(), x2).to(lin.weight.dtype) if need.dweight else None
+        dbias = dy.sum(0) if need.dbias else None
+        # A fresh tensor each (copy=True): an op's outputs must not alias one another.
+        da = da_all[columns].to(lin.lora_a.dtype, copy=True) if need.dlora_a else None
+        db = torch.mm(dy.t(), xa[:, columns]).to(lin.lora_b.dtype).mul_(lin.scale) if need.dlora_b else None
+        grads.append((dw, dbias, da, db))
+    return dx, grads
 
 
 # --------------------------------------------------------------------------------------------
 # fastft::lora_linear
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastft::lora_linear", mutates_args=())
-def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-                lora_b: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
-    """x W^T + bias + scale (x A^T) B^T in the base weight's dtype, returned in ``out_dtype``."""
+# The forward ops return x A^T beside the result: setup_context can only save what an op takes
+# or returns. ``lora_linear`` and ``lora_linear_x3`` below are the functions to call.
+@torch.library.custom_op("fastft::lora_linear_forward", mutates_args=())
+def _lora_linear_forward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                            lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, out_dtype: torch.dtype
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     _check("fastft::lora_linear", x, weight, bias, lora_a, lora_b)
-    y = _forward_2d(_rows(x), weight, bias, lora_a, lora_b, scale)
-    return y.reshape(*x.shape[:-1], weight.shape[0]).to(out_dtype)
+    (y,), xa = _group_forward(_rows(x), [Adapted(weight, bias, lora_a, lora_b, scale)])
+    return y.reshape(*x.shape[:-1], weight.shape[0]).to(out_dtype), xa
 
 
-@lora_linear.register_fake
+@_lora_linear_forward_op.register_fake
 def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scale, out_dtype):
     _check("fastft::lora_linear", x, weight, bias, lora_a, lora_b)
     check_dtype("fastft::lora_linear", "out_dtype", out_dtype)
-    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=out_dtype)
+    rows = x.numel() // x.shape[-1]
+    return (x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=out_dtype),
+            x.new_empty((rows, lora_a.shape[0]), dtype=weight.dtype))
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """x W^T + bias + scale (x A^T) B^T in the base weight's dtype, returned in ``out_dtype``."""
+    return torch.ops.fastft.lora_linear_forward(x, weight, bias, lora_a, lora_b, scale, out_dtype)[0]
 
 
 def _lora_linear_setup_context(ctx, inputs, output) -> None:
     x, weight, bias, lora_a, lora_b, scale, _out_dtype = inputs
-    ctx.save_for_backward(x, weight, lora_a, lora_b)
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1])
     ctx.scale = scale
     ctx.set_materialize_grads(False)
 
 
-def _lora_linear_backward(ctx, dy: Optional[torch.Tensor]):
-    x, weight, lora_a, lora_b = ctx.saved_tensors
-    need = tuple(ctx.needs_input_grad[:5])
-    if dy is None or not any(need):
+def _lora_linear_backward(ctx, dy: Optional[torch.Tensor], _dxa):
+    x, weight, lora_a, lora_b, xa = ctx.saved_tensors
+    need_dx, need_dw, need_dbias, need_da, need_db = ctx.needs_input_grad[:5]
+    if dy is None or not any((need_dx, need_dw, need_dbias, need_da, need_db)):
         return None, None, None, None, None, None, None
-    need_dx, need_dw, need_dbias, need_da, need_db = need
-    dx, dw, dbias, da, db = _backward_2d(_rows(dy), _rows(x), weight, lora_a, lora_b, ctx.scale,
-                                         (need_dx, need_dw, need_dbias, need_da, need_db))
-    if dx is not None:
-        dx = dx.reshape(x.shape)
-    return dx, dw, dbias, da, db, None, None
+    dx, [(dw, dbias, da, db)] = _group_backward(
+        [_rows(dy)], _rows(x), xa, [Adapted(weight, None, lora_a, lora_b, ctx.scale)], need_dx,
+        [Needed(need_dw, need_dbias, need_da, need_db)])
+    return dx.reshape(x.shape) if dx is not None else None, dw, dbias, da, db, None, None
 
 
-lora_linear.register_autograd(_lora_linear_backward, setup_context=_lora_linear_setup_context)
+_lora_linear_forward_op.register_autograd(_lora_linear_backward, setup_context=_lora_linear_setup_context)
 
 
 # --------------------------------------------------------------------------------------------
 # fastft::lora_linear_x3: three LoRA linears of one input (attention's q, k and v)
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastft::lora_linear_x3", mutates_args=())
+@torch.library.custom_op("fastft::lora_linear_x3_forward", mutates_args=())
+def _lora_linear_x3_forward_op(x: torch.Tensor,
+                               w0: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor, s0: float,
+                               w1: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor, s1: float,
+                               w2: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor, s2: float,
+                               out_dtype: torch.dtype
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    group = _x3_group(x, w0, a0, b0, s0, w1, a1, b1, s1, w2, a2, b2, s2)
+    outs, xa = _group_forward(_rows(x), group)
+    return (*(y.reshape(*x.shape[:-1], lin.weight.shape[0]).to(out_dtype) for y, lin in zip(outs, group)), xa)
+
+
+def _x3_group(x, w0, a0, b0, s0, w1, a1, b1, s1, w2, a2, b2, s2) -> list[Adapted]:
+    group = [Adapted(w0, None, a0, b0, s0), Adapted(w1, None, a1, b1, s1), Adapted(w2, None, a2, b2, s2)]
+    for lin in group:
+        _check("fastft::lora_linear_x3", x, lin.weight, None, lin.lora_a, lin.lora_b)
+    return group
+
+
+@_lora_linear_x3_forward_op.register_fake
+def _lora_linear_x3_fake(x, w0, a0, b0, s0, w1, a1, b1, s1, w2, a2, b2, s2, out_dtype):
+    group = _x3_group(x, w0, a0, b0, s0, w1, a1, b1, s1, w2, a2, b2, s2)
+    rows, rank = x.numel() // x.shape[-1], sum(lin.lora_a.shape[0] for lin in group)
+    return (*(x.new_empty((*x.shape[:-1], lin.weight.shape[0]), dtype=out_dtype) for lin in group),
+            x.new_empty((rows, rank), dtype=w0.dtype))
+
+
 def lora_linear_x3(x: torch.Tensor,
                    w0: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor, s0: float,
                    w1: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor, s1: float,
                    w2: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor, s2: float,
                    out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``lora_linear`` of x by three (W, A, B, s), without biases. One op so that the backward
-    sums the three input gradients in one buffer (each GEMM accumulates into it) instead of
-    materialising three and adding them."""
-    x2 = _rows(x)
-    outs = []
-    for w, a, b, s in ((w0, a0, b0, s0), (w1, a1, b1, s1), (w2, a2, b2, s2)):
-        _check("fastft::lora_linear_x3", x, w, None, a, b)
-        outs.append(_forward_2d(x2, w, None, a, b, s).reshape(*x.shape[:-1], w.shape[0]).to(out_dtype))
-    return tuple(outs)
-
-
-@lora_linear_x3.register_fake
-def _lora_linear_x3_fake(x, w0, a0, b0, s0, w1, a1, b1, s1, w2, a2, b2, s2, out_dtype):
-    outs = []
-    for w, a, b in ((w0, a0, b0), (w1, a1, b1), (w2, a2, b2)):
-        _check("fastft::lora_linear_x3", x, w, None, a, b)
-        outs.append(x.new_empty((*x.shape[:-1], w.shape[0]), dtype=out_dtype))
-    return tuple(outs)
+    """``lora_linear`` of x by three (W, A, B, s), without biases. One op so that x is read once
+    for the three adapters' x A^T and once for their dA, and the backward sums the three input
+    gradients in one buffer (each GEMM accumulates into it)."""
+    outs = torch.ops.fastft.lora_linear_x3_forward(x, w0, a0, b0, s0, w1, a1, b1, s1, w2, a2, b2, s2, out_dtype)
+    return outs[0], outs[1], outs[2]
 
 
 def _lora_linear_x3_setup_context(ctx, inputs, output) -> None:
     x, w0, a0, b0, s0, w1, a1, b1, s1, w2, a2, b2, s2, _out_dtype = inputs
-    ctx.save_for_backward(x, w0, a0, b0, w1, a1, b1, w2, a2, b2)
+    ctx.mark_non_differentiable(output[3])
+    ctx.save_for_backward(x, output[3], w0, a0, b0, w1, a1, b1, w2, a2, b2)
     ctx.scales = (s0, s1, s2)
     ctx.set_materialize_grads(False)
 
 
-def _lora_linear_x3_backward(ctx, *dys: Optional[torch.Tensor]):
-    x, *saved = ctx.saved_tensors
+def _lora_linear_x3_backward(ctx, dy0, dy1, dy2, _dxa):
+    x, xa, *saved = ctx.saved_tensors
     grads: list[Optional[torch.Tensor]] = [None] * 14
-    x2, dx = _rows(x), None
-    for i, dy in enumerate(dys):
-        if dy is None:
-            continue
-        w, a, b = saved[3 * i:3 * i + 3]
-        need = (ctx.needs_input_grad[0], False, False, ctx.needs_input_grad[2 + 4 * i],
-                ctx.needs_input_grad[3 + 4 * i])
-        dx, _, _, grads[2 + 4 * i], grads[3 + 4 * i] = _backward_2d(_rows(dy), x2, w, a, b, ctx.scales[i], need,
-                                                                    dx)
+    dys = [_rows(dy) if dy is not None else None for dy in (dy0, dy1, dy2)]
+    if all(dy is None for dy in dys):
+        return tuple(grads)
+    group = [Adapted(saved[3 * i], None, saved[3 * i + 1], saved[3 * i + 2], ctx.scales[i]) for i in range(3)]
+    needs = [Needed(dlora_a=ctx.needs_input_grad[2 + 4 * i], dlora_b=ctx.needs_input_grad[3 + 4 * i])
+             for i in range(3)]
+    dx, per_linear = _group_backward(dys, _rows(x), xa, group, ctx.needs_input_grad[0], needs)
+    for i, (_dw, _dbias, da, db) in enumerate(per_linear):
+        grads[2 + 4 * i], grads[3 + 4 * i] = da, db
     if dx is not None:
         grads[0] = dx.reshape(x.shape)
     return tuple(grads)
 
 
-lora_linear_x3.register_autograd(_lora_linear_x3_backward, setup_context=_lora_linear_x3_setup_context)
+_lora_linear_x3_forward_op.register_autograd(_lora_linear_x3_backward, setup_context=_lora_linear_x3_setup_context)
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,24 +330,24 @@ def _check_mlp(x, gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down_a, down
     _check(op, x.new_empty((1, gate_w.shape[0])), down_w, None, down_a, down_b)
 
 
-# The forward returns the gate and up pre-activations beside the result: the backward needs them
-# (recomputing them would cost two large GEMMs), and setup_context can only save what the op
-# returns. The GLU output h, as large as either, is not kept: the backward recomputes it with the
-# Triton kernel. ``lora_glu_mlp`` below is the function to call; it returns the result alone.
+# The forward returns, beside the result, the gate and up pre-activations (the backward needs
+# them; recomputing them would cost two large GEMMs) and x A^T of the three adapters (small),
+# since setup_context can only save what the op returns. The GLU output h, as large as either
+# pre-activation, is not kept: the backward recomputes it with the Triton kernel.
+# ``lora_glu_mlp`` below is the function to call; it returns the result alone.
 @torch.library.custom_op("fastft::lora_glu_mlp_forward", mutates_args=())
 def _lora_glu_mlp_forward_op(x: torch.Tensor,
                              gate_w: torch.Tensor, gate_a: torch.Tensor, gate_b: torch.Tensor, gate_scale: float,
                              up_w: torch.Tensor, up_a: torch.Tensor, up_b: torch.Tensor, up_scale: float,
                              down_w: torch.Tensor, down_a: torch.Tensor, down_b: torch.Tensor, down_scale: float,
                              activation: str, round_dtype: Optional[torch.dtype]
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_mlp(x, gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down_a, down_b)
-    x2 = _rows(x)
-    g = _forward_2d(x2, gate_w, None, gate_a, gate_b, gate_scale)
-    u = _forward_2d(x2, up_w, None, up_a, up_b, up_scale)
+    (g, u), xa_gate_up = _group_forward(_rows(x), [Adapted(gate_w, None, gate_a, gate_b, gate_scale),
+                                                   Adapted(up_w, None, up_a, up_b, up_scale)])
     h = glu_forward(g, u, activation, round_dtype, x.dtype)
-    y = _forward_2d(h, down_w, None, down_a, down_b, down_scale)
-    return y.reshape(*x.shape[:-1], down_w.shape[0]), g, u
+    (y,), xa_down = _group_forward(h, [Adapted(down_w, None, down_a, down_b, down_scale)])
+    return y.reshape(*x.shape[:-1], down_w.shape[0]), g, u, xa_gate_up, xa_down
 
 
 @_lora_glu_mlp_forward_op.register_fake
@@ -264,7 +356,8 @@ def _lora_glu_mlp_forward_fake(x, gate_w, gate_a, gate_b, gate_scale, up_w, up_a
     _check_mlp(x, gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down_a, down_b)
     rows = x.numel() // x.shape[-1]
     width = gate_w.shape[0]
-    return x.new_empty((*x.shape[:-1], down_w.shape[0])), x.new_empty((rows, width)), x.new_empty((rows, width))
+    return (x.new_empty((*x.shape[:-1], down_w.shape[0])), x.new_empty((rows, width)), x.new_empty((rows, width)),
+            x.new_empty((rows, gate_a.shape[0] + up_a.shape[0])), x.new_empty((rows, down_a.shape[0])))
 
 
 def lora_glu_mlp(x: torch.Tensor,
@@ -282,27 +375,28 @@ def lora_glu_mlp(x: torch.Tensor,
 # The backward is an op of its own, so that AOT autograd traces it through its fake.
 @torch.library.custom_op("fastft::lora_glu_mlp_backward", mutates_args=())
 def _lora_glu_mlp_backward_op(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
+                              xa_gate_up: torch.Tensor, xa_down: torch.Tensor,
                               gate_w: torch.Tensor, gate_a: torch.Tensor, gate_b: torch.Tensor, gate_scale: float,
                               up_w: torch.Tensor, up_a: torch.Tensor, up_b: torch.Tensor, up_scale: float,
                               down_w: torch.Tensor, down_a: torch.Tensor, down_b: torch.Tensor, down_scale: float,
                               activation: str, round_dtype: Optional[torch.dtype], need: list[bool]
                               ) -> list[torch.Tensor]:
     need_dx, need_gate_a, need_gate_b, need_up_a, need_up_b, need_down_a, need_down_b = need
-    x2 = _rows(x)
     h = glu_forward(g, u, activation, round_dtype, x.dtype)
     need_dh = need_dx or need_gate_a or need_gate_b or need_up_a or need_up_b
-    dh, _, _, d_down_a, d_down_b = _backward_2d(_rows(dy), h, down_w, down_a, down_b, down_scale,
-                                                (need_dh, False, False, need_down_a, need_down_b))
+    dh, [(_, _, d_down_a, d_down_b)] = _group_backward(
+        [_rows(dy)], h, xa_down, [Adapted(down_w, None, down_a, down_b, down_scale)], need_dh,
+        [Needed(dlora_a=need_down_a, dlora_b=need_down_b)])
     del h
     grads: list[Optional[torch.Tensor]] = [None] * 7
     grads[5], grads[6] = d_down_a, d_down_b
     if need_dh:
         dg, du = glu_backward(dh, g, u, activation, round_dtype)
         del dh
-        dx, _, _, grads[1], grads[2] = _backward_2d(dg, x2, gate_w, gate_a, gate_b, gate_scale,
-                                                    (need_dx, False, False, need_gate_a, need_gate_b))
-        dx, _, _, grads[3], grads[4] = _backward_2d(du, x2, up_w, up_a, up_b, up_scale,
-                                                    (need_dx, False, False, need_up_a, need_up_b), dx)
+        dx, [(_, _, grads[1], grads[2]), (_, _, grads[3], grads[4])] = _group_backward(
+            [dg, du], _rows(x), xa_gate_up,
+            [Adapted(gate_w, None, gate_a, gate_b, gate_scale), Adapted(up_w, None, up_a, up_b, up_scale)],
+            need_dx, [Needed(dlora_a=need_gate_a, dlora_b=need_gate_b), Needed(dlora_a=need_up_a, dlora_b=need_up_b)])
         if need_dx:
             grads[0] = dx.reshape(x.shape)
     like = (x, gate_a, gate_b, up_a, up_b, down_a, down_b)
@@ -310,8 +404,8 @@ def _lora_glu_mlp_backward_op(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor
 
 
 @_lora_glu_mlp_backward_op.register_fake
-def _lora_glu_mlp_backward_fake(dy, x, g, u, gate_w, gate_a, gate_b, gate_scale, up_w, up_a, up_b, up_scale,
-                                down_w, down_a, down_b, down_scale, activation, round_dtype, need):
+def _lora_glu_mlp_backward_fake(dy, x, g, u, xa_gate_up, xa_down, gate_w, gate_a, gate_b, gate_scale, up_w, up_a,
+                                up_b, up_scale, down_w, down_a, down_b, down_scale, activation, round_dtype, need):
     like = (x, gate_a, gate_b, up_a, up_b, down_a, down_b)
     return [ref.new_empty(ref.shape) if n else ref.new_empty(0) for n, ref in zip(need, like)]
 
@@ -323,23 +417,24 @@ _MLP_GRAD_INPUTS = (0, 2, 3, 6, 7, 10, 11)
 def _lora_glu_mlp_setup_context(ctx, inputs, output) -> None:
     (x, gate_w, gate_a, gate_b, gate_scale, up_w, up_a, up_b, up_scale,
      down_w, down_a, down_b, down_scale, activation, round_dtype) = inputs
-    _y, g, u = output
-    ctx.mark_non_differentiable(g, u)
+    _y, g, u, xa_gate_up, xa_down = output
+    ctx.mark_non_differentiable(g, u, xa_gate_up, xa_down)
     ctx.set_materialize_grads(False)
     ctx.scales = (gate_scale, up_scale, down_scale)
     ctx.activation, ctx.round_dtype = activation, round_dtype
-    ctx.save_for_backward(x, g, u, gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down_a, down_b)
+    ctx.save_for_backward(x, g, u, xa_gate_up, xa_down, gate_w, gate_a, gate_b, up_w, up_a, up_b,
+                          down_w, down_a, down_b)
 
 
-def _lora_glu_mlp_backward(ctx, dy: Optional[torch.Tensor], _dg, _du):
+def _lora_glu_mlp_backward(ctx, dy: Optional[torch.Tensor], *_non_differentiable):
     none = [None] * 15
     need = [bool(ctx.needs_input_grad[i]) for i in _MLP_GRAD_INPUTS]
     if dy is None or not any(need):
         return tuple(none)
-    x, g, u, gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down_a, down_b = ctx.saved_tensors
+    x, g, u, xa_gate_up, xa_down, gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down_a, down_b = ctx.saved_tensors
     gate_scale, up_scale, down_scale = ctx.scales
     grads = torch.ops.fastft.lora_glu_mlp_backward(
-        dy, x, g, u, gate_w, gate_a, gate_b, gate_scale, up_w, up_a, up_b, up_scale,
+        dy, x, g, u, xa_gate_up, xa_down, gate_w, gate_a, gate_b, gate_scale, up_w, up_a, up_b, up_scale,
         down_w, down_a, down_b, down_scale, ctx.activation, ctx.round_dtype, need)
     for position, wanted, grad in zip(_MLP_GRAD_INPUTS, need, grads):
         none[position] = grad if wanted else None
@@ -401,7 +496,7 @@ def qlora_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, ab
     _check_4bit(x, packed, code, blocksize, out_features, in_features, compute_dtype, lora_a, lora_b)
     weight = _dequantized(packed, absmax, absmax2, code2, offset, code, blocksize, out_features, in_features,
                           compute_dtype)
-    y = _forward_2d(_rows(x).to(compute_dtype), weight, None, lora_a, lora_b, scale)
+    (y,), _ = _group_forward(_rows(x).to(compute_dtype), [Adapted(weight, None, lora_a, lora_b, scale)])
     return y.reshape(*x.shape[:-1], out_features).to(out_dtype)
 
 
@@ -424,8 +519,12 @@ def _qlora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, packed: torch.T
     need_dx, need_da, need_db = need
     weight = _dequantized(packed, absmax, absmax2, code2, offset, code, blocksize, out_features, in_features,
                           compute_dtype)
-    dx, _, _, da, db = _backward_2d(_rows(dy), _rows(x).to(compute_dtype), weight, lora_a, lora_b, scale,
-                                    (need_dx, False, False, need_da, need_db))
+    x2 = _rows(x).to(compute_dtype)
+    # x A^T is recomputed, not saved: the 4-bit path mostly runs under checkpointed layers, whose
+    # forward runs again before this backward anyway.
+    xa = torch.mm(x2, lora_a.to(compute_dtype).t()) if need_db else None
+    dx, [(_, _, da, db)] = _group_backward([_rows(dy)], x2, xa, [Adapted(weight, None, lora_a, lora_b, scale)],
+                                           need_dx, [Needed(dlora_a=need_da, dlora_b=need_db)])
     dx = dx.reshape(x.shape).to(x.dtype) if dx is not None else x.new_empty(0)
     return [dx, da if da is not None else lora_a.new_empty(0), db if db is not None else lora_b.new_empty(0)]
 

@@ -31,8 +31,15 @@ class AppliedRewrite:
     @property
     def kernel(self) -> str:
         """The op that replaced the region (a pattern may choose among several)."""
-        schema = getattr(self.node.target, "_schema", None)
-        return schema.name if schema is not None else self.pattern.kernel
+        target = self.node.target
+        schema = getattr(target, "_schema", None)
+        if schema is not None:
+            return schema.name
+        # A kernel module's function that wraps its custom op (to return part of what it saves)
+        # is named after the op it stands for.
+        if getattr(target, "__module__", "").startswith("fastft.kernels."):
+            return f"fastft::{target.__name__}"
+        return self.pattern.kernel
 
 
 @dataclass

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from fastft.kernels.lora import code_table, lora_glu_mlp, lora_glu_mlp_reference, lora_linear_reference
+from fastft.kernels.lora import (code_table, lora_glu_mlp, lora_glu_mlp_reference, lora_linear,
+                                 lora_linear_reference, lora_linear_x3)
 from fastft.passes.canonical import canonical, dtype_of, same_size, tensor_meta
 from fastft.passes.matcher import Cast, Lit, Match, Op, Var
 from fastft.passes.pattern import Pattern, Replacement
@@ -179,7 +180,7 @@ def _replace_lora(m: Match) -> Replacement:
     b = m.bindings
     if "base4" in b:
         return _replace_qlora(m)
-    return Replacement(torch.ops.fastft.lora_linear.default,
+    return Replacement(lora_linear,
                        (b["x"], b["weight"], b.get("bias"), b["lora_a"], b["lora_b"], float(b.get("scale", 1.0)),
                         _out_dtype(m)))
 
@@ -198,7 +199,7 @@ def _replace_shared_input(matches: list[Match]) -> Replacement:
     for m in matches:
         b = m.bindings
         args += [b["weight"], b["lora_a"], b["lora_b"], float(b.get("scale", 1.0))]
-    return Replacement(torch.ops.fastft.lora_linear_x3.default, (*args, _out_dtype(matches[0])), outputs=3)
+    return Replacement(lora_linear_x3, (*args, _out_dtype(matches[0])), outputs=3)
 
 
 def _replace_qlora(m: Match) -> Replacement:

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import fastft  # noqa: F401  (registers the ops)
 from fastft.kernels.lora import (lora_glu_mlp, lora_glu_mlp_reference, lora_linear,
-                                 lora_linear_reference)
+                                 lora_linear_reference, lora_linear_x3)
 
 from helpers import DEVICE
 
@@ -93,14 +93,14 @@ def test_lora_linear_out_dtype_upcasts():
     _assert_matches(out, ref, (x, lora_a, lora_b), torch.bfloat16)
 
 
-def test_lora_linear_backward_keeps_only_its_inputs():
-    """The saved tensors are the op's inputs: no [rows, out] or [rows, r] intermediate is kept."""
+def test_lora_linear_backward_keeps_its_inputs_and_x_a():
+    """The saved tensors are the op's inputs and x A^T ([rows, r]): no [rows, out] intermediate."""
     x, weight, _, lora_a, lora_b = _linear_inputs((6, 16), 32, 4, torch.float32, torch.float32, bias=False)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         lora_linear(x, weight, None, lora_a, lora_b, 1.0, torch.float32)
     shapes = sorted(tuple(t.shape) for t in saved)
-    assert shapes == sorted([tuple(x.shape), tuple(weight.shape), tuple(lora_a.shape), tuple(lora_b.shape)])
+    assert shapes == sorted([tuple(x.shape), tuple(weight.shape), tuple(lora_a.shape), tuple(lora_b.shape), (6, 4)])
 
 
 @pytest.mark.parametrize("bad,message", [
@@ -167,7 +167,7 @@ def test_lora_glu_mlp_frozen_input_gives_adapter_grads_only():
 
 def test_lora_ops_pass_opcheck():
     x, weight, b, lora_a, lora_b = _linear_inputs((3, 16), 8, 2, torch.float32, torch.float32, bias=True)
-    torch.library.opcheck(torch.ops.fastft.lora_linear.default, (x, weight, b, lora_a, lora_b, 0.5, torch.float32),
+    torch.library.opcheck(torch.ops.fastft.lora_linear_forward.default, (x, weight, b, lora_a, lora_b, 0.5, torch.float32),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     x, gate, up, down = _mlp_inputs((3, 16), 24, 2, torch.float32, torch.float32)
     torch.library.opcheck(torch.ops.fastft.lora_glu_mlp_forward.default, (x, *gate, *up, *down, "silu", None),
@@ -209,12 +209,12 @@ def test_lora_ops_trace_through_aot_autograd():
     torch.library.opcheck(torch.ops.fastft.qlora_linear.default,
                           (x, *quant, torch.bfloat16, lora_a, lora_b, 0.5, torch.bfloat16), test_utils=utils)
     x, weight, b, lora_a, lora_b = _linear_inputs((3, 16), 8, 2, torch.float32, torch.float32, bias=True)
-    torch.library.opcheck(torch.ops.fastft.lora_linear.default, (x, weight, b, lora_a, lora_b, 0.5, torch.float32),
+    torch.library.opcheck(torch.ops.fastft.lora_linear_forward.default, (x, weight, b, lora_a, lora_b, 0.5, torch.float32),
                           test_utils=utils)
     x, gate, up, down = _mlp_inputs((3, 16), 24, 2, torch.float32, torch.float32)
     torch.library.opcheck(torch.ops.fastft.lora_glu_mlp_forward.default, (x, *gate, *up, *down, "silu", None),
                           test_utils=utils)
-    torch.library.opcheck(torch.ops.fastft.lora_linear_x3.default, (x, *gate, *up, *gate, torch.float32),
+    torch.library.opcheck(torch.ops.fastft.lora_linear_x3_forward.default, (x, *gate, *up, *gate, torch.float32),
                           test_utils=utils)
 
 
@@ -222,10 +222,11 @@ def test_lora_ops_trace_through_aot_autograd():
 def test_lora_linear_x3_matches_three_lora_linears(dtype, adapter_dtype):
     x, *_ = _linear_inputs((2, 5, 24), 8, 2, dtype, adapter_dtype, bias=False)
     projections = []
-    for seed, out_features in ((1, 16), (2, 8), (3, 8)):  # q wider than k and v (grouped-query attention)
-        _, w, _, a, b = _linear_inputs((1, 24), out_features, 4, dtype, adapter_dtype, bias=False, seed=seed)
+    # q wider than k and v (grouped-query attention); ranks differ, so the stacked x A^T is uneven
+    for seed, out_features, rank in ((1, 16, 4), (2, 8, 2), (3, 8, 3)):
+        _, w, _, a, b = _linear_inputs((1, 24), out_features, rank, dtype, adapter_dtype, bias=False, seed=seed)
         projections.append((w, a, b, 0.5 + seed))
-    outs = torch.ops.fastft.lora_linear_x3(x, *[t for p in projections for t in p], dtype)
+    outs = lora_linear_x3(x, *[t for p in projections for t in p], dtype)
     refs = [lora_linear_reference(x, w, None, a, b, s, dtype) for w, a, b, s in projections]
     inputs = [x] + [t for _, a, b, _ in projections for t in (a, b)]
     grad_outs = [torch.randn(r.shape, generator=torch.Generator().manual_seed(7 + i)).to(r) for i, r in enumerate(refs)]
@@ -244,7 +245,7 @@ def test_lora_linear_x3_with_one_output_unused_and_frozen_input():
     projections = [_linear_inputs((1, 16), 8, 2, torch.float32, torch.float32, bias=False, seed=s)[1:]
                    for s in (1, 2, 3)]
     projections = [(w, a, b, 1.0) for w, _, a, b in projections]
-    q, k, v = torch.ops.fastft.lora_linear_x3(x, *[t for p in projections for t in p], torch.float32)
+    q, k, v = lora_linear_x3(x, *[t for p in projections for t in p], torch.float32)
     (q.sum() + v.sum()).backward()  # k gets no gradient: its adapters get none either
     assert projections[1][1].grad is None and projections[1][2].grad is None
     ref = lora_linear_reference(x, *projections[0][:1], None, *projections[0][1:], torch.float32)

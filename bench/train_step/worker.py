@@ -172,12 +172,15 @@ def _profile(path: str, step, batches: list) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for batch in batches:
             step(batch)
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", max_name_column_width=90, row_limit=45)
-    Path(path).write_text(f"{len(batches)} steps\n{table}")
+    # The same ops split by input shapes: which GEMM (or copy) of the layer the time goes to.
+    shapes = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total",
+                                                                 max_name_column_width=40, row_limit=60)
+    Path(path).write_text(f"{len(batches)} steps\n{table}\nBy input shapes:\n{shapes}")
 
 
 def _model_facts(model) -> dict[str, int]:
