@@ -14,11 +14,10 @@ materialising the full-size intermediates that a module-by-module computation ma
   dA; linears of one input (q, k, v; gate, up) stack their A matrices, so that one GEMM reads X
   for all their x A^T and one for all their dA.
 
-The matmuls stay with cuBLAS: a GEMM written in Triton would not beat it. The MLP op's Triton
-GLU kernels (``kernels/lora_glu.py``) add the gate and up adapters' corrections, and in the
-backward the down adapter's share of dh, while they read those [tokens, width] tensors anyway:
-three full read-write passes per layer less. The backward recomputes act(gate) * up instead of
-saving it (one [tokens, width] tensor per layer less).
+The matmuls stay with cuBLAS: a GEMM written in Triton would not beat it. The MLP op's forward
+GLU kernel (``kernels/lora_glu.py``) adds the gate and up adapters' corrections while it reads
+those [tokens, width] tensors anyway: two full read-write passes per layer less. The backward
+recomputes act(gate) * up instead of saving it (one [tokens, width] tensor per layer less).
 
 Numerics: everything runs in the base weight's dtype (the adapters, often kept in float32 by
 peft, are cast to it: they are tiny), with float32 accumulation inside the GEMMs, as a 16-bit
@@ -31,8 +30,8 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .glu import glu_reference
-from .lora_glu import lora_glu_backward, lora_glu_forward
+from .glu import glu_backward, glu_forward, glu_reference
+from .lora_glu import lora_glu_forward
 from .nf4 import dequantize_4bit_forward
 from .launch import SUPPORTED_DTYPES, check_dtype
 
@@ -159,12 +158,10 @@ def _group_forward(x2: torch.Tensor, group: Sequence[Adapted], add_adapters: boo
 
 def _group_backward(dys: Sequence[Optional[torch.Tensor]], x2: torch.Tensor, xa: torch.Tensor,
                     group: Sequence[Adapted], need_dx: bool, needs: Sequence[Needed],
-                    dx: Optional[torch.Tensor] = None, add_adapters: bool = True
-                    ) -> tuple[Optional[torch.Tensor], list[tuple[Optional[torch.Tensor], ...]], Optional[torch.Tensor]]:
-    """dx (accumulated into ``dx`` in place when given), per linear (dweight, dbias, dA, dB), None
-    where not needed or where the linear's output got no gradient (``dys[i]`` None), and the
-    stacked [s_i dY_i B_i]_i. ``add_adapters`` False: dx holds the bases' share alone, for a
-    kernel that adds [s_i dY_i B_i]_i [A_i]_i itself.
+                    dx: Optional[torch.Tensor] = None
+                    ) -> tuple[Optional[torch.Tensor], list[tuple[Optional[torch.Tensor], ...]]]:
+    """dx (accumulated into ``dx`` in place when given) and, per linear, (dweight, dbias, dA, dB),
+    None where not needed or where the linear's output got no gradient (``dys[i]`` None).
 
     dX = sum_i dY_i W_i + [s_i dY_i B_i]_i [A_i]_i, dA_i = s_i (dY_i B_i)^T X, dB_i = s_i dY_i^T (X A_i^T):
     the [rows, rank] products of all adapters sit side by side, so that one GEMM over x gives
@@ -189,8 +186,7 @@ def _group_backward(dys: Sequence[Optional[torch.Tensor]], x2: torch.Tensor, xa:
         for lin, dy in zip(group, dys):
             if dy is not None:
                 dx = torch.mm(dy, lin.weight) if dx is None else dx.addmm_(dy, lin.weight)
-        if add_adapters:
-            dx.addmm_(dyb, _stacked_a(group, dtype))
+        dx.addmm_(dyb, _stacked_a(group, dtype))
     da_all = torch.mm(dyb.t(), x2) if any_da else None
     grads = []
     for lin, dy, need, columns in zip(group, dys, needs, _rank_columns(group)):
@@ -203,7 +199,7 @@ def _group_backward(dys: Sequence[Optional[torch.Tensor]], x2: torch.Tensor, xa:
         da = da_all[columns].to(lin.lora_a.dtype, copy=True) if need.dlora_a else None
         db = torch.mm(dy.t(), xa[:, columns]).to(lin.lora_b.dtype).mul_(lin.scale) if need.dlora_b else None
         grads.append((dw, dbias, da, db))
-    return dx, grads, dyb
+    return dx, grads
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,7 +244,7 @@ def _lora_linear_backward(ctx, dy: Optional[torch.Tensor], _dxa):
     need_dx, need_dw, need_dbias, need_da, need_db = ctx.needs_input_grad[:5]
     if dy is None or not any((need_dx, need_dw, need_dbias, need_da, need_db)):
         return None, None, None, None, None, None, None
-    dx, [(dw, dbias, da, db)], _ = _group_backward(
+    dx, [(dw, dbias, da, db)] = _group_backward(
         [_rows(dy)], _rows(x), xa, [Adapted(weight, None, lora_a, lora_b, ctx.scale)], need_dx,
         [Needed(need_dw, need_dbias, need_da, need_db)])
     return dx.reshape(x.shape) if dx is not None else None, dw, dbias, da, db, None, None
@@ -316,7 +312,7 @@ def _lora_linear_x3_backward(ctx, dy0, dy1, dy2, _dxa):
     group = [Adapted(saved[3 * i], None, saved[3 * i + 1], saved[3 * i + 2], ctx.scales[i]) for i in range(3)]
     needs = [Needed(dlora_a=ctx.needs_input_grad[2 + 4 * i], dlora_b=ctx.needs_input_grad[3 + 4 * i])
              for i in range(3)]
-    dx, per_linear, _ = _group_backward(dys, _rows(x), xa, group, ctx.needs_input_grad[0], needs)
+    dx, per_linear = _group_backward(dys, _rows(x), xa, group, ctx.needs_input_grad[0], needs)
     for i, (_dw, _dbias, da, db) in enumerate(per_linear):
         grads[2 + 4 * i], grads[3 + 4 * i] = da, db
     if dx is not None:
@@ -341,12 +337,12 @@ def _check_mlp(x, gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down_a, down
     _check(op, x.new_empty((1, gate_w.shape[0])), down_w, None, down_a, down_b)
 
 
-# The forward returns, beside the result, the gate and up bases' outputs x W^T (the backward
-# needs them; recomputing them would cost two large GEMMs) and x A^T of the three adapters
-# (small), since setup_context can only save what the op returns. The adapters' corrections to
-# gate and up are added inside the GLU kernels (``kernels/lora_glu.py``), which read the bases'
-# outputs anyway, instead of by a pass of their own over each. The GLU output h, as large as
-# either, is not kept: the backward recomputes it with the same kernel.
+# The forward returns, beside the result, the gate and up pre-activations (the backward needs
+# them; recomputing them would cost two large GEMMs) and x A^T of the three adapters (small),
+# since setup_context can only save what the op returns. The adapters' corrections to gate and
+# up are added by the GLU kernel (``kernels/lora_glu.py``), which reads the bases' outputs
+# anyway, instead of by a read-write pass of their own over each. The GLU output h, as large as
+# either, is not kept: the backward recomputes it with the plain GLU kernel.
 # ``lora_glu_mlp`` below is the function to call; it returns the result alone.
 @torch.library.custom_op("fastft::lora_glu_mlp_forward", mutates_args=())
 def _lora_glu_mlp_forward_op(x: torch.Tensor,
@@ -357,7 +353,8 @@ def _lora_glu_mlp_forward_op(x: torch.Tensor,
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_mlp(x, gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down_a, down_b)
     gate, up = Adapted(gate_w, None, gate_a, gate_b, gate_scale), Adapted(up_w, None, up_a, up_b, up_scale)
-    # g and u are the bases' outputs: the GLU kernel adds the adapters' corrections as it reads them.
+    # g and u come out of the GEMMs as the bases' outputs; the GLU kernel adds the adapters'
+    # corrections as it reads them, and writes the corrected values back in place.
     (g, u), xa_gate_up = _group_forward(_rows(x), [gate, up], add_adapters=False)
     h = lora_glu_forward(g, u, *_corrections(xa_gate_up, gate, up, x.dtype), activation, round_dtype, x.dtype)
     (y,), xa_down = _group_forward(h, [Adapted(down_w, None, down_a, down_b, down_scale)])
@@ -405,23 +402,18 @@ def _lora_glu_mlp_backward_op(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor
                               ) -> list[torch.Tensor]:
     need_dx, need_gate_a, need_gate_b, need_up_a, need_up_b, need_down_a, need_down_b = need
     gate, up = Adapted(gate_w, None, gate_a, gate_b, gate_scale), Adapted(up_w, None, up_a, up_b, up_scale)
-    down = Adapted(down_w, None, down_a, down_b, down_scale)
-    corrections = _corrections(xa_gate_up, gate, up, x.dtype)
-    # h is only wanted for dA_down, and recomputed for it (it was not kept).
-    h = lora_glu_forward(g, u, *corrections, activation, round_dtype, x.dtype) if need_down_a else None
+    h = glu_forward(g, u, activation, round_dtype, x.dtype)
     need_dh = need_dx or need_gate_a or need_gate_b or need_up_a or need_up_b
-    # dh without the down adapter's share: the GLU backward kernel adds (s dY B_down) A_down as it reads dh.
-    dh, [(_, _, d_down_a, d_down_b)], dyb_down = _group_backward(
-        [_rows(dy)], h, xa_down, [down], need_dh, [Needed(dlora_a=need_down_a, dlora_b=need_down_b)],
-        add_adapters=False)
+    dh, [(_, _, d_down_a, d_down_b)] = _group_backward(
+        [_rows(dy)], h, xa_down, [Adapted(down_w, None, down_a, down_b, down_scale)], need_dh,
+        [Needed(dlora_a=need_down_a, dlora_b=need_down_b)])
     del h
     grads: list[Optional[torch.Tensor]] = [None] * 7
     grads[5], grads[6] = d_down_a, d_down_b
     if need_dh:
-        dg, du = lora_glu_backward(dh, dyb_down, down_a.to(x.dtype).contiguous(), g, u, *corrections, activation,
-                                   round_dtype)
+        dg, du = glu_backward(dh, g, u, activation, round_dtype)
         del dh
-        dx, [(_, _, grads[1], grads[2]), (_, _, grads[3], grads[4])], _ = _group_backward(
+        dx, [(_, _, grads[1], grads[2]), (_, _, grads[3], grads[4])] = _group_backward(
             [dg, du], _rows(x), xa_gate_up, [gate, up], need_dx,
             [Needed(dlora_a=need_gate_a, dlora_b=need_gate_b), Needed(dlora_a=need_up_a, dlora_b=need_up_b)])
         if need_dx:
@@ -550,7 +542,7 @@ def _qlora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, packed: torch.T
     # x A^T is recomputed, not saved: the 4-bit path mostly runs under checkpointed layers, whose
     # forward runs again before this backward anyway.
     xa = torch.mm(x2, lora_a.to(compute_dtype).t()) if need_db else None
-    dx, [(_, _, da, db)], _ = _group_backward([_rows(dy)], x2, xa, [Adapted(weight, None, lora_a, lora_b, scale)],
+    dx, [(_, _, da, db)] = _group_backward([_rows(dy)], x2, xa, [Adapted(weight, None, lora_a, lora_b, scale)],
                                            need_dx, [Needed(dlora_a=need_da, dlora_b=need_db)])
     dx = dx.reshape(x.shape).to(x.dtype) if dx is not None else x.new_empty(0)
     return [dx, da if da is not None else lora_a.new_empty(0), db if db is not None else lora_b.new_empty(0)]

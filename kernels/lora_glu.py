@@ -1,25 +1,22 @@
-"""The gated unit of a LoRA MLP with the adapters' low-rank corrections folded in (Triton).
+"""The gated unit of a LoRA MLP with the gate and up adapters' corrections folded in (Triton).
 
-In an MLP whose gate, up and down projections carry LoRA adapters,
+In an MLP whose gate and up projections carry LoRA adapters,
 
     g = G + s_g (X A_g^T) B_g^T      u = U + s_u (X A_u^T) B_u^T      h = act(g) * u
 
-with G = X W_g^T and U = X W_u^T the frozen bases' outputs, and in the backward
-
-    dh = dH + (s_d dY B_d) A_d       dH = dY W_d
-
-Computed one GEMM at a time, each rank-r correction reads and writes a full [rows, width]
-tensor once more (``addmm_`` into G, U and dH: three times 2 x 128 MiB per layer of a
-Llama-3.2-1B step). Here the kernels that read G and U (and dH) anyway add the corrections on
-the fly: for a [rows, columns] tile, the product of the [rows, r] and [r, columns] slices is one
-``tl.dot`` of depth r, small next to the tile's loads.
+with G = X W_g^T and U = X W_u^T the frozen bases' outputs. Computed one GEMM at a time, each
+rank-r correction reads and writes a full [rows, width] tensor once more (``addmm_`` into G and
+U: twice 2 x 128 MiB per layer of a Llama-3.2-1B step). Here the GLU kernel, which reads G and U
+anyway, adds the corrections on the fly (for a [rows, columns] tile, the product of the
+[rows, r] and [r, columns] slices is one ``tl.dot`` of depth r, small next to the tile's loads),
+writes the corrected g and u back in place (the backward needs them) and writes h.
 
 Numerics are those of the unfused ops: each corrected value is ``base + s * product`` with the
 product accumulated in fp32 and the sum rounded once to the base's dtype (what ``addmm_`` with
 beta = 1 does), then the GLU math of ``kernels/glu.py`` with its roundings.
 
-These launchers serve the ``fastft::lora_glu_mlp`` ops (``kernels/lora.py``), whose custom ops
-carry the backward; they are not ops of their own.
+The launcher serves ``fastft::lora_glu_mlp`` (``kernels/lora.py``), whose custom op carries the
+backward (with the plain GLU kernels over the corrected g and u); it is not an op of its own.
 """
 from __future__ import annotations
 
@@ -29,11 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .glu import _act_fwd, _act_fwd_bwd, _check_activation, _round_tl, _tile, glu_reference
+from .glu import _act_fwd, _check_activation, _round_tl, _tile, glu_reference
 from .launch import check_dtype
 from .rounding import TL_DTYPE, round_fp32, round_loaded
 
-__all__ = ["lora_glu_backward", "lora_glu_forward", "lora_glu_reference"]
+__all__ = ["lora_glu_forward", "lora_glu_reference"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -42,8 +39,8 @@ __all__ = ["lora_glu_backward", "lora_glu_forward", "lora_glu_reference"]
 def lora_glu_reference(gate_base, up_base, xa_gate, xa_up, b_gate, b_up, scale_gate: float, scale_up: float,
                        activation: str, round_dtype: Optional[torch.dtype] = None,
                        out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """act(G + s_g xa_g B_g^T) * (U + s_u xa_u B_u^T), each correction added as ``addmm`` adds it
-    (differentiable in the corrected gate and up)."""
+    """act(G + s_g xa_g B_g^T) * (U + s_u xa_u B_u^T), each correction added as ``addmm`` adds it;
+    G and U are left as they are."""
     g = torch.addmm(gate_base, xa_gate, b_gate.t(), alpha=scale_gate)
     u = torch.addmm(up_base, xa_up, b_up.t(), alpha=scale_up)
     return glu_reference(g, u, activation, round_dtype, out_dtype)
@@ -89,44 +86,15 @@ def lora_glu_fwd_kernel(
                    BLOCK_ROWS, BLOCK_N, BLOCK_R, PRECISION, UPCAST)
     u = _corrected(u_ptr, stride_u, xu_ptr, stride_xu, bu_ptr, 1, RU, RU, scale_u, rows, cols, mask, row_ok, col_ok,
                    BLOCK_ROWS, BLOCK_N, BLOCK_R, PRECISION, UPCAST)
+    # The corrected values (exact in the bases' dtype) go back in place: the backward reads them.
+    tl.store(g_ptr + rows[:, None] * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=mask)
+    tl.store(u_ptr + rows[:, None] * stride_u + cols[None, :], u.to(u_ptr.dtype.element_ty), mask=mask)
     g = round_loaded(g, g_ptr.dtype.element_ty, ROUND_DTYPE)
     u = round_loaded(u, u_ptr.dtype.element_ty, ROUND_DTYPE)
     a = round_fp32(_act_fwd(g, ACT), ROUND_DTYPE)
     out = round_fp32(a * u, ROUND_DTYPE)
     out = round_loaded(out, ROUND_DTYPE, OUT_DTYPE).to(OUT_DTYPE)
     tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], out, mask=mask)
-
-
-@triton.jit
-def lora_glu_bwd_kernel(
-    dh_ptr, dyb_ptr, ad_ptr, g_ptr, u_ptr, xg_ptr, xu_ptr, bg_ptr, bu_ptr, dg_ptr, du_ptr,
-    n_rows, N, RD, RG, RU,
-    stride_dh, stride_dyb, stride_g, stride_u, stride_xg, stride_xu, stride_dg, stride_du,
-    scale_g, scale_u,
-    ACT: tl.constexpr, ROUND_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    rows, cols, mask = _tile(n_rows, N, BLOCK_ROWS, BLOCK_N)
-    row_ok, col_ok = rows < n_rows, cols < N
-    # dh = dH + (s_d dY B_d) A_d: the scaled [rows, r] product comes in; A_d is [r, N], strides (N, 1).
-    dout = _corrected(dh_ptr, stride_dh, dyb_ptr, stride_dyb, ad_ptr, N, 1, RD, 1.0, rows, cols, mask, row_ok,
-                      col_ok, BLOCK_ROWS, BLOCK_N, BLOCK_R, PRECISION, UPCAST)
-    g = _corrected(g_ptr, stride_g, xg_ptr, stride_xg, bg_ptr, 1, RG, RG, scale_g, rows, cols, mask, row_ok, col_ok,
-                   BLOCK_ROWS, BLOCK_N, BLOCK_R, PRECISION, UPCAST)
-    u = _corrected(u_ptr, stride_u, xu_ptr, stride_xu, bu_ptr, 1, RU, RU, scale_u, rows, cols, mask, row_ok, col_ok,
-                   BLOCK_ROWS, BLOCK_N, BLOCK_R, PRECISION, UPCAST)
-    # As in glu_bwd_kernel: the gradient reaching the rounded product is cast to the compute dtype.
-    dout = round_loaded(dout, dh_ptr.dtype.element_ty, ROUND_DTYPE)
-    g = round_loaded(g, g_ptr.dtype.element_ty, ROUND_DTYPE)
-    u = round_loaded(u, u_ptr.dtype.element_ty, ROUND_DTYPE)
-    a, da_dg = _act_fwd_bwd(g, ACT)
-    dup = round_fp32(dout * round_fp32(a, ROUND_DTYPE), ROUND_DTYPE)
-    dup = round_loaded(dup, ROUND_DTYPE, du_ptr.dtype.element_ty).to(du_ptr.dtype.element_ty)
-    tl.store(du_ptr + rows[:, None] * stride_du + cols[None, :], dup, mask=mask)
-    da = round_fp32(dout * u, ROUND_DTYPE)
-    dgate = round_fp32(da * da_dg, ROUND_DTYPE)
-    dgate = round_loaded(dgate, ROUND_DTYPE, dg_ptr.dtype.element_ty).to(dg_ptr.dtype.element_ty)
-    tl.store(dg_ptr + rows[:, None] * stride_dg + cols[None, :], dgate, mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,13 +124,19 @@ def _check_corrections(gate_base, up_base, xa_gate, xa_up, b_gate, b_up) -> tupl
     return rows, width, rank_g, rank_u
 
 
-def _config(rank: int, on_gpu: bool) -> dict:
-    # [64, 128] tiles: the dots need 16 rows, columns and depth at least; on the GPU 8 warps keep
-    # enough loads in flight. The interpreter runs one program after another: fewer, larger tiles.
+# Tiles on the GPU: the dots need 16 rows, columns and depth at least.
+# Picked by bench/lora_glu_tiles.py on the H200 (2026-11-29): the fastest forward at 8192 x 8192,
+# rank 16, bf16, among 16..128 rows x 64..256 columns and 4 or 8 warps.
+GPU_TILES = dict(BLOCK_ROWS=64, BLOCK_N=64, num_warps=4)
+
+
+def _config(rank: int, on_gpu: bool, tiles: Optional[dict]) -> dict:
+    """Launch parameters; ``tiles`` (BLOCK_ROWS, BLOCK_N, num_warps) overrides the defaults."""
     block_r = max(16, min(triton.next_power_of_2(max(rank, 1)), 64))
     if on_gpu:
-        return dict(BLOCK_ROWS=64, BLOCK_N=128, BLOCK_R=block_r, UPCAST=False, num_warps=8)
-    return dict(BLOCK_ROWS=64, BLOCK_N=256, BLOCK_R=block_r, UPCAST=True)
+        return dict(GPU_TILES, **(tiles or {}), BLOCK_R=block_r, UPCAST=False)
+    # The interpreter runs one program after another: fewer, larger tiles.
+    return dict(dict(BLOCK_ROWS=64, BLOCK_N=256), **(tiles or {}), BLOCK_R=block_r, UPCAST=True)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -173,9 +147,11 @@ def _precision(dtype: torch.dtype) -> str:
 
 def lora_glu_forward(gate_base: torch.Tensor, up_base: torch.Tensor, xa_gate: torch.Tensor, xa_up: torch.Tensor,
                      b_gate: torch.Tensor, b_up: torch.Tensor, scale_gate: float, scale_up: float, activation: str,
-                     round_dtype: Optional[torch.dtype], out_dtype: torch.dtype) -> torch.Tensor:
+                     round_dtype: Optional[torch.dtype], out_dtype: torch.dtype, tiles: Optional[dict] = None
+                     ) -> torch.Tensor:
     """h [rows, width] in ``out_dtype`` from the bases' outputs G, U [rows, width], x A^T [rows, r]
-    and the B matrices [width, r] (in G's dtype); see the module docstring."""
+    and the B matrices [width, r] (in G's dtype); G and U are corrected in place (they become g
+    and u). See the module docstring."""
     act = _check_activation(activation)
     check_dtype(_OP, "out_dtype", out_dtype)
     check_dtype(_OP, "round_dtype", round_dtype, allow_none=True)
@@ -183,7 +159,7 @@ def lora_glu_forward(gate_base: torch.Tensor, up_base: torch.Tensor, xa_gate: to
     out = torch.empty((rows, width), dtype=out_dtype, device=gate_base.device)
     if out.numel() == 0:
         return out
-    cfg = _config(max(rank_g, rank_u), gate_base.is_cuda)
+    cfg = _config(max(rank_g, rank_u), gate_base.is_cuda, tiles)
     grid = (triton.cdiv(rows, cfg["BLOCK_ROWS"]) * triton.cdiv(width, cfg["BLOCK_N"]),)
     lora_glu_fwd_kernel[grid](
         gate_base, up_base, xa_gate, xa_up, b_gate, b_up, out, rows, width, rank_g, rank_u,
@@ -192,30 +168,3 @@ def lora_glu_forward(gate_base: torch.Tensor, up_base: torch.Tensor, xa_gate: to
         ACT=act, ROUND_DTYPE=_round_tl(round_dtype), OUT_DTYPE=TL_DTYPE[out_dtype],
         PRECISION=_precision(gate_base.dtype), **cfg)
     return out
-
-
-def lora_glu_backward(dh_base: torch.Tensor, dyb_down: torch.Tensor, a_down: torch.Tensor,
-                      gate_base: torch.Tensor, up_base: torch.Tensor, xa_gate: torch.Tensor, xa_up: torch.Tensor,
-                      b_gate: torch.Tensor, b_up: torch.Tensor, scale_gate: float, scale_up: float,
-                      activation: str, round_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d gate, d up), each [rows, width] in G's dtype, from dH = dY W_down [rows, width], the
-    down adapter's scaled s_d dY B_down [rows, r_d] and A_down [r_d, width]."""
-    act = _check_activation(activation)
-    check_dtype(_OP, "round_dtype", round_dtype, allow_none=True)
-    rows, width, rank_g, rank_u = _check_corrections(gate_base, up_base, xa_gate, xa_up, b_gate, b_up)
-    rank_d = dyb_down.shape[-1]
-    _check_2d("dh", dh_base, (rows, width), gate_base.dtype)
-    _check_2d("dY B_down", dyb_down, (rows, rank_d), gate_base.dtype)
-    _check_2d("A_down", a_down, (rank_d, width), gate_base.dtype)
-    dgate, dup = torch.empty_like(gate_base), torch.empty_like(up_base)
-    if dgate.numel() == 0:
-        return dgate, dup
-    cfg = _config(max(rank_g, rank_u, rank_d), gate_base.is_cuda)
-    grid = (triton.cdiv(rows, cfg["BLOCK_ROWS"]) * triton.cdiv(width, cfg["BLOCK_N"]),)
-    lora_glu_bwd_kernel[grid](
-        dh_base, dyb_down, a_down, gate_base, up_base, xa_gate, xa_up, b_gate, b_up, dgate, dup,
-        rows, width, rank_d, rank_g, rank_u,
-        dh_base.stride(0), dyb_down.stride(0), gate_base.stride(0), up_base.stride(0), xa_gate.stride(0),
-        xa_up.stride(0), dgate.stride(0), dup.stride(0), float(scale_gate), float(scale_up),
-        ACT=act, ROUND_DTYPE=_round_tl(round_dtype), PRECISION=_precision(gate_base.dtype), **cfg)
-    return dgate, dup
