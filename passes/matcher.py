@@ -157,6 +157,11 @@ class _Search:
 
     def _op(self, e: Op, v: Any, b: Bindings, nodes: tuple):
         canon = canonical(v)
+        if canon is not None and canon.op == "identity" and v not in self.blocked:
+            # The same value as its input (a cast to the dtype it has, a layout change): the op
+            # is looked for there, and the identity joins the region.
+            yield from self._op(e, canon.args[0], b, nodes + (v,))
+            return
         if canon is None or canon.op != e.op:
             found = canon.op if canon else (
                 "an input of the captured graph (computed before it, e.g. across a graph break)"

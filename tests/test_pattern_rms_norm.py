@@ -424,3 +424,28 @@ def test_a_cast_to_the_dtype_a_tensor_has_is_no_cast():
     assert report.counts() == {"rms_norm": 1} and not report.near_misses, report
     assert fastft.check(model, (x,)).ok
 
+
+
+class CastsOfCastsAndInverseCast(nn.Module):
+    """An unweighted norm of an upcast, flattened input whose squares read the upcast again
+    (``.float()`` of a float32 value) and whose inverse RMS is cast to the dtype it already has:
+    both are the identity, also where an op (here rsqrt) is expected."""
+
+    def __init__(self, dtype) -> None:
+        super().__init__()
+        self.out = nn.Linear(24, 4, dtype=dtype)
+
+    def forward(self, x):
+        flat = x.flatten(2).float()
+        y = flat * torch.rsqrt(flat.float().square().mean(-1, keepdim=True) + 1e-6).to(flat.dtype)
+        return self.out(y.to(x.dtype)).float().pow(2).mean()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_identities_are_looked_through_where_an_op_is_expected(dtype):
+    torch.manual_seed(0)
+    model = CastsOfCastsAndInverseCast(dtype).to(DEVICE)
+    x = torch.randn(3, 5, 4, 6, dtype=dtype, device=DEVICE, requires_grad=True)
+    report = _optimise_and_run(model, x)
+    assert report.counts() == {"rms_norm": 1} and not report.near_misses, report
+    assert fastft.check(model, (x,)).ok
