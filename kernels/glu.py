@@ -151,6 +151,19 @@ def _tile(n_rows, N, BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def glu_tile(g, u, G_DTYPE: tl.constexpr, U_DTYPE: tl.constexpr, ACT: tl.constexpr, ROUND_DTYPE: tl.constexpr,
+             OUT_DTYPE: tl.constexpr):
+    """act(g) * u in OUT_DTYPE of fp32 tiles loaded from G_DTYPE and U_DTYPE, with the roundings
+    of the eager computation."""
+    # Inputs are cast to the compute dtype first, as the eager computation does.
+    g = round_loaded(g, G_DTYPE, ROUND_DTYPE)
+    u = round_loaded(u, U_DTYPE, ROUND_DTYPE)
+    a = round_fp32(_act_fwd(g, ACT), ROUND_DTYPE)
+    out = round_fp32(a * u, ROUND_DTYPE)
+    return round_loaded(out, ROUND_DTYPE, OUT_DTYPE).to(OUT_DTYPE)
+
+
+@triton.jit
 def glu_fwd_kernel(
     gate_ptr,
     up_ptr,
@@ -169,12 +182,7 @@ def glu_fwd_kernel(
     rows, cols, mask = _tile(n_rows, N, BLOCK_ROWS, BLOCK_N)
     g = tl.load(gate_ptr + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    # Inputs are cast to the compute dtype first, as the eager computation does.
-    g = round_loaded(g, gate_ptr.dtype.element_ty, ROUND_DTYPE)
-    u = round_loaded(u, up_ptr.dtype.element_ty, ROUND_DTYPE)
-    a = round_fp32(_act_fwd(g, ACT), ROUND_DTYPE)
-    out = round_fp32(a * u, ROUND_DTYPE)
-    out = round_loaded(out, ROUND_DTYPE, OUT_DTYPE).to(OUT_DTYPE)
+    out = glu_tile(g, u, gate_ptr.dtype.element_ty, up_ptr.dtype.element_ty, ACT, ROUND_DTYPE, OUT_DTYPE)
     tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], out, mask=mask)
 
 

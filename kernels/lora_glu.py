@@ -26,9 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .glu import _act_fwd, _check_activation, _round_tl, _tile, glu_reference
+from .glu import _check_activation, _round_tl, _tile, glu_reference, glu_tile
 from .launch import check_dtype
-from .rounding import TL_DTYPE, round_fp32, round_loaded
+from .rounding import TL_DTYPE, round_fp32
 
 __all__ = ["lora_glu_forward", "lora_glu_reference"]
 
@@ -89,11 +89,7 @@ def lora_glu_fwd_kernel(
     # The corrected values (exact in the bases' dtype) go back in place: the backward reads them.
     tl.store(g_ptr + rows[:, None] * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=mask)
     tl.store(u_ptr + rows[:, None] * stride_u + cols[None, :], u.to(u_ptr.dtype.element_ty), mask=mask)
-    g = round_loaded(g, g_ptr.dtype.element_ty, ROUND_DTYPE)
-    u = round_loaded(u, u_ptr.dtype.element_ty, ROUND_DTYPE)
-    a = round_fp32(_act_fwd(g, ACT), ROUND_DTYPE)
-    out = round_fp32(a * u, ROUND_DTYPE)
-    out = round_loaded(out, ROUND_DTYPE, OUT_DTYPE).to(OUT_DTYPE)
+    out = glu_tile(g, u, g_ptr.dtype.element_ty, u_ptr.dtype.element_ty, ACT, ROUND_DTYPE, OUT_DTYPE)
     tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], out, mask=mask)
 
 
