@@ -1,5 +1,7 @@
-"""LoRA linears with a frozen base weight, registered as the custom ops ``fastft::lora_linear``
-and ``fastft::lora_glu_mlp``.
+"""LoRA linears with a frozen base weight: ``lora_linear``, ``lora_linear_x3`` (three of one
+input), ``lora_glu_mlp`` and the op ``fastft::qlora_linear`` (a 4-bit base). The first three
+call the custom ops ``fastft::lora_linear_forward``, ``fastft::lora_linear_x3_forward`` and
+``fastft::lora_glu_mlp_forward``, which also return what their backward keeps.
 
     lora_linear(x) = x W^T + b + s (x A^T) B^T          W [out, in] frozen, A [r, in], B [out, r]
 
@@ -362,7 +364,7 @@ def _lora_glu_mlp_forward_op(x: torch.Tensor,
 
 
 def _corrections(xa_gate_up: torch.Tensor, gate: Adapted, up: Adapted, dtype: torch.dtype) -> tuple:
-    """What the fused GLU kernels take to correct the bases' outputs G and U: x A^T and B of each
+    """What the LoRA GLU kernel takes to correct the bases' outputs G and U: x A^T and B of each
     adapter, and its scale."""
     rank = gate.lora_a.shape[0]
     return (xa_gate_up[:, :rank], xa_gate_up[:, rank:], gate.lora_b.to(dtype).contiguous(),

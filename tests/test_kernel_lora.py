@@ -100,7 +100,8 @@ def test_lora_linear_backward_keeps_its_inputs_and_x_a():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         lora_linear(x, weight, None, lora_a, lora_b, 1.0, torch.float32)
     shapes = sorted(tuple(t.shape) for t in saved)
-    assert shapes == sorted([tuple(x.shape), tuple(weight.shape), tuple(lora_a.shape), tuple(lora_b.shape), (6, 4)])
+    want = [tuple(x.shape), tuple(weight.shape), tuple(lora_a.shape), tuple(lora_b.shape), (6, 4)]
+    assert shapes == sorted(want)
 
 
 @pytest.mark.parametrize("bad,message", [
@@ -167,7 +168,8 @@ def test_lora_glu_mlp_frozen_input_gives_adapter_grads_only():
 
 def test_lora_ops_pass_opcheck():
     x, weight, b, lora_a, lora_b = _linear_inputs((3, 16), 8, 2, torch.float32, torch.float32, bias=True)
-    torch.library.opcheck(torch.ops.fastft.lora_linear_forward.default, (x, weight, b, lora_a, lora_b, 0.5, torch.float32),
+    torch.library.opcheck(torch.ops.fastft.lora_linear_forward.default,
+                          (x, weight, b, lora_a, lora_b, 0.5, torch.float32),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     x, gate, up, down = _mlp_inputs((3, 16), 24, 2, torch.float32, torch.float32)
     torch.library.opcheck(torch.ops.fastft.lora_glu_mlp_forward.default, (x, *gate, *up, *down, "silu", None),
@@ -209,7 +211,8 @@ def test_lora_ops_trace_through_aot_autograd():
     torch.library.opcheck(torch.ops.fastft.qlora_linear.default,
                           (x, *quant, torch.bfloat16, lora_a, lora_b, 0.5, torch.bfloat16), test_utils=utils)
     x, weight, b, lora_a, lora_b = _linear_inputs((3, 16), 8, 2, torch.float32, torch.float32, bias=True)
-    torch.library.opcheck(torch.ops.fastft.lora_linear_forward.default, (x, weight, b, lora_a, lora_b, 0.5, torch.float32),
+    torch.library.opcheck(torch.ops.fastft.lora_linear_forward.default,
+                          (x, weight, b, lora_a, lora_b, 0.5, torch.float32),
                           test_utils=utils)
     x, gate, up, down = _mlp_inputs((3, 16), 24, 2, torch.float32, torch.float32)
     torch.library.opcheck(torch.ops.fastft.lora_glu_mlp_forward.default, (x, *gate, *up, *down, "silu", None),
