@@ -30,8 +30,11 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _scaled_and_capped(z):
+    # A scale held in a tensor (a per-vocabulary one, a parameter) is matched only to be
+    # reported: the kernel takes a constant.
     scaled = (z | Op("mul", z, Lit("logit_scale"), commutative=True, name="scaled")
-              | Op("div", z, Lit("logit_divisor"), name="divided"))
+              | Op("div", z, Lit("logit_divisor"), name="divided")
+              | Op("mul", z, Var("scale_tensor"), commutative=True, name="scaled"))
     capped = Op("mul", Op("tanh", Op("div", scaled, Lit("softcap"))), Lit("softcap_again"),
                 commutative=True, name="capped")
     return scaled | capped
@@ -74,6 +77,10 @@ def _check_loss(m: Match) -> str | None:
         return "the cross-entropy runs on 16-bit logits; the fused kernel computes it in float32"
     if b.get("softcap") is not None and b["softcap"] != b.get("softcap_again"):
         return f"the softcap divides by {b['softcap']} but multiplies by {b.get('softcap_again')}"
+    if "scale_tensor" in b:
+        shape = tuple(tensor_meta(b["scale_tensor"]).shape)
+        return (f"the logits are multiplied by a tensor of shape {shape} (a learned or per-vocabulary "
+                f"scale); the fused loss takes a constant scale")
     for name in ("softcap", "logit_scale", "logit_divisor"):
         if name in b and not isinstance(b[name], (int, float)):
             return f"{name} {b[name]!r} is not a number"

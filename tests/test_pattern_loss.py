@@ -142,6 +142,7 @@ def test_every_label_ignored_gives_nan_like_torch():
 @pytest.mark.parametrize("options, reason", [
     (dict(smoothing=0.1), "label smoothing"),
     (dict(upcast=False, dtype=torch.bfloat16), "16-bit logits"),
+    (dict(scale=nn.Parameter(torch.linspace(0.5, 1.5, V))), f"multiplied by a tensor of shape ({V},)"),
 ])
 def test_near_misses_are_left_alone_with_the_reason(options, reason):
     torch.manual_seed(0)
