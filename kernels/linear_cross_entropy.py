@@ -6,6 +6,7 @@ b [V], integer labels y [N] and the constants s = logit_scale, c = softcap:
 
     a    = h W^T + b                                     (the matmul accumulates in fp32)
     z    = s a                    or, with a softcap:    z = c tanh(s a / c)
+           (s: the constant logit_scale, times a frozen per-vocabulary column_scale[v] if given)
     l_i  = logsumexp_v(z_iv) - z_{i, y_i}                (0 for rows with y_i == ignore_index)
     loss = sum_i l_i / D,   D = 1 ("sum"), the count of non-ignored rows ("mean"), or the
                                 given normalizer (a tensor, e.g. the number of items in the
@@ -92,12 +93,15 @@ def linear_cross_entropy_reference(
     logit_scale: float = 1.0,
     reduction: str = "mean",
     normalizer: Optional[Union[torch.Tensor, float]] = None,
+    column_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Plain PyTorch, the way eager models compute it (differentiable): the projection in the
     inputs' dtype (rounded to it), then upcast to fp32, scaled, soft-capped, cross-entropy."""
     logits = F.linear(hidden, weight, bias).float()
     logits = logits.reshape(-1, logits.shape[-1])
     labels = labels.reshape(-1)
+    if column_scale is not None:
+        logits = logits * column_scale.float().reshape(-1)
     if logit_scale != 1.0:
         logits = logits * logit_scale
     if softcap is not None:
@@ -126,19 +130,22 @@ def _tanh(x):
 
 @triton.jit
 def _logits_block(
-    logits_row, bias_ptr, offs, mask, softcap, logit_scale,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    logits_row, bias_ptr, cscale_ptr, offs, mask, softcap, logit_scale,
+    HAS_BIAS: tl.constexpr, HAS_COLUMN_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     """(z, dz/da) of one block of a row; masked lanes give z = -inf."""
     a = tl.load(logits_row + offs, mask=mask, other=0.0)
     if HAS_BIAS:
         a += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    z = a * logit_scale
-    dz = logit_scale
+    scale = logit_scale
+    if HAS_COLUMN_SCALE:
+        scale = tl.load(cscale_ptr + offs, mask=mask, other=1.0) * logit_scale
+    z = a * scale
+    dz = scale
     if HAS_SOFTCAP:
         t = _tanh(z / softcap)
         z = softcap * t
-        dz = logit_scale * (1.0 - t * t)
+        dz = scale * (1.0 - t * t)
     z = tl.where(mask, z, float("-inf"))
     return z, dz
 
@@ -149,6 +156,7 @@ def linear_cross_entropy_rows_kernel(
     grad_ptr,  # [rows, V] GRAD_DTYPE, row stride stride_g: dl/da; may share logits_ptr's memory
     labels_ptr,  # [rows] int32 / int64
     bias_ptr,  # [V] or a dummy
+    cscale_ptr,  # [V] fp32 per-vocabulary scale, or a dummy
     loss_ptr,  # [rows] fp32: each row's loss, not divided by D
     inv_div_ptr,  # [1] fp32: 1 / D
     V,
@@ -158,6 +166,7 @@ def linear_cross_entropy_rows_kernel(
     softcap,
     logit_scale,
     HAS_BIAS: tl.constexpr,
+    HAS_COLUMN_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     GRAD_DTYPE: tl.constexpr,
@@ -184,8 +193,8 @@ def linear_cross_entropy_rows_kernel(
         # The target logit first: the gradient pass below overwrites the row.
         # (Never name an unused result `_`: the loops below assign it too, and compiled Triton
         # then takes it for a loop-carried value whose type changes: scalar here, block there.)
-        z_t, dz_t = _logits_block(logits_row, bias_ptr, safe_label, valid, softcap, logit_scale,
-                                  HAS_BIAS, HAS_SOFTCAP)
+        z_t, dz_t = _logits_block(logits_row, bias_ptr, cscale_ptr, safe_label, valid, softcap, logit_scale,
+                                  HAS_BIAS, HAS_COLUMN_SCALE, HAS_SOFTCAP)
         z_t = tl.where(valid, z_t, float("nan"))
 
         # Online logsumexp: each lane keeps its running max m and sum s of exp(z - m); lanes
@@ -194,8 +203,8 @@ def linear_cross_entropy_rows_kernel(
         s = tl.zeros((BLOCK_V,), dtype=tl.float32)
         for start in range(0, V, BLOCK_V):
             offs = start + cols
-            z, dz_unused = _logits_block(logits_row, bias_ptr, offs, offs < V, softcap, logit_scale,
-                                         HAS_BIAS, HAS_SOFTCAP)
+            z, dz_unused = _logits_block(logits_row, bias_ptr, cscale_ptr, offs, offs < V, softcap,
+                                         logit_scale, HAS_BIAS, HAS_COLUMN_SCALE, HAS_SOFTCAP)
             m_new = tl.maximum(m, z)
             s = s * tl.exp(m - m_new) + tl.exp(z - m_new)
             m = m_new
@@ -211,8 +220,8 @@ def linear_cross_entropy_rows_kernel(
             for start in range(0, V, BLOCK_V):
                 offs = start + cols
                 mask = offs < V
-                z, dz = _logits_block(logits_row, bias_ptr, offs, mask, softcap, logit_scale,
-                                      HAS_BIAS, HAS_SOFTCAP)
+                z, dz = _logits_block(logits_row, bias_ptr, cscale_ptr, offs, mask, softcap, logit_scale,
+                                      HAS_BIAS, HAS_COLUMN_SCALE, HAS_SOFTCAP)
                 p = tl.exp(z - lse)
                 g = tl.where(offs == label, p - 1.0, p) * dz * inv_div
                 g = round_fp32(g, GRAD_DTYPE).to(GRAD_DTYPE)
@@ -241,6 +250,7 @@ def _check_inputs(
     logit_scale: float,
     reduction: str,
     normalizer: Optional[torch.Tensor],
+    column_scale: Optional[torch.Tensor] = None,
 ) -> None:
     """Everything checkable without reading data (also run by the fake implementations)."""
     names = ", ".join(str(d) for d in SUPPORTED_DTYPES)
@@ -285,6 +295,14 @@ def _check_inputs(
         raise ValueError(f"{_PREFIX} softcap must be a positive finite number or None, got {softcap}")
     if not math.isfinite(logit_scale):
         raise ValueError(f"{_PREFIX} logit_scale must be finite, got {logit_scale}")
+    if column_scale is not None:
+        v = weight.shape[0]
+        if not column_scale.is_floating_point() or column_scale.numel() not in (1, v) or any(
+                d != 1 for d in _shape(column_scale)[:-1]):
+            raise ValueError(f"{_PREFIX} column_scale must be a floating-point [V] tensor (V = {v}) or one "
+                             f"number, got {column_scale.dtype} of shape {_shape(column_scale)}")
+        if column_scale.device != hidden.device:
+            raise ValueError(f"{_PREFIX} column_scale is on {column_scale.device} but hidden is on {hidden.device}")
     if normalizer is not None:
         if reduction != "sum":
             raise ValueError(
@@ -366,18 +384,23 @@ def linear_cross_entropy_forward(
     need_dbias: bool = True,
     chunk_rows: Optional[int] = None,
     block_v: Optional[int] = None,
+    column_scale: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Loss (0-d fp32) and its gradients for grad_output = 1: (loss, dhidden in hidden's
     shape and dtype, dweight, dbias), None where not asked (dbias also when there is no bias).
 
     ``chunk_rows`` overrides the number of rows whose fp32 logits exist at once, ``block_v``
-    the kernel's block of vocabulary entries (a power of two).
+    the kernel's block of vocabulary entries (a power of two). ``column_scale`` (frozen: it gets
+    no gradient) multiplies each vocabulary entry's logit.
     """
     if normalizer is not None and not isinstance(normalizer, torch.Tensor):
         normalizer = torch.tensor(float(normalizer))
-    _check_inputs(hidden, weight, bias, labels, ignore_index, softcap, logit_scale, reduction, normalizer)
+    _check_inputs(hidden, weight, bias, labels, ignore_index, softcap, logit_scale, reduction, normalizer,
+                  column_scale)
     device = hidden.device
     v, h_dim = weight.shape
+    if column_scale is not None:
+        column_scale = column_scale.detach().float().reshape(-1).expand(v).contiguous()
     need_dbias = need_dbias and bias is not None
     h2 = hidden.reshape(-1, h_dim)
     if h2.stride(-1) != 1:
@@ -403,6 +426,7 @@ def linear_cross_entropy_forward(
         w32 = weight.float() if narrow and device.type != "cuda" else None
         block_v, num_warps = _kernel_config(v, device, block_v)
         bias_arg = bias.contiguous() if bias is not None else buf
+        cscale_arg = column_scale if column_scale is not None else buf
         for r0 in range(0, n_rows, rows):
             r1 = min(r0 + rows, n_rows)
             h_c = h2[r0:r1]
@@ -410,10 +434,11 @@ def linear_cross_entropy_forward(
             _project(logits, h_c, weight, w32)
             grad = gbuf[: r1 - r0]
             linear_cross_entropy_rows_kernel[(r1 - r0,)](
-                logits, grad, y[r0:r1], bias_arg, row_loss[r0:r1], inv_div,
+                logits, grad, y[r0:r1], bias_arg, cscale_arg, row_loss[r0:r1], inv_div,
                 v, logits.stride(0), grad.stride(0), int(ignore_index),
                 float(softcap) if softcap is not None else 1.0, float(logit_scale),
                 HAS_BIAS=bias is not None,
+                HAS_COLUMN_SCALE=column_scale is not None,
                 HAS_SOFTCAP=softcap is not None,
                 COMPUTE_GRAD=compute_grad,
                 GRAD_DTYPE=TL_DTYPE[hidden.dtype],
@@ -493,18 +518,20 @@ def _with_grads_op(
     need_dhidden: bool,
     need_dweight: bool,
     need_dbias: bool,
+    column_scale: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     loss, dh, dw, db = linear_cross_entropy_forward(
         hidden, weight, bias, labels, ignore_index, softcap, logit_scale, reduction, normalizer,
-        need_dhidden, need_dweight, need_dbias,
+        need_dhidden, need_dweight, need_dbias, column_scale=column_scale,
     )
     return loss, _empty_or(dh, hidden), _empty_or(dw, weight), _empty_or(db, hidden)
 
 
 @_with_grads_op.register_fake
 def _with_grads_fake(hidden, weight, bias, labels, ignore_index, softcap, logit_scale, reduction,
-                     normalizer, need_dhidden, need_dweight, need_dbias):
-    _check_inputs(hidden, weight, bias, labels, ignore_index, softcap, logit_scale, reduction, normalizer)
+                     normalizer, need_dhidden, need_dweight, need_dbias, column_scale=None):
+    _check_inputs(hidden, weight, bias, labels, ignore_index, softcap, logit_scale, reduction, normalizer,
+                  column_scale)
     loss = hidden.new_empty((), dtype=torch.float32)
     dh = hidden.new_empty(hidden.shape) if need_dhidden else hidden.new_empty(0)
     dw = weight.new_empty(weight.shape) if need_dweight else weight.new_empty(0)
@@ -546,7 +573,7 @@ def _autograd_backward(ctx, grad_loss, _gdh, _gdw, _gdb):
     torch.ops.fastft.linear_cross_entropy_backward(grad_loss, dh, dw, db)
     need_dh, need_dw, need_db = ctx.needs
     return ((dh if need_dh else None), (dw if need_dw else None), (db if need_db else None),
-            None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None)
 
 
 _with_grads_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -558,7 +585,7 @@ _with_grads_op.register_autograd(_autograd_backward, setup_context=_setup_contex
 _LIB = torch.library.Library("fastft", "FRAGMENT")  # noqa: TOR901  (kept alive: owns the registration)
 _LIB.define(
     "linear_cross_entropy(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, int ignore_index, "
-    "float? softcap, float logit_scale, str reduction, Tensor? normalizer) -> Tensor"
+    "float? softcap, float logit_scale, str reduction, Tensor? normalizer, Tensor? column_scale=None) -> Tensor"
 )
 
 
@@ -572,14 +599,18 @@ def _linear_cross_entropy_composite(
     logit_scale: float,
     reduction: str,
     normalizer: Optional[torch.Tensor],
+    column_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     grad = torch.is_grad_enabled()
+    if grad and column_scale is not None and column_scale.requires_grad:
+        raise ValueError(f"{_PREFIX} column_scale requires grad, and the fused loss gives it none: "
+                         f"pass a frozen (detached) scale, or compute this loss unfused")
     need_dh = grad and hidden.requires_grad
     need_dw = grad and weight.requires_grad
     need_db = grad and bias is not None and bias.requires_grad
     loss, _, _, _ = torch.ops.fastft.linear_cross_entropy_with_grads(
         hidden, weight, bias, labels, ignore_index, softcap, logit_scale, reduction, normalizer,
-        need_dh, need_dw, need_db,
+        need_dh, need_dw, need_db, column_scale,
     )
     return loss
 
@@ -597,8 +628,9 @@ def linear_cross_entropy(
     logit_scale: float = 1.0,
     reduction: str = "mean",
     normalizer: Optional[torch.Tensor] = None,
+    column_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``torch.ops.fastft.linear_cross_entropy`` with defaults; see the module docstring."""
     return torch.ops.fastft.linear_cross_entropy(
-        hidden, weight, bias, labels, ignore_index, softcap, logit_scale, reduction, normalizer
+        hidden, weight, bias, labels, ignore_index, softcap, logit_scale, reduction, normalizer, column_scale
     )

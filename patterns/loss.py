@@ -1,7 +1,8 @@
 """The training loss of a language model head, from its math:
 
     z = linear(h, W, b?)                      the output projection (tied or not: W is an input)
-    z = z * scale   or   z = z / divisor      optional logit scaling
+    z = z * scale   or   z = z / divisor      optional logit scaling (scale: a constant, or a
+                                              frozen per-vocabulary [V] tensor)
     z = tanh(z / c) * c                       optional logit softcapping
     z = z.float()                             optional upcast (before or after the two above)
     loss = cross_entropy(z.view(-1, V), y, ignore_index, reduction mean|sum)
@@ -30,8 +31,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _scaled_and_capped(z):
-    # A scale held in a tensor (a per-vocabulary one, a parameter) is matched only to be
-    # reported: the kernel takes a constant.
+    # A scale held in a tensor: one per vocabulary entry (a learned one), or a single number.
     scaled = (z | Op("mul", z, Lit("logit_scale"), commutative=True, name="scaled")
               | Op("div", z, Lit("logit_divisor"), name="divided")
               | Op("mul", z, Var("scale_tensor"), commutative=True, name="scaled"))
@@ -78,14 +78,26 @@ def _check_loss(m: Match) -> str | None:
     if b.get("softcap") is not None and b["softcap"] != b.get("softcap_again"):
         return f"the softcap divides by {b['softcap']} but multiplies by {b.get('softcap_again')}"
     if "scale_tensor" in b:
-        shape = tuple(tensor_meta(b["scale_tensor"]).shape)
-        return (f"the logits are multiplied by a tensor of shape {shape} (a learned or per-vocabulary "
-                f"scale); the fused loss takes a constant scale")
+        reason = _scale_tensor_problem(tensor_meta(b["scale_tensor"]), weight.shape[0])
+        if reason is not None:
+            return reason
     for name in ("softcap", "logit_scale", "logit_divisor"):
         if name in b and not isinstance(b[name], (int, float)):
             return f"{name} {b[name]!r} is not a number"
     if b.get("logit_divisor") == 0:
         return "the logits are divided by 0"
+    return None
+
+
+def _scale_tensor_problem(scale, vocabulary) -> str | None:
+    shape = tuple(scale.shape)
+    if scale.requires_grad:
+        return (f"the logits are multiplied by a trainable tensor of shape {shape}; the fused loss "
+                f"gives a logit scale no gradient")
+    per_entry = all(d == 1 for d in shape[:-1]) and (not shape or shape[-1] == 1 or same_size(shape[-1], vocabulary))
+    if not scale.is_floating_point() or not per_entry:
+        return (f"the logits are multiplied by a tensor of shape {shape}; the fused loss takes one scale "
+                f"per vocabulary entry ({vocabulary}) or a single one")
     return None
 
 
@@ -103,7 +115,7 @@ def _replace_loss(m: Match) -> Replacement:
     softcap = float(b["softcap"]) if "softcap" in b else None
     return Replacement(torch.ops.fastft.linear_cross_entropy.default, (
         b["hidden"], b["weight"], b.get("bias"), b["labels"], attrs["ignore_index"], softcap,
-        _logit_scale(b), attrs["reduction"], None))
+        _logit_scale(b), attrs["reduction"], None, b.get("scale_tensor")))
 
 
 def _logits_to_release(m: Match) -> list:

@@ -420,3 +420,44 @@ def test_python_wrapper_defaults(device: str) -> None:
     labels = _labels(5, 100, device, seed=16, ignored=(4,))
     assert torch.equal(linear_cross_entropy(hidden, weight, None, labels),
                        OP(hidden, weight, None, labels, -100, None, 1.0, "mean", None))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("softcap,bias,per_entry", [(None, False, True), (5.0, True, True), (None, True, False)])
+def test_column_scale(softcap, bias, per_entry, dtype: torch.dtype, device: str) -> None:
+    """A frozen per-vocabulary scale (or one number as a tensor) multiplies each logit."""
+    n, h, v = 11, 24, 100
+    hidden, weight, b = _problem(n, h, v, dtype, device, seed=21, bias=bias)
+    labels = _labels(n, v, device, seed=21, ignored=(3,))
+    scale = (_randn((v,), torch.float32, device, seed=22).abs() + 0.5) if per_entry else torch.tensor(1.7, device=device)
+    args = (-100, softcap, 0.8, "mean", None, scale)
+    have = _run(OP, hidden, weight, b, labels, args)
+    want = _run(linear_cross_entropy_reference, hidden, weight, b, labels, args)
+    _close(have[0], want[0], dtype, "loss")
+    for k, r in zip(have[1:], want[1:]):
+        _close(k, r, dtype, "grad")
+    plain = _run(OP, hidden, weight, b, labels, args[:-1])
+    assert not torch.allclose(have[0], plain[0])  # the scale is not dropped
+
+
+def test_column_scale_refused_when_trainable_or_misshapen(device: str) -> None:
+    hidden, weight, _ = _problem(4, 24, 100, torch.float32, device, seed=23)
+    labels = _labels(4, 100, device, seed=23)
+    trainable = torch.ones(100, device=device, requires_grad=True)
+    with pytest.raises(ValueError, match="column_scale requires grad"):
+        linear_cross_entropy(hidden, weight, None, labels, column_scale=trainable)
+    with torch.no_grad():  # without gradients it is only a number per entry
+        linear_cross_entropy(hidden, weight, None, labels, column_scale=trainable)
+    with pytest.raises(ValueError, match=r"column_scale must be a floating-point \[V\] tensor"):
+        linear_cross_entropy(hidden, weight, None, labels, column_scale=torch.ones(99, device=device))
+
+
+def test_opcheck_with_column_scale(device: str) -> None:
+    hidden, weight, b = _problem(6, 24, 100, torch.float32, device, seed=24, bias=True)
+    h, w = (t.clone().requires_grad_() for t in (hidden, weight))
+    y = _labels(6, 100, device, seed=24, ignored=(1,))
+    scale = torch.linspace(0.5, 2.0, 100, device=device)
+    torch.library.opcheck(torch.ops.fastft.linear_cross_entropy.default,
+                          (h, w, b, y, -100, 3.0, 1.0, "mean", None, scale),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))

@@ -76,6 +76,9 @@ VARIANTS = {
     "softcap": dict(softcap=3.0),
     "sum": dict(reduction="sum"),
     "tied": dict(tied=True),
+    # frozen tensors: one scale per vocabulary entry (a learned one, in a LoRA run), and one number
+    "vector_scale": dict(scale=torch.linspace(0.5, 1.5, V, device=DEVICE)),
+    "tensor_scale": dict(scale=torch.tensor(0.75, device=DEVICE), bias=True),
 }
 
 
@@ -142,7 +145,8 @@ def test_every_label_ignored_gives_nan_like_torch():
 @pytest.mark.parametrize("options, reason", [
     (dict(smoothing=0.1), "label smoothing"),
     (dict(upcast=False, dtype=torch.bfloat16), "16-bit logits"),
-    (dict(scale=nn.Parameter(torch.linspace(0.5, 1.5, V))), f"multiplied by a tensor of shape ({V},)"),
+    (dict(scale=nn.Parameter(torch.linspace(0.5, 1.5, V))), f"multiplied by a trainable tensor of shape ({V},)"),
+    (dict(scale=torch.ones(9, 1, device=DEVICE)), "multiplied by a tensor of shape (9, 1)"),  # one per position
 ])
 def test_near_misses_are_left_alone_with_the_reason(options, reason):
     torch.manual_seed(0)
