@@ -89,7 +89,7 @@ def _check_loss(m: Match) -> str | None:
     return None
 
 
-def _scale_tensor_problem(scale, vocabulary) -> str | None:
+def _scale_tensor_problem(scale: torch.Tensor, vocabulary: int) -> str | None:
     shape = tuple(scale.shape)
     if scale.requires_grad:
         return (f"the logits are multiplied by a trainable tensor of shape {shape}; the fused loss "
