@@ -6,7 +6,7 @@ In an MLP whose gate and up projections carry LoRA adapters,
 
 with G = X W_g^T and U = X W_u^T the frozen bases' outputs. Computed one GEMM at a time, each
 rank-r correction reads and writes a full [rows, width] tensor once more (``addmm_`` into G and
-U: twice 2 x 128 MiB per layer of a Llama-3.2-1B step). Here the GLU kernel, which reads G and U
+U: twice 2 x 128 MiB per layer at 8,192 tokens and width 8,192). Here the GLU kernel, which reads G and U
 anyway, adds the corrections on the fly (for a [rows, columns] tile, the product of the
 [rows, r] and [r, columns] slices is one ``tl.dot`` of depth r, small next to the tile's loads),
 writes the corrected g and u back in place (the backward needs them) and writes h.
