@@ -61,6 +61,7 @@ __all__ = [
     "CHUNK_BYTES",
     "REDUCTIONS",
     "SUPPORTED_DTYPES",
+    "column_scale_fits",
     "linear_cross_entropy",
     "linear_cross_entropy_forward",
     "linear_cross_entropy_reference",
@@ -297,8 +298,7 @@ def _check_inputs(
         raise ValueError(f"{_PREFIX} logit_scale must be finite, got {logit_scale}")
     if column_scale is not None:
         v = weight.shape[0]
-        if not column_scale.is_floating_point() or column_scale.numel() not in (1, v) or any(
-                d != 1 for d in _shape(column_scale)[:-1]):
+        if not column_scale_fits(column_scale, v):
             raise ValueError(f"{_PREFIX} column_scale must be a floating-point [V] tensor (V = {v}) or one "
                              f"number, got {column_scale.dtype} of shape {_shape(column_scale)}")
         if column_scale.device != hidden.device:
@@ -312,6 +312,14 @@ def _check_inputs(
             raise ValueError(f"{_PREFIX} normalizer must hold one number, got shape {_shape(normalizer)}")
         if normalizer.is_complex() or normalizer.dtype == torch.bool:
             raise ValueError(f"{_PREFIX} normalizer must be a real number, got dtype {normalizer.dtype}")
+
+
+def column_scale_fits(scale: torch.Tensor, vocabulary: int) -> bool:
+    """Whether ``scale`` can multiply the logits column by column: a floating-point [V] tensor or
+    one number, with any leading dims of size 1."""
+    shape = _shape(scale)
+    return scale.is_floating_point() and all(d == 1 for d in shape[:-1]) and (
+        not shape or shape[-1] == 1 or shape[-1] == vocabulary)
 
 
 def _chunk_rows(n_rows: int, v: int, device: torch.device, chunk_rows: Optional[int]) -> int:

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from fastft.kernels.linear_cross_entropy import linear_cross_entropy_reference
+from fastft.kernels.linear_cross_entropy import column_scale_fits, linear_cross_entropy_reference
 from fastft.passes.canonical import canonical, dtype_of, same_size, tensor_meta
 from fastft.passes.matcher import Cast, Lit, Match, Op, Var
 from fastft.passes.pattern import Pattern, Replacement
@@ -94,8 +94,7 @@ def _scale_tensor_problem(scale: torch.Tensor, vocabulary: int) -> str | None:
     if scale.requires_grad:
         return (f"the logits are multiplied by a trainable tensor of shape {shape}; the fused loss "
                 f"gives a logit scale no gradient")
-    per_entry = all(d == 1 for d in shape[:-1]) and (not shape or shape[-1] == 1 or same_size(shape[-1], vocabulary))
-    if not scale.is_floating_point() or not per_entry:
+    if not column_scale_fits(scale, vocabulary):
         return (f"the logits are multiplied by a tensor of shape {shape}; the fused loss takes one scale "
                 f"per vocabulary entry ({vocabulary}) or a single one")
     return None
