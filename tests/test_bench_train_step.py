@@ -110,3 +110,21 @@ def test_memory_peak_replay_finds_the_live_blocks_at_the_highest_point():
     by_site = {r["site"].split(" <-")[0]: r for r in s["sites"]}
     assert by_site["train_step/memory.py:2 workspace"]["bytes"] == 300  # torch's frame skipped, the caller named
     assert by_site["train_step/memory.py:1 save_activation"]["blocks"] == 1
+
+
+def test_timeline_finds_idle_gaps_and_the_phase_that_ended_them():
+    _package()
+    timeline = importlib.import_module("train_step.timeline")
+    S = timeline.Span
+    phases = [S(0, 10, "step.zero_grad"), S(10, 100, "step.forward"), S(100, 200, "step.backward")]
+    kernels = [S(30, 60, "fwd_a"), S(55, 80, "fwd_b"),  # overlapping: one busy interval 30-80
+               S(82, 90, "fwd_c"),  # 2 us after: below the 5 us threshold
+               S(150, 190, "bwd")]
+    host = [S(100, 200, "autograd"), S(140, 151, "launch")]
+    gaps = timeline.idle_gaps(kernels, phases)
+    assert [(g.start_us, g.length_us, g.phase, g.next_kernel) for g in gaps] == [
+        (0, 30, "step.forward", "fwd_a"), (90, 60, "step.backward", "bwd"), (190, 10, "step.backward", "(end of step)")]
+    named = timeline.name_host_ops(gaps, host)
+    assert named[1].host_op == "launch"  # the innermost op covering t=150
+    text = timeline.summary(kernels, phases, host, steps=1)
+    assert "GPU busy 0.10 ms" in text and "idle in gaps of 5 us or more 0.10 ms" in text

@@ -6,6 +6,7 @@ written in every case the process survives: ok, oom, error (with traceback) or u
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -144,7 +145,7 @@ def _train(spec: dict[str, Any], out: dict[str, Any], save) -> None:
     finally:
         sync_and_record()
     if spec.get("profile") and cuda:
-        _profile(spec["profile"], lambda b: _step(step_model, optimizer, b), batches[-2:])
+        _profile(spec["profile"], lambda b, mark: _step(step_model, optimizer, b, mark), batches[-2:])
     if spec.get("memory_profile") and cuda:
         from .memory import profile_memory
 
@@ -159,28 +160,38 @@ def _train(spec: dict[str, Any], out: dict[str, Any], save) -> None:
         out["error"] = f"non-finite loss at step(s) {bad}"
 
 
-def _step(step_model, optimizer, batch):
-    optimizer.zero_grad(set_to_none=True)
-    loss = step_model(input_ids=batch, labels=batch, use_cache=False).loss
-    loss.backward()
-    optimizer.step()
+def _step(step_model, optimizer, batch, mark=None):
+    """One training step; mark(name) gives a context manager around each phase (the profiler's)."""
+    mark = mark or (lambda name: contextlib.nullcontext())
+    with mark("step.zero_grad"):
+        optimizer.zero_grad(set_to_none=True)
+    with mark("step.forward"):
+        loss = step_model(input_ids=batch, labels=batch, use_cache=False).loss
+    with mark("step.backward"):
+        loss.backward()
+    with mark("step.optimizer"):
+        optimizer.step()
     return loss
 
 
 def _profile(path: str, step, batches: list) -> None:
-    """GPU kernels of a few more steps, by total GPU time (not part of the timed result)."""
+    """GPU kernels of a few more steps, by total GPU time, and where the GPU sat idle (not part of
+    the timed result)."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from .timeline import from_profiler
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for batch in batches:
-            step(batch)
+            step(batch, record_function)
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", max_name_column_width=90, row_limit=45)
     # The same ops split by input shapes: which GEMM (or copy) of the layer the time goes to.
     shapes = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total",
                                                                  max_name_column_width=40, row_limit=60)
-    Path(path).write_text(f"{len(batches)} steps\n{table}\nBy input shapes:\n{shapes}")
+    idle = from_profiler(prof, len(batches))
+    Path(path).write_text(f"{len(batches)} steps\n{idle}\n{table}\nBy input shapes:\n{shapes}")
 
 
 def _model_facts(model) -> dict[str, int]:

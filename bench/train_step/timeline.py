@@ -1,0 +1,119 @@
+"""Where a profiled step leaves the GPU idle.
+
+The kernel table says how long the GPU worked; a step also holds the time the GPU waited on the
+host (launches, guards, the optimizer's Python). This finds the gaps between consecutive kernels,
+puts each in the step phase (zero_grad, forward, backward, optimizer) running on the host when
+the GPU started again, and names the innermost host op running at that moment.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+PHASES = ("step.zero_grad", "step.forward", "step.backward", "step.optimizer")
+
+
+@dataclass(frozen=True)
+class Span:
+    start_us: float
+    end_us: float
+    name: str
+
+
+@dataclass(frozen=True)
+class Gap:
+    start_us: float
+    length_us: float
+    phase: str  # the phase on the host when the GPU resumed; "outside" when none
+    host_op: str  # the innermost host op at that moment
+    next_kernel: str
+
+
+def busy_union(kernels: Iterable[Span]) -> list[Span]:
+    """Kernel intervals merged where they overlap (streams run side by side)."""
+    merged: list[Span] = []
+    for k in sorted(kernels, key=lambda s: s.start_us):
+        if merged and k.start_us <= merged[-1].end_us:
+            last = merged[-1]
+            if k.end_us > last.end_us:
+                merged[-1] = Span(last.start_us, k.end_us, last.name)
+        else:
+            merged.append(k)
+    return merged
+
+
+def _innermost(spans: list[Span], t: float) -> Span | None:
+    return min((s for s in spans if s.start_us <= t <= s.end_us),
+               key=lambda s: s.end_us - s.start_us, default=None)
+
+
+def idle_gaps(kernels: list[Span], phases: list[Span], min_gap_us: float = 5.0) -> list[Gap]:
+    """Gaps of at least min_gap_us between the GPU's busy intervals, from the first phase's start
+    to the last phase's end (the time before the first kernel counts: the host was launching).
+    host_op is left empty here: naming it is a scan of every host op, done for the longest only."""
+    if not phases:
+        return []
+    t0 = min(p.start_us for p in phases)
+    t1 = max(p.end_us for p in phases)
+    busy = [b for b in busy_union(kernels) if b.end_us > t0 and b.start_us < t1]
+    gaps = []
+    prev_end = t0
+    for b in busy + [Span(t1, t1, "(end of step)")]:
+        length = b.start_us - prev_end
+        if length >= min_gap_us:
+            phase = _innermost(phases, b.start_us)
+            gaps.append(Gap(prev_end, length, phase.name if phase else "outside", "", b.name))
+        prev_end = max(prev_end, b.end_us)
+    return gaps
+
+
+def name_host_ops(gaps: list[Gap], host_ops: list[Span]) -> list[Gap]:
+    """The gaps with host_op set: the innermost host op running when the GPU resumed."""
+    out = []
+    for g in gaps:
+        op = _innermost(host_ops, g.start_us + g.length_us)
+        out.append(Gap(g.start_us, g.length_us, g.phase, op.name if op else "-", g.next_kernel))
+    return out
+
+
+def summary(kernels: list[Span], phases: list[Span], host_ops: list[Span], steps: int,
+            top: int = 15) -> str:
+    """A text table: per step, wall time, GPU busy time, idle time by phase; then the longest gaps."""
+    if not phases:
+        return "no step phases recorded\n"
+    t0 = min(p.start_us for p in phases)
+    t1 = max(p.end_us for p in phases)
+    busy = sum(min(b.end_us, t1) - max(b.start_us, t0) for b in busy_union(kernels)
+               if b.end_us > t0 and b.start_us < t1)
+    gaps = idle_gaps(kernels, phases)
+    lines = [f"per step (mean of {steps}): wall {(t1 - t0) / steps / 1e3:.2f} ms, GPU busy "
+             f"{busy / steps / 1e3:.2f} ms, idle in gaps of 5 us or more "
+             f"{sum(g.length_us for g in gaps) / steps / 1e3:.2f} ms"]
+    by_phase: dict[str, float] = {}
+    for g in gaps:
+        by_phase[g.phase] = by_phase.get(g.phase, 0.0) + g.length_us
+    for name, us in sorted(by_phase.items(), key=lambda kv: -kv[1]):
+        wall = sum(p.end_us - p.start_us for p in phases if p.name == name)
+        lines.append(f"  idle while the host is in {name}: {us / steps / 1e3:.2f} ms per step"
+                     + (f" (phase wall {wall / steps / 1e3:.2f} ms)" if wall else ""))
+    lines.append(f"longest gaps (of {len(gaps)}):")
+    lines.append("  gap us | phase | innermost host op when the GPU resumed | next kernel")
+    for g in name_host_ops(sorted(gaps, key=lambda g: -g.length_us)[:top], host_ops):
+        lines.append(f"  {g.length_us:8.1f} | {g.phase} | {g.host_op[:70]} | {g.next_kernel[:60]}")
+    return "\n".join(lines) + "\n"
+
+
+def from_profiler(prof, steps: int) -> str:
+    """summary() over a finished torch.profiler run whose steps were marked with PHASES."""
+    from torch.autograd import DeviceType
+
+    kernels, phases, host = [], [], []
+    for e in prof.events():
+        span = Span(e.time_range.start, e.time_range.end, e.name)
+        if e.device_type == DeviceType.CUDA:
+            kernels.append(span)
+        elif e.name in PHASES:
+            phases.append(span)
+        elif e.time_range.end > e.time_range.start:
+            host.append(span)
+    return summary(kernels, phases, host, steps)
