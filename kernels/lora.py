@@ -9,16 +9,19 @@ The speed of adapter training comes from what the backward need not do, and from
 materialising the full-size intermediates that a module-by-module computation makes:
 
 - the adapter's contribution is accumulated into the base GEMM's output by a second GEMM
-  (``addmm`` with ``alpha = s``): no [tokens, out] product, scaled copy and sum;
+  (``addmm`` with ``alpha = s``): no [tokens, out] product, scaled copy and sum; or, where
+  copying x and W is cheaper than a pass over that output (many tokens into a wide output,
+  ``depth_concat_pays``), through the GEMM's depth: [x | x A^T] [W | s B]^T is one GEMM;
 - the backward computes dX = dY W + s (dY B) A the same way, dA = s (dY B)^T X and
   dB = s dY^T (X A^T), and no dW unless the base weight is trainable;
 - X is saved, and X A^T beside it ([tokens, r]: small), so that the backward reads X once, for
   dA; linears of one input (q, k, v; gate, up) stack their A matrices, so that one GEMM reads X
   for all their x A^T and one for all their dA.
 
-The matmuls stay with cuBLAS: a GEMM written in Triton would not beat it. The MLP op's forward
-GLU kernel (``kernels/lora_glu.py``) adds the gate and up adapters' corrections while it reads
-those [tokens, width] tensors anyway: two full read-write passes per layer less. The backward
+The matmuls stay with cuBLAS: a GEMM written in Triton would not beat it. The MLP op's gate
+and up get their corrections through the GEMMs' depth where that pays; otherwise its forward
+GLU kernel (``kernels/lora_glu.py``) adds them while it reads those [tokens, width] tensors
+anyway: either way, two full read-write passes per layer less. The backward
 recomputes act(gate) * up instead of saving it (one [tokens, width] tensor per layer less).
 
 Numerics: everything runs in the base weight's dtype (the adapters, often kept in float32 by
@@ -44,6 +47,7 @@ __all__ = [
     "lora_linear_reference",
     "lora_linear_x3",
     "code_table",
+    "depth_concat_pays",
     "qlora_linear",
 ]
 
@@ -138,6 +142,26 @@ def _rank_columns(group: Sequence[Adapted]) -> list[slice]:
     return columns
 
 
+def depth_concat_pays(rows: int, inner: int, outer: int, weights: int = 1) -> bool:
+    """Whether rank-r corrections to ``weights`` GEMM outputs [rows, outer], each of depth
+    ``inner``, cost less added through the GEMMs' depth than as a pass over each output.
+
+    Through the depth, x [rows, inner] and each weight [outer, inner] are copied into operands
+    r wider ([x | s x A^T] times [W | B]^T: one GEMM gives the corrected output); as a pass, each
+    output is read and written once more. The copies win when they are the smaller: many rows
+    of a narrow input into a wide output (a gated MLP's gate and up at 8,192 tokens, 2,048 into
+    8,192), not few rows through large weights (2,048 tokens, 4,096 into 14,336)."""
+    return rows * inner + weights * outer * inner < weights * rows * outer
+
+
+def _depth_concat(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """[left | right] along the last dim, in one new tensor."""
+    out = left.new_empty((left.shape[0], left.shape[1] + right.shape[1]))
+    out[:, :left.shape[1]].copy_(left)
+    out[:, left.shape[1]:].copy_(right)
+    return out
+
+
 def _group_forward(x2: torch.Tensor, group: Sequence[Adapted], add_adapters: bool = True
                    ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Each linear's output, and x A^T of every adapter side by side ([rows, sum of ranks]): the
@@ -145,6 +169,12 @@ def _group_forward(x2: torch.Tensor, group: Sequence[Adapted], add_adapters: boo
     ``add_adapters`` False: the bases' outputs alone, for a kernel that adds the corrections."""
     dtype = x2.dtype
     xa = torch.mm(x2, _stacked_a(group, dtype).t())
+    if add_adapters and len(group) == 1 and depth_concat_pays(*x2.shape, group[0].weight.shape[0]):
+        lin = group[0]
+        xs = _depth_concat(x2, xa)
+        w_b = _depth_concat(lin.weight, _scaled_b(lin, dtype))
+        y = torch.addmm(lin.bias.to(dtype), xs, w_b.t()) if lin.bias is not None else torch.mm(xs, w_b.t())
+        return [y], xa
     outs = []
     for lin, columns in zip(group, _rank_columns(group)):
         if lin.bias is not None:
@@ -183,7 +213,12 @@ def _group_backward(dys: Sequence[Optional[torch.Tensor]], x2: torch.Tensor, xa:
             part = torch.mm(dy, lin.lora_b.to(dtype))
             parts.append(part.mul_(lin.scale) if lin.scale != 1.0 else part)
         dyb = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-    if need_dx and dyb is not None:
+    if need_dx and dyb is not None and dx is None and len(group) == 1 and \
+            depth_concat_pays(dyb.shape[0], group[0].weight.shape[0], group[0].weight.shape[1]):
+        # dX = [dY | s dY B] [W; A]: the adapter's share through the GEMM's depth.
+        lin = group[0]
+        dx = torch.mm(_depth_concat(dys[0], dyb), torch.cat([lin.weight, lin.lora_a.to(dtype)]))
+    elif need_dx and dyb is not None:
         # Each GEMM accumulates into the one buffer (beta = 1): no temporary per contribution.
         for lin, dy in zip(group, dys):
             if dy is not None:
@@ -355,12 +390,38 @@ def _lora_glu_mlp_forward_op(x: torch.Tensor,
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_mlp(x, gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down_a, down_b)
     gate, up = Adapted(gate_w, None, gate_a, gate_b, gate_scale), Adapted(up_w, None, up_a, up_b, up_scale)
-    # g and u come out of the GEMMs as the bases' outputs; the GLU kernel adds the adapters'
-    # corrections as it reads them, and writes the corrected values back in place.
-    (g, u), xa_gate_up = _group_forward(_rows(x), [gate, up], add_adapters=False)
-    h = lora_glu_forward(g, u, *_corrections(xa_gate_up, gate, up, x.dtype), activation, round_dtype, x.dtype)
+    x2 = _rows(x)
+    if depth_concat_pays(*x2.shape, gate_w.shape[0], weights=2):
+        g, u, xa_gate_up = _gate_up_through_depth(x2, gate, up)
+        h = glu_forward(g, u, activation, round_dtype, x.dtype)
+    else:
+        # g and u come out of the GEMMs as the bases' outputs; the GLU kernel adds the adapters'
+        # corrections as it reads them, and writes the corrected values back in place.
+        (g, u), xa_gate_up = _group_forward(x2, [gate, up], add_adapters=False)
+        h = lora_glu_forward(g, u, *_corrections(xa_gate_up, gate, up, x.dtype), activation, round_dtype, x.dtype)
     (y,), xa_down = _group_forward(h, [Adapted(down_w, None, down_a, down_b, down_scale)])
     return y.reshape(*x.shape[:-1], down_w.shape[0]), g, u, xa_gate_up, xa_down
+
+
+def _scaled_b(lin: Adapted, dtype: torch.dtype) -> torch.Tensor:
+    """s B in ``dtype``, scaled before the cast: no rounding beyond the cast's own (x A^T, the
+    other factor of the correction, stays as the GEMM gave it)."""
+    return (lin.lora_b.float() * lin.scale).to(dtype)
+
+
+def _gate_up_through_depth(x2: torch.Tensor, gate: Adapted, up: Adapted
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Corrected g and u, each from one GEMM over [x A_g^T | x | x A_u^T]: gate reads its first
+    r_g + in columns against [s_g B_g | W_g], up its last in + r_u against [W_u | s_u B_u]."""
+    dtype, rank_gate, inner = x2.dtype, gate.lora_a.shape[0], x2.shape[1]
+    xa = torch.mm(x2, _stacked_a([gate, up], dtype).t())
+    wide = x2.new_empty((x2.shape[0], inner + xa.shape[1]))
+    wide[:, :rank_gate].copy_(xa[:, :rank_gate])
+    wide[:, rank_gate:rank_gate + inner].copy_(x2)
+    wide[:, rank_gate + inner:].copy_(xa[:, rank_gate:])
+    g = torch.mm(wide[:, :rank_gate + inner], _depth_concat(_scaled_b(gate, dtype), gate.weight).t())
+    u = torch.mm(wide[:, rank_gate:], _depth_concat(up.weight, _scaled_b(up, dtype)).t())
+    return g, u, xa
 
 
 def _corrections(xa_gate_up: torch.Tensor, gate: Adapted, up: Adapted, dtype: torch.dtype) -> tuple:

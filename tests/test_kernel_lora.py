@@ -254,3 +254,41 @@ def test_lora_linear_x3_with_one_output_unused_and_frozen_input():
     ref = lora_linear_reference(x, *projections[0][:1], None, *projections[0][1:], torch.float32)
     want = torch.autograd.grad(ref.sum(), projections[0][1])[0]
     torch.testing.assert_close(projections[0][1].grad, want)
+
+
+def _float64(projection):
+    return tuple(t.detach().double() if torch.is_tensor(t) else t for t in projection)
+
+
+@pytest.mark.parametrize("rows,through_depth", [(4, False), (256, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adapters_through_the_gemm_depth_match_peft_math(rows, through_depth, dtype):
+    """Many rows through narrow weights: the corrections go through the GEMMs' depth ([x | x A^T]
+    times [W | s B]^T, and [dY | s dY B] times [W; A] for dX); few rows: as passes. Both are
+    exercised here, for the MLP and for one linear. float32 matches peft's math elementwise; in
+    bf16 the MLP output is compared with the exact (float64) result, no further from it than
+    peft's own bf16 computation is, give or take a quarter (at 256 rows one element in 2,048
+    differs by a rounding that cancellation makes look large)."""
+    from fastft.kernels.lora import depth_concat_pays
+
+    hidden, width = 8, 32
+    assert depth_concat_pays(rows, hidden, width, weights=2) == through_depth  # gate and up forward
+    assert depth_concat_pays(rows, hidden, width) == through_depth  # dh in the MLP backward; one linear
+    round_dtype = None if dtype == torch.float32 else dtype
+    x, gate, up, down = _mlp_inputs((rows, hidden), width, 3, dtype, torch.float32, seed=rows)
+    out = lora_glu_mlp(x, *gate, *up, *down, "silu", round_dtype)
+    ref = lora_glu_mlp_reference(x, gate, up, down, "silu", round_dtype)
+    inputs = (x, gate[1], gate[2], up[1], up[2], down[1], down[2])
+    if dtype == torch.float32:
+        _assert_matches(out, ref, inputs, dtype, MLP_OUT_TOL)
+    else:
+        exact = lora_glu_mlp_reference(x.detach().double(), _float64(gate), _float64(up), _float64(down),
+                                       "silu", None)
+        assert _rel_l2(out, exact) <= 1.25 * _rel_l2(ref, exact), (_rel_l2(out, exact), _rel_l2(ref, exact))
+        grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(ref)
+        for a, b in zip(torch.autograd.grad(out, inputs, grad_out), torch.autograd.grad(ref, inputs, grad_out)):
+            assert a.dtype == b.dtype and _rel_l2(a, b) <= GRAD_TOL[dtype]
+    x, weight, b, lora_a, lora_b = _linear_inputs((rows, hidden), width, 3, dtype, torch.float32, bias=True)
+    out = lora_linear(x, weight, b, lora_a, lora_b, 0.75, dtype)
+    ref = lora_linear_reference(x, weight, b, lora_a, lora_b, 0.75, dtype)
+    _assert_matches(out, ref, (x, b, lora_a, lora_b), dtype)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
-PHASES = ("step.zero_grad", "step.forward", "step.backward", "step.optimizer")
+PHASES = ("step.zero_grad", "step.forward", "step.backward", "step.optimizer", "step.sync")
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,10 @@ def from_profiler(prof, steps: int) -> str:
     for e in prof.events():
         span = Span(e.time_range.start, e.time_range.end, e.name)
         if e.device_type == DeviceType.CUDA:
-            kernels.append(span)
+            # Ranges the profiler marks on the device (record_function, "## Call CompiledFxGraph")
+            # span whole graphs, gaps included: only kernels, copies and memsets count as work.
+            if not (e.is_user_annotation or e.name.startswith("## ") or e.name in PHASES):
+                kernels.append(span)
         elif e.name in PHASES:
             phases.append(span)
         elif e.time_range.end > e.time_range.start:

@@ -183,15 +183,49 @@ def _profile(path: str, step, batches: list) -> None:
     from .timeline import from_profiler
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
-        for batch in batches:
+        for batch in batches:  # synchronised as the timed steps are: each step's window ends when its GPU work does
             step(batch, record_function)
-        torch.cuda.synchronize()
+            with record_function("step.sync"):
+                torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", max_name_column_width=90, row_limit=45)
     # The same ops split by input shapes: which GEMM (or copy) of the layer the time goes to.
     shapes = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total",
                                                                  max_name_column_width=40, row_limit=60)
     idle = from_profiler(prof, len(batches))
-    Path(path).write_text(f"{len(batches)} steps\n{idle}\n{table}\nBy input shapes:\n{shapes}")
+    host = _host_forward(step, batches[-1])
+    Path(path).write_text(f"{len(batches)} steps\n{idle}\n{host}\n{table}\nBy input shapes:\n{shapes}")
+
+
+def _host_forward(step, batch) -> str:
+    """The host's time in a step's forward call (the GPU waits for its first launch), then where
+    it goes: cProfile of one more step, by cumulative time."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    times: list[float] = []
+
+    @contextlib.contextmanager
+    def clock(name):
+        t0 = time.perf_counter()
+        yield
+        if name == "step.forward":
+            times.append(time.perf_counter() - t0)
+
+    for _ in range(3):
+        step(batch, clock)
+        torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    step(batch, None)
+    torch.cuda.synchronize()
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(35)
+    return (f"host time in the forward call, no profiler: median {statistics.median(times) * 1e3:.2f} ms of 3\n"
+            f"one step under cProfile:\n{text.getvalue()}")
 
 
 def _model_facts(model) -> dict[str, int]:
