@@ -240,6 +240,57 @@ def _group_backward(dys: Sequence[Optional[torch.Tensor]], x2: torch.Tensor, xa:
 
 
 # --------------------------------------------------------------------------------------------
+# fastft::lora_group_backward: the backward of lora_linear and lora_linear_x3
+# --------------------------------------------------------------------------------------------
+# An op of its own, as the MLP's and the 4-bit linear's are: traced into the backward graph as
+# aten ops, each accumulating GEMM (addmm_ into dX) would be made functional, and every one
+# would first copy dX to a new buffer.
+@torch.library.custom_op("fastft::lora_group_backward", mutates_args=())
+def _lora_group_backward_op(dys: list[Optional[torch.Tensor]], x: torch.Tensor, xa: torch.Tensor,
+                            weights: list[torch.Tensor], lora_as: list[torch.Tensor], lora_bs: list[torch.Tensor],
+                            scales: list[float], need_dx: bool, needs: list[bool]) -> list[torch.Tensor]:
+    """[dX] + [dW, dbias, dA, dB] per linear; ``needs`` holds those four flags per linear, and
+    what is not needed (or whose linear's dY is None) comes back as an empty tensor."""
+    group = [Adapted(w, None, a, b, s) for w, a, b, s in zip(weights, lora_as, lora_bs, scales)]
+    flags = [Needed(*needs[4 * i:4 * i + 4]) for i in range(len(group))]
+    dx, per_linear = _group_backward([_rows(dy) if dy is not None else None for dy in dys], _rows(x), xa, group,
+                                     need_dx, flags)
+    out = [dx.reshape(x.shape) if dx is not None else x.new_empty(0)]
+    for lin, grads in zip(group, per_linear):
+        likes = (lin.weight, lin.weight, lin.lora_a, lin.lora_b)  # dbias: in the weight's dtype
+        out.extend(g if g is not None else like.new_empty(0) for g, like in zip(grads, likes))
+    return out
+
+
+@_lora_group_backward_op.register_fake
+def _lora_group_backward_fake(dys, x, xa, weights, lora_as, lora_bs, scales, need_dx, needs):
+    out = [x.new_empty(x.shape) if need_dx and any(dy is not None for dy in dys) else x.new_empty(0)]
+    for i, (w, a, b, dy) in enumerate(zip(weights, lora_as, lora_bs, dys)):
+        shapes = (w, w.new_empty(w.shape[0]), a, b)
+        out.extend(ref.new_empty(ref.shape) if needs[4 * i + j] and dy is not None else ref.new_empty(0)
+                   for j, ref in enumerate(shapes))
+    return out
+
+
+def _group_backward_call(dys: Sequence[Optional[torch.Tensor]], x: torch.Tensor, xa: torch.Tensor,
+                         group: Sequence[Adapted], need_dx: bool, needs: Sequence[Needed]
+                         ) -> tuple[Optional[torch.Tensor], list[tuple[Optional[torch.Tensor], ...]]]:
+    """``_group_backward`` through the op: dX (x's shape) and per linear (dW, dbias, dA, dB),
+    None where not needed."""
+    flat = [bool(f) for n in needs for f in n]
+    out = torch.ops.fastft.lora_group_backward(list(dys), x, xa, [lin.weight for lin in group],
+                                               [lin.lora_a for lin in group], [lin.lora_b for lin in group],
+                                               [float(lin.scale) for lin in group], bool(need_dx), flat)
+    live = any(dy is not None for dy in dys)
+    dx = out[0] if need_dx and live else None
+    per_linear = []
+    for i, dy in enumerate(dys):
+        grads = out[1 + 4 * i:5 + 4 * i]
+        per_linear.append(tuple(g if flat[4 * i + j] and dy is not None else None for j, g in enumerate(grads)))
+    return dx, per_linear
+
+
+# --------------------------------------------------------------------------------------------
 # fastft::lora_linear
 # --------------------------------------------------------------------------------------------
 # The forward ops return x A^T beside the result: setup_context can only save what an op takes
@@ -281,10 +332,10 @@ def _lora_linear_backward(ctx, dy: Optional[torch.Tensor], _dxa):
     need_dx, need_dw, need_dbias, need_da, need_db = ctx.needs_input_grad[:5]
     if dy is None or not any((need_dx, need_dw, need_dbias, need_da, need_db)):
         return None, None, None, None, None, None, None
-    dx, [(dw, dbias, da, db)] = _group_backward(
-        [_rows(dy)], _rows(x), xa, [Adapted(weight, None, lora_a, lora_b, ctx.scale)], need_dx,
+    dx, [(dw, dbias, da, db)] = _group_backward_call(
+        [dy], x, xa, [Adapted(weight, None, lora_a, lora_b, ctx.scale)], need_dx,
         [Needed(need_dw, need_dbias, need_da, need_db)])
-    return dx.reshape(x.shape) if dx is not None else None, dw, dbias, da, db, None, None
+    return dx, dw, dbias, da, db, None, None
 
 
 _lora_linear_forward_op.register_autograd(_lora_linear_backward, setup_context=_lora_linear_setup_context)
@@ -343,17 +394,15 @@ def _lora_linear_x3_setup_context(ctx, inputs, output) -> None:
 def _lora_linear_x3_backward(ctx, dy0, dy1, dy2, _dxa):
     x, xa, *saved = ctx.saved_tensors
     grads: list[Optional[torch.Tensor]] = [None] * 14
-    dys = [_rows(dy) if dy is not None else None for dy in (dy0, dy1, dy2)]
+    dys = [dy0, dy1, dy2]
     if all(dy is None for dy in dys):
         return tuple(grads)
     group = [Adapted(saved[3 * i], None, saved[3 * i + 1], saved[3 * i + 2], ctx.scales[i]) for i in range(3)]
     needs = [Needed(dlora_a=ctx.needs_input_grad[2 + 4 * i], dlora_b=ctx.needs_input_grad[3 + 4 * i])
              for i in range(3)]
-    dx, per_linear = _group_backward(dys, _rows(x), xa, group, ctx.needs_input_grad[0], needs)
+    grads[0], per_linear = _group_backward_call(dys, x, xa, group, ctx.needs_input_grad[0], needs)
     for i, (_dw, _dbias, da, db) in enumerate(per_linear):
         grads[2 + 4 * i], grads[3 + 4 * i] = da, db
-    if dx is not None:
-        grads[0] = dx.reshape(x.shape)
     return tuple(grads)
 
 

@@ -174,6 +174,17 @@ def test_lora_ops_pass_opcheck():
     x, gate, up, down = _mlp_inputs((3, 16), 24, 2, torch.float32, torch.float32)
     torch.library.opcheck(torch.ops.fastft.lora_glu_mlp_forward.default, (x, *gate, *up, *down, "silu", None),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    # The backward of lora_linear / x3, with one output that got no gradient and a trainable bias.
+    x = torch.randn(3, 16, device=DEVICE)
+    ws = [torch.randn(n, 16, device=DEVICE) for n in (8, 4, 4)]
+    As = [torch.randn(2, 16, device=DEVICE) for _ in ws]
+    Bs = [torch.randn(w.shape[0], 2, device=DEVICE) for w in ws]
+    dys = [torch.randn(3, 8, device=DEVICE), None, torch.randn(3, 4, device=DEVICE)]
+    xa = x @ torch.cat(As).t()
+    needs = [False, True, True, True] * 3
+    torch.library.opcheck(torch.ops.fastft.lora_group_backward.default,
+                          (dys, x, xa, ws, As, Bs, [0.5, 1.0, 2.0], True, needs),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def _quantised_linear(out_features=16, in_features=64, quant_type="nf4", nested=True):

@@ -198,7 +198,7 @@ def _profile(path: str, step, batches: list) -> None:
 
 def _host_forward(step, batch) -> str:
     """The host's time in a step's forward call (the GPU waits for its first launch), then where
-    it goes: cProfile of one more step, by cumulative time."""
+    it goes: cProfile of one more step's forward call, by own time and by cumulative time."""
     import cProfile
     import io
     import pstats
@@ -206,26 +206,35 @@ def _host_forward(step, batch) -> str:
     import torch
 
     times: list[float] = []
+    prof = cProfile.Profile()
 
-    @contextlib.contextmanager
-    def clock(name):
-        t0 = time.perf_counter()
-        yield
-        if name == "step.forward":
+    def clock(profiled: bool):
+        @contextlib.contextmanager
+        def mark(name):
+            if name != "step.forward":
+                yield
+                return
+            t0 = time.perf_counter()
+            if profiled:
+                prof.enable()
+            yield
+            if profiled:
+                prof.disable()
             times.append(time.perf_counter() - t0)
+        return mark
 
     for _ in range(3):
-        step(batch, clock)
+        step(batch, clock(False))
         torch.cuda.synchronize()
-    prof = cProfile.Profile()
-    prof.enable()
-    step(batch, None)
+    median = statistics.median(times)
+    step(batch, clock(True))
     torch.cuda.synchronize()
-    prof.disable()
     text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(35)
-    return (f"host time in the forward call, no profiler: median {statistics.median(times) * 1e3:.2f} ms of 3\n"
-            f"one step under cProfile:\n{text.getvalue()}")
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("tottime").print_stats(25)
+    stats.sort_stats("cumulative").print_stats(40)
+    return (f"host time in the forward call, no profiler: median {median * 1e3:.2f} ms of 3\n"
+            f"the forward call under cProfile:\n{text.getvalue()}")
 
 
 def _model_facts(model) -> dict[str, int]:
