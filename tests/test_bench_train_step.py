@@ -128,3 +128,13 @@ def test_timeline_finds_idle_gaps_and_the_phase_that_ended_them():
     assert named[1].host_op == "launch"  # the innermost op covering t=150
     text = timeline.summary(kernels, phases, host, steps=1)
     assert "GPU busy 0.10 ms" in text and "idle in gaps of 5 us or more 0.10 ms" in text
+
+
+def test_step_spread_shows_a_median_among_slow_early_steps():
+    _package()
+    report = importlib.import_module("train_step.report")
+    times = [0.127, 0.123, 0.125, 0.116, 0.117, 0.105, 0.104, 0.106]  # slow first half, then steady
+    text = report.step_spread(times)
+    assert "min 104.0" in text and "max 127.0" in text
+    assert "median 116.5" in text and "median of the last 4 105.5" in text
+    assert report.step_spread([0.1, 0.1, 0.1]) is None  # too few steps to say anything

@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -129,8 +130,22 @@ def compare_markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def step_spread(times_s: list[float]) -> str | None:
+    """The timed steps' spread, and the median of their second half: a median among slow early
+    steps (an allocator or autotuner settling) shows up as a gap between the two medians."""
+    if len(times_s) < 4:
+        return None
+    ms = sorted(t * 1e3 for t in times_s)
+    late = sorted(t * 1e3 for t in times_s[len(times_s) // 2:])
+    return (f"step ms min {ms[0]:.1f}, median {statistics.median(ms):.1f}, max {ms[-1]:.1f}; "
+            f"median of the last {len(late)} {statistics.median(late):.1f}")
+
+
 def _notes(r: dict[str, Any]) -> list[str]:
     out = []
+    spread = step_spread(r.get("step_times_s") or [])
+    if spread:
+        out.append(f"- {r['system']}: {spread}")
     if r.get("error"):
         out.append(f"- {r['system']}: {r['status']}: {r['error'].splitlines()[0][:400]}")
     if r.get("run_date_utc"):  # a table combined from several runs: say which run this row is from
