@@ -147,7 +147,7 @@ def depth_concat_pays(rows: int, inner: int, outer: int, weights: int = 1) -> bo
     ``inner``, cost less added through the GEMMs' depth than as a pass over each output.
 
     Through the depth, x [rows, inner] and each weight [outer, inner] are copied into operands
-    r wider ([x | s x A^T] times [W | B]^T: one GEMM gives the corrected output); as a pass, each
+    r wider ([x | x A^T] times [W | s B]^T: one GEMM gives the corrected output); as a pass, each
     output is read and written once more. The copies win when they are the smaller: many rows
     of a narrow input into a wide output (a gated MLP's gate and up at 8,192 tokens, 2,048 into
     8,192), not few rows through large weights (2,048 tokens, 4,096 into 14,336)."""
