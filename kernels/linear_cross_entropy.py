@@ -22,24 +22,21 @@ and 0 for an ignored row; then dh = (dl/da) W, dW = (dl/da)^T h, db = sum_i dl/d
 Since the loss is a scalar, its gradients are fixed up to the scalar grad_output. The forward
 therefore computes them right away, one chunk of rows at a time:
 
-    1. a_c = h_c W^T into a buffer [rows, V] in the inputs' dtype (cuBLAS, fp32 accumulation,
-       rounded once to that dtype, as the eager projection rounds its logits);
-    2. one Triton program per row: an online (running max) logsumexp over V in blocks, in fp32,
-       the row's loss, then dl/da written over the row's own logits, in the same dtype;
+    1. a_c = h_c W^T into an fp32 buffer [rows, V] (cuBLAS, fp32 accumulation and output);
+    2. one Triton program per row: an online (running max) logsumexp over V in blocks, the row's
+       loss, then dl/da written over the row's own logits, in the inputs' dtype (for 16-bit
+       inputs: into the first half of the row's bytes, so no second buffer is needed);
     3. dh_c = (dl/da)_c W into dh, dW += (dl/da)_c^T h_c, db += sum of (dl/da)_c rows,
 
 and the backward only multiplies the stored gradients by grad_output. Peak memory is one chunk
-of logits plus the gradients themselves (dh [N, H], dW [V, H], each only when the input
+of fp32 logits plus the gradients themselves (dh [N, H], dW [V, H], each only when the input
 requires grad), never [N, V]. dW accumulates in the weight's dtype: each chunk's GEMM adds its
 fp32 product to it in fp32 and rounds once (an fp32 [V, H] accumulator would cost twice the
 weight's size in memory, more than all the rest of the loss step).
 
-Differences from the eager computation ``(h @ W.T + b).float()``: the bias (when there is one)
-is added in fp32 to the rounded product instead of inside the 16-bit GEMM, the order of the
-sums differs, and dW gets one 16-bit rounding per chunk instead of one overall. The logits are
-rounded to the 16-bit dtype as eager rounds them: keeping them fp32 would be a little more
-precise, but writing and twice reading 4 bytes per logit instead of 2 costs about a tenth of a
-1B model's training step (the rows kernel is bound by memory bandwidth).
+Differences from the eager computation ``(h @ W.T + b).float()``: the logits stay fp32 from
+the fp32-accumulated matmul instead of being rounded to the 16-bit dtype first (more precise),
+and dW gets one 16-bit rounding per chunk instead of one overall.
 
 Ops: ``fastft::linear_cross_entropy`` (the public one; a CompositeImplicitAutograd op that asks
 which gradients are needed and calls the next) -> ``fastft::linear_cross_entropy_with_grads``
@@ -73,8 +70,8 @@ __all__ = [
 
 LABEL_DTYPES: tuple[torch.dtype, ...] = (torch.int64, torch.int32)
 REDUCTIONS: tuple[str, ...] = ("mean", "sum")
-# Bytes of the logits chunk, by device type: bounds the loss step's extra memory. 512 MiB on a
-# GPU keeps the chunk GEMMs large (>= 512 fp32 rows up to V = 262,144) while staying a small
+# Bytes of the fp32 logits chunk, by device type: bounds the loss step's extra memory. 512 MiB
+# on a GPU keeps the chunk GEMMs large (>= 512 rows up to V = 262,144) while staying a small
 # fraction of what the unfused computation holds (~12 bytes per logit: bf16 logits, their fp32
 # copy, log-softmax output and gradients).
 CHUNK_BYTES: dict[str, int] = {"cuda": 512 << 20, "cpu": 32 << 20}
@@ -156,8 +153,8 @@ def _logits_block(
 
 @triton.jit
 def linear_cross_entropy_rows_kernel(
-    logits_ptr,  # [rows, V], row stride stride_l: a = h W^T of this chunk (without bias)
-    grad_ptr,  # [rows, V] GRAD_DTYPE, row stride stride_g: dl/da; may be logits_ptr itself
+    logits_ptr,  # fp32 [rows, V], row stride stride_l: a = h W^T of this chunk (without bias)
+    grad_ptr,  # [rows, V] GRAD_DTYPE, row stride stride_g: dl/da; may share logits_ptr's memory
     labels_ptr,  # [rows] int32 / int64
     bias_ptr,  # [V] or a dummy
     cscale_ptr,  # [V] fp32 per-vocabulary scale, or a dummy
@@ -174,6 +171,7 @@ def linear_cross_entropy_rows_kernel(
     HAS_SOFTCAP: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     GRAD_DTYPE: tl.constexpr,
+    SYNC: tl.constexpr,  # grad_ptr is a narrower view of the logits' memory: barrier before stores
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # row * stride exceeds 2^31 for large chunks
@@ -218,6 +216,8 @@ def linear_cross_entropy_rows_kernel(
         if COMPUTE_GRAD:
             inv_div = tl.load(inv_div_ptr)
             inv_div = tl.where(valid, inv_div, float("nan"))
+            if SYNC:
+                tl.debug_barrier()
             for start in range(0, V, BLOCK_V):
                 offs = start + cols
                 mask = offs < V
@@ -226,8 +226,11 @@ def linear_cross_entropy_rows_kernel(
                 p = tl.exp(z - lse)
                 g = tl.where(offs == label, p - 1.0, p) * dz * inv_div
                 g = round_fp32(g, GRAD_DTYPE).to(GRAD_DTYPE)
-                # Block j's gradient lands on block j's own logits, which every lane has just
-                # read (the same lanes load and store an element): no barrier needed.
+                if SYNC:
+                    # A 16-bit gradient of block j lands on fp32 logits of blocks <= j: every
+                    # thread must have read this block (and so all earlier ones) before any
+                    # writes. Loads of later blocks are never overwritten here.
+                    tl.debug_barrier()
                 tl.store(grad_row + offs, g, mask=mask)
 
 
@@ -319,18 +322,38 @@ def column_scale_fits(scale: torch.Tensor, vocabulary: int) -> bool:
         not shape or shape[-1] == 1 or shape[-1] == vocabulary)
 
 
-def _chunk_rows(n_rows: int, v: int, device: torch.device, chunk_rows: Optional[int], itemsize: int = 4) -> int:
-    """Rows per chunk: as many as the logits budget allows (``itemsize`` bytes per logit; at most
-    an eighth of the rows, but never fewer than MIN_CHUNK_ROWS), balanced so that the chunks
-    have equal sizes."""
+def _chunk_rows(n_rows: int, v: int, device: torch.device, chunk_rows: Optional[int]) -> int:
+    """Rows per chunk: as many as the fp32 logits budget allows (at most an eighth of the rows,
+    but never fewer than MIN_CHUNK_ROWS), balanced so that the chunks have equal sizes."""
     if chunk_rows is not None:
         if chunk_rows < 1:
             raise ValueError(f"{_PREFIX} chunk_rows must be >= 1, got {chunk_rows}")
         return min(chunk_rows, max(n_rows, 1))
     budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"])
-    rows = max(1, min(budget // (itemsize * v), max(n_rows // 8, MIN_CHUNK_ROWS)))
+    rows = max(1, min(budget // (4 * v), max(n_rows // 8, MIN_CHUNK_ROWS)))
     n_chunks = triton.cdiv(max(n_rows, 1), rows)
     return triton.cdiv(max(n_rows, 1), n_chunks)
+
+
+_MM_FP32_OUT: dict[str, bool] = {}  # device type -> whether torch.mm(..., out_dtype=float32) works
+
+
+def _project(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, w32: Optional[torch.Tensor]) -> None:
+    """out (fp32) = h @ weight.T accumulated in fp32 without rounding the result to h's dtype."""
+    if h.dtype == torch.float32:
+        torch.mm(h, weight.t(), out=out)
+        return
+    dev = h.device.type
+    if _MM_FP32_OUT.get(dev, dev == "cuda"):
+        try:
+            torch.mm(h, weight.t(), out_dtype=torch.float32, out=out)
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_FP32_OUT[dev] = False  # an older torch: fall back for good
+    if w32 is not None:  # the upcast weight (CPU: tests and inspection)
+        torch.mm(h.float(), w32.t(), out=out)
+    else:  # a GPU whose torch lacks fp32-output GEMMs: the logits get rounded, as eager does
+        out.copy_(torch.mm(h, weight.t()))
 
 
 def _kernel_config(v: int, device: torch.device, block_v: Optional[int]) -> tuple[int, int]:
@@ -374,7 +397,7 @@ def linear_cross_entropy_forward(
     """Loss (0-d fp32) and its gradients for grad_output = 1: (loss, dhidden in hidden's
     shape and dtype, dweight, dbias), None where not asked (dbias also when there is no bias).
 
-    ``chunk_rows`` overrides the number of rows whose logits exist at once, ``block_v``
+    ``chunk_rows`` overrides the number of rows whose fp32 logits exist at once, ``block_v``
     the kernel's block of vocabulary entries (a power of two). ``column_scale`` (frozen: it gets
     no gradient) multiplies each vocabulary entry's logit.
     """
@@ -403,9 +426,12 @@ def linear_cross_entropy_forward(
     inv_div = (1.0 / divisor if divisor is not None else torch.ones((), device=device)).reshape(1)
 
     if n_rows:
-        rows = _chunk_rows(n_rows, v, device, chunk_rows, hidden.element_size())
-        # The gradient of each logit overwrites it: one buffer, in the inputs' dtype.
-        buf = torch.empty((rows, v), dtype=hidden.dtype, device=device)
+        rows = _chunk_rows(n_rows, v, device, chunk_rows)
+        buf = torch.empty((rows, v), dtype=torch.float32, device=device)
+        narrow = hidden.dtype != torch.float32
+        # 16-bit gradients go into the first half of each fp32 logits row (row stride 2V).
+        gbuf = buf.view(hidden.dtype)[:, :v] if narrow else buf
+        w32 = weight.float() if narrow and device.type != "cuda" else None
         block_v, num_warps = _kernel_config(v, device, block_v)
         bias_arg = bias.contiguous() if bias is not None else buf
         cscale_arg = column_scale if column_scale is not None else buf
@@ -413,8 +439,8 @@ def linear_cross_entropy_forward(
             r1 = min(r0 + rows, n_rows)
             h_c = h2[r0:r1]
             logits = buf[: r1 - r0]
-            torch.mm(h_c, weight.t(), out=logits)
-            grad = logits
+            _project(logits, h_c, weight, w32)
+            grad = gbuf[: r1 - r0]
             linear_cross_entropy_rows_kernel[(r1 - r0,)](
                 logits, grad, y[r0:r1], bias_arg, cscale_arg, row_loss[r0:r1], inv_div,
                 v, logits.stride(0), grad.stride(0), int(ignore_index),
@@ -424,6 +450,7 @@ def linear_cross_entropy_forward(
                 HAS_SOFTCAP=softcap is not None,
                 COMPUTE_GRAD=compute_grad,
                 GRAD_DTYPE=TL_DTYPE[hidden.dtype],
+                SYNC=narrow and compute_grad,
                 BLOCK_V=block_v,
                 num_warps=num_warps,
             )
