@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import SUPPORTED_DTYPES, check_dtype, interpreter_block_rows
+from .launch import SUPPORTED_DTYPES, cdiv, check_dtype, interpreter_block_rows, next_power_of_2
 from .rounding import TL_DTYPE, round_fp32, round_loaded
 
 __all__ = [
@@ -328,9 +328,9 @@ def _config(n_rows: int, n: int, block_rows: Optional[int], block_n: Optional[in
     tall and 4..16 warps, where this shape was fastest for forward and backward alike. A row that is not a multiple of 2048 only idles lanes of its last block.
     """
     if block_n is None:
-        block_n = min(triton.next_power_of_2(n), 2048)
+        block_n = min(next_power_of_2(n), 2048)
     if block_rows is None:
-        block_rows = min(max(1, 2048 // block_n), triton.next_power_of_2(max(n_rows, 1)))
+        block_rows = min(max(1, 2048 // block_n), next_power_of_2(max(n_rows, 1)))
     for name, v in (("block_rows", block_rows), ("block_n", block_n)):
         if v < 1 or v & (v - 1):
             raise ValueError(f"fastft::glu: {name} must be a power of two, got {v}")
@@ -339,7 +339,7 @@ def _config(n_rows: int, n: int, block_rows: Optional[int], block_n: Optional[in
 
 
 def _grid(n_rows: int, n: int, br: int, bn: int) -> tuple[int]:
-    return (triton.cdiv(n_rows, br) * triton.cdiv(n, bn),)
+    return (cdiv(n_rows, br) * cdiv(n, bn),)
 
 
 def _round_tl(round_dtype: Optional[torch.dtype]):

@@ -5,9 +5,22 @@ import functools
 from typing import Optional
 
 import torch
-import triton
 
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# triton.cdiv and triton.next_power_of_2 are constexpr functions: called from the host, each
+# call goes through a wrapper that unwraps its arguments (a few microseconds, against well under
+# one for the arithmetic). Launchers run once per op call, several of these each, on the host's
+# critical path when the GPU waits for launches: they use these plain versions.
+def cdiv(x: int, y: int) -> int:
+    """ceil(x / y) for positive y."""
+    return (x + y - 1) // y
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n, for n >= 1 (0 for 0, as Triton's)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 def check_dtype(op: str, arg: str, dtype: Optional[torch.dtype], allow_none: bool = False) -> None:
@@ -49,8 +62,8 @@ def interpreter_block_rows(device: torch.device, n_rows: int, n: int) -> Optiona
     each kernel's own launch config decides."""
     if device.type == "cuda":
         return None
-    return min(max(1, INTERPRETER_TILE_ELEMS // triton.next_power_of_2(max(n, 1))),
-               triton.next_power_of_2(max(n_rows, 1)))
+    return min(max(1, INTERPRETER_TILE_ELEMS // next_power_of_2(max(n, 1))),
+               next_power_of_2(max(n_rows, 1)))
 
 
 def check_block_rows(op: str, block_rows: int) -> None:
@@ -61,9 +74,9 @@ def check_block_rows(op: str, block_rows: int) -> None:
 def row_tile_config(op: str, n_rows: int, n: int, block_rows: Optional[int]) -> tuple[int, int, int]:
     """(BLOCK_ROWS, BLOCK_N, num_warps) of a one-pass row-wise kernel (a norm's forward): ~4K
     elements per tile, one row when wide, several short rows so loads stay wide."""
-    block_n = triton.next_power_of_2(n)
+    block_n = next_power_of_2(n)
     if block_rows is None:
-        block_rows = min(max(1, 4096 // block_n), 32, triton.next_power_of_2(n_rows))
+        block_rows = min(max(1, 4096 // block_n), 32, next_power_of_2(n_rows))
     check_block_rows(op, block_rows)
     num_warps = min(max(block_rows * block_n // 1024, 4), 32)
     return block_rows, block_n, num_warps

@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import (SUPPORTED_DTYPES, check_block_rows, check_dtype, interpreter_block_rows, num_partial_programs,
-                     row_tile_config)
+from .launch import (SUPPORTED_DTYPES, cdiv, check_block_rows, check_dtype, interpreter_block_rows, next_power_of_2,
+                     num_partial_programs, row_tile_config)
 from .rounding import TL_DTYPE, round_fp32
 
 __all__ = [
@@ -248,14 +248,14 @@ _fwd_config = functools.partial(row_tile_config, "fastft::layer_norm")
 def _bwd_config(n_rows: int, n: int, block_rows: Optional[int]) -> tuple[int, int, int]:
     """(BLOCK_ROWS, BLOCK_N, num_warps) of the backward. Several rows per tile, unless the row is
     padded (N not a power of two), where every extra row repeats the waste."""
-    block_n = triton.next_power_of_2(n)
+    block_n = next_power_of_2(n)
     if block_rows is None:
         if block_n != n:
             block_rows = max(1024 // block_n, 1)
         else:
             tile = 4096 if block_n <= 1024 else (8192 if block_n <= 4096 else 16384)
             block_rows = max(tile // block_n, 1)
-        block_rows = min(block_rows, 32, triton.next_power_of_2(n_rows))
+        block_rows = min(block_rows, 32, next_power_of_2(n_rows))
     _check_block_rows(block_rows)
     num_warps = 4 if block_n <= 4096 else min(block_n // 512, 32)
     return block_rows, block_n, num_warps
@@ -285,7 +285,7 @@ def layer_norm_forward(
     if block_rows is None:
         block_rows = interpreter_block_rows(x.device, n_rows, n)
     br, bn, num_warps = _fwd_config(n_rows, n, block_rows)
-    grid = (triton.cdiv(n_rows, br),)
+    grid = (cdiv(n_rows, br),)
     layer_norm_fwd_kernel[grid](
         x2, w, b, y, n_rows, n, x2.stride(0), n, float(eps),
         HAS_WEIGHT=weight is not None,
@@ -337,14 +337,14 @@ def layer_norm_backward(
     if block_rows is None:
         block_rows = interpreter_block_rows(x.device, n_rows, n)
     br, bn, num_warps = _bwd_config(n_rows, n, block_rows)
-    n_blocks = triton.cdiv(n_rows, br)
+    n_blocks = cdiv(n_rows, br)
     if compute_dw or compute_db:
         g = num_partial_programs(x.device, n_blocks, bn) if num_programs is None else max(1, min(num_programs, n_blocks))
     else:
         # No reduction across rows: one tile per program gives the most parallelism.
         g = n_blocks if num_programs is None else max(1, min(num_programs, n_blocks))
-    blocks_per_program = triton.cdiv(n_blocks, g)
-    g = triton.cdiv(n_blocks, blocks_per_program)  # drop programs that would get no rows
+    blocks_per_program = cdiv(n_blocks, g)
+    g = cdiv(n_blocks, blocks_per_program)  # drop programs that would get no rows
     # One buffer for both partials, so one reduction kernel sums them.
     n_sums = int(compute_dw) + int(compute_db)
     partials = torch.empty((g, n_sums * n), dtype=torch.float32, device=x.device) if n_sums else x2

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .launch import SUPPORTED_DTYPES
+from .launch import SUPPORTED_DTYPES, cdiv, next_power_of_2
 from .rounding import TL_DTYPE, round_fp32
 
 __all__ = [
@@ -331,8 +331,8 @@ def _chunk_rows(n_rows: int, v: int, device: torch.device, chunk_rows: Optional[
         return min(chunk_rows, max(n_rows, 1))
     budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"])
     rows = max(1, min(budget // (4 * v), max(n_rows // 8, MIN_CHUNK_ROWS)))
-    n_chunks = triton.cdiv(max(n_rows, 1), rows)
-    return triton.cdiv(max(n_rows, 1), n_chunks)
+    n_chunks = cdiv(max(n_rows, 1), rows)
+    return cdiv(max(n_rows, 1), n_chunks)
 
 
 _MM_FP32_OUT: dict[str, bool] = {}  # device type -> whether torch.mm(..., out_dtype=float32) works
@@ -360,7 +360,7 @@ def _kernel_config(v: int, device: torch.device, block_v: Optional[int]) -> tupl
     """(BLOCK_V, num_warps): rows are long (V ~ 1e5), so wide blocks with 8 warps."""
     if block_v is None:
         # Off the GPU (Triton's interpreter) a wide block means few numpy calls per row.
-        block_v = min(triton.next_power_of_2(v), 4096 if device.type == "cuda" else 16384)
+        block_v = min(next_power_of_2(v), 4096 if device.type == "cuda" else 16384)
     elif block_v < 1 or block_v & (block_v - 1):
         raise ValueError(f"{_PREFIX} block_v must be a power of two, got {block_v}")
     num_warps = 8 if block_v >= 2048 else 4
@@ -499,7 +499,7 @@ def scale_gradients_(grad_output: torch.Tensor, *grads: Optional[torch.Tensor]) 
         if not d.is_contiguous():
             raise ValueError(f"{_PREFIX} the stored gradients must be contiguous, got strides {d.stride()}")
         n = d.numel()
-        scale_in_place_kernel[(triton.cdiv(n, _SCALE_BLOCK),)](
+        scale_in_place_kernel[(cdiv(n, _SCALE_BLOCK),)](
             d, n, factor, DTYPE=TL_DTYPE[d.dtype], BLOCK=_SCALE_BLOCK, num_warps=8)
 
 

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .glu import _check_activation, _round_tl, _tile, glu_reference, glu_tile
-from .launch import check_dtype
+from .launch import cdiv, check_dtype, next_power_of_2
 from .rounding import TL_DTYPE, round_fp32
 
 __all__ = ["lora_glu_forward", "lora_glu_reference"]
@@ -129,7 +129,7 @@ GPU_TILES = dict(BLOCK_ROWS=64, BLOCK_N=64, num_warps=4)
 
 def _config(rank: int, on_gpu: bool, tiles: Optional[dict]) -> dict:
     """Launch parameters; ``tiles`` (BLOCK_ROWS, BLOCK_N, num_warps) overrides the defaults."""
-    block_r = max(16, min(triton.next_power_of_2(max(rank, 1)), 64))
+    block_r = max(16, min(next_power_of_2(max(rank, 1)), 64))
     if on_gpu:
         return dict(GPU_TILES, **(tiles or {}), BLOCK_R=block_r, UPCAST=False)
     # The interpreter runs one program after another: fewer, larger tiles.
@@ -157,7 +157,7 @@ def lora_glu_forward(gate_base: torch.Tensor, up_base: torch.Tensor, xa_gate: to
     if out.numel() == 0:
         return out
     cfg = _config(max(rank_g, rank_u), gate_base.is_cuda, tiles)
-    grid = (triton.cdiv(rows, cfg["BLOCK_ROWS"]) * triton.cdiv(width, cfg["BLOCK_N"]),)
+    grid = (cdiv(rows, cfg["BLOCK_ROWS"]) * cdiv(width, cfg["BLOCK_N"]),)
     lora_glu_fwd_kernel[grid](
         gate_base, up_base, xa_gate, xa_up, b_gate, b_up, out, rows, width, rank_g, rank_u,
         gate_base.stride(0), up_base.stride(0), xa_gate.stride(0), xa_up.stride(0), out.stride(0),

@@ -65,7 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import INTERPRETER_TILE_ELEMS, check_dtype
+from .launch import INTERPRETER_TILE_ELEMS, cdiv, check_dtype, next_power_of_2
 from .rounding import TL_DTYPE, round_fp32
 
 __all__ = [
@@ -261,7 +261,7 @@ def _blocks_per_program(device: torch.device, n_blocks: int, blocksize: int,
     weight has."""
     if blocks_per_program is None:
         target = INTERPRETER_TILE_ELEMS if device.type != "cuda" else 2048
-        blocks_per_program = min(max(1, target // blocksize), triton.next_power_of_2(max(n_blocks, 1)))
+        blocks_per_program = min(max(1, target // blocksize), next_power_of_2(max(n_blocks, 1)))
     if blocks_per_program < 1 or blocks_per_program & (blocks_per_program - 1):
         raise ValueError(f"{_OP}: blocks_per_program must be a power of two, got {blocks_per_program}")
     return blocks_per_program
@@ -289,7 +289,7 @@ def dequantize_4bit_forward(
         return out
     nested = absmax2 is not None
     bpp = _blocks_per_program(packed.device, n_blocks, blocksize, blocks_per_program)
-    dequantize_4bit_kernel[(triton.cdiv(n_blocks, bpp),)](
+    dequantize_4bit_kernel[(cdiv(n_blocks, bpp),)](
         packed.reshape(-1).contiguous(),
         absmax.reshape(-1).contiguous(),
         code.contiguous(),

@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import SUPPORTED_DTYPES, check_block_rows, check_dtype, interpreter_block_rows, num_partial_programs, row_tile_config
+from .launch import (SUPPORTED_DTYPES, cdiv, check_block_rows, check_dtype, interpreter_block_rows, next_power_of_2,
+                     num_partial_programs, row_tile_config)
 from .rounding import TL_DTYPE, round_fp32
 
 __all__ = [
@@ -219,13 +220,13 @@ def _bwd_config(n_rows: int, n: int, block_rows: Optional[int]) -> tuple[int, in
     """(BLOCK_ROWS, BLOCK_N, num_warps) of the backward: it holds ~3x the live values of the
     forward per element, so it wants more warps per row. Two rows per tile help up to 8K wide,
     unless the row is padded (N not a power of two), where a second row doubles the waste."""
-    block_n = triton.next_power_of_2(n)
+    block_n = next_power_of_2(n)
     if block_rows is None:
         if block_n != n:
             block_rows = max(1024 // block_n, 1)
         else:
             block_rows = max(4096 // block_n, 2) if block_n <= 8192 else 1
-        block_rows = min(block_rows, 32, triton.next_power_of_2(n_rows))
+        block_rows = min(block_rows, 32, next_power_of_2(n_rows))
     _check_block_rows(block_rows)
     num_warps = min(max(block_n // 512, 4), 32)
     return block_rows, block_n, num_warps
@@ -255,7 +256,7 @@ def rms_norm_forward(
     if block_rows is None:
         block_rows = interpreter_block_rows(x.device, n_rows, n)
     br, bn, num_warps = _fwd_config(n_rows, n, block_rows)
-    grid = (triton.cdiv(n_rows, br),)
+    grid = (cdiv(n_rows, br),)
     rms_norm_fwd_kernel[grid](
         x2, w, y, n_rows, n, x2.stride(0), n, float(eps), float(weight_offset),
         HAS_WEIGHT=weight is not None,
@@ -304,14 +305,14 @@ def rms_norm_backward(
     if block_rows is None:
         block_rows = interpreter_block_rows(x.device, n_rows, n)
     br, bn, num_warps = _bwd_config(n_rows, n, block_rows)
-    n_blocks = triton.cdiv(n_rows, br)
+    n_blocks = cdiv(n_rows, br)
     if compute_dw:
         g = num_partial_programs(x.device, n_blocks, bn) if num_programs is None else max(1, min(num_programs, n_blocks))
     else:
         # No reduction across rows: one tile per program gives the most parallelism.
         g = n_blocks if num_programs is None else max(1, min(num_programs, n_blocks))
-    blocks_per_program = triton.cdiv(n_blocks, g)
-    g = triton.cdiv(n_blocks, blocks_per_program)  # drop programs that would get no rows
+    blocks_per_program = cdiv(n_blocks, g)
+    g = cdiv(n_blocks, blocks_per_program)  # drop programs that would get no rows
     partials = torch.empty((g, n), dtype=torch.float32, device=x.device) if compute_dw else x2
     w = weight.contiguous() if weight is not None else x2
     dx2 = dx.view(-1, n) if compute_dx else x2  # dummy pointer; never written

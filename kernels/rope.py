@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import INTERPRETER_TILE_ELEMS, SUPPORTED_DTYPES, check_dtype, device_sm_count
+from .launch import INTERPRETER_TILE_ELEMS, SUPPORTED_DTYPES, cdiv, check_dtype, device_sm_count, next_power_of_2
 from .rounding import TL_DTYPE, round_fp32, round_loaded
 
 __all__ = [
@@ -367,12 +367,12 @@ def _plan(
     n0, n1, h = (sizes[a] for a in perm)
 
     if block_h is None:
-        block_h = max(1, min(triton.next_power_of_2(h), tile_elems // (2 * block_half)))
+        block_h = max(1, min(next_power_of_2(h), tile_elems // (2 * block_half)))
     if rows_per_prog is None:
         # All H rows in one program unless that leaves too few programs to fill the GPU.
-        chunks = max(1, min(triton.cdiv(target, n0 * n1), triton.cdiv(h, block_h)))
-        rows_per_prog = triton.cdiv(triton.cdiv(h, chunks), block_h) * block_h
-    chunks = triton.cdiv(h, rows_per_prog)
+        chunks = max(1, min(cdiv(target, n0 * n1), cdiv(h, block_h)))
+        rows_per_prog = cdiv(cdiv(h, chunks), block_h) * block_h
+    chunks = cdiv(h, rows_per_prog)
     args = (n1, h, chunks, rows_per_prog, *(xs[a] for a in perm), *(os_[a] for a in perm),
             *(cs[a] for a in perm), *(ss[a] for a in perm))
     return n0 * n1 * chunks, args, cs_bcast, block_h
@@ -407,7 +407,7 @@ def _launch(
     sin = _last_dim_unit(sin)
     r = cos.shape[-1]
     half = r // 2
-    block_half = triton.next_power_of_2(half)
+    block_half = next_power_of_2(half)
     present = [x for x in xs if x is not None]
     device = present[0].device
     target = _target_programs(device)
@@ -449,7 +449,7 @@ def _launch(
         Q_BLOCK_H=q_bh,
         K_BLOCK_H=k_bh,
         BLOCK_HALF=block_half,
-        BLOCK_P=triton.next_power_of_2(d - r) if d > r else 1,
+        BLOCK_P=next_power_of_2(d - r) if d > r else 1,
         num_warps=num_warps,
     )
     return outs[0], outs[1]

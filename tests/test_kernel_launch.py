@@ -1,0 +1,18 @@
+"""kernels/launch.py: the host-side helpers every launcher shares."""
+from __future__ import annotations
+
+import fastft  # noqa: F401  (selects Triton's interpreter off the GPU before triton loads)
+
+
+def test_host_grid_helpers_agree_with_triton():
+    """kernels/launch.py's cdiv and next_power_of_2 (plain Python, cheap to call from the host)
+    give what Triton's give, on every size up to 2^14 and around the powers of two above."""
+    import triton
+
+    from fastft.kernels.launch import cdiv, next_power_of_2
+
+    sizes = list(range(0, 1 << 14)) + [(1 << k) + d for k in range(14, 40) for d in (-1, 0, 1)]
+    for n in sizes:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 3, 64, 1000):
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
