@@ -2,8 +2,8 @@
 
 The kernel table says how long the GPU worked; a step also holds the time the GPU waited on the
 host (launches, guards, the optimizer's Python). This finds the gaps between consecutive kernels,
-puts each in the step phase (zero_grad, forward, backward, optimizer) running on the host when
-the GPU started again, and names the innermost host op running at that moment.
+puts each in the step phase (zero_grad, forward, backward, optimizer, the closing synchronisation)
+running on the host when the GPU started again, and names the innermost host op running then.
 """
 from __future__ import annotations
 
