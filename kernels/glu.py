@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import SUPPORTED_DTYPES, cdiv, check_dtype, interpreter_block_rows, next_power_of_2
+from .launch import SUPPORTED_DTYPES, cdiv, check_dtype, empty_or, interpreter_block_rows, next_power_of_2
 from .rounding import TL_DTYPE, round_fp32, round_loaded
 
 __all__ = [
@@ -533,7 +533,7 @@ def _glu_backward_op(
     need_dup: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     dgate, dup = glu_backward(dout, gate, up, activation, round_dtype, need_dgate, need_dup)
-    return (dgate if dgate is not None else gate.new_empty(0)), (dup if dup is not None else up.new_empty(0))
+    return empty_or(dgate, gate), empty_or(dup, up)
 
 
 @_glu_backward_op.register_fake

@@ -23,6 +23,12 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+def empty_or(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """``t``, or an empty tensor like ``like`` where it is None: a custom op returns tensors only,
+    so a gradient that was not asked for comes back empty."""
+    return t if t is not None else like.new_empty(0)
+
+
 def check_dtype(op: str, arg: str, dtype: Optional[torch.dtype], allow_none: bool = False) -> None:
     """Raise a ValueError naming the op and the argument unless ``dtype`` has a kernel."""
     if dtype is None and allow_none:

@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import (SUPPORTED_DTYPES, cdiv, check_block_rows, check_dtype, interpreter_block_rows, next_power_of_2,
-                     num_partial_programs, row_tile_config)
+from .launch import (SUPPORTED_DTYPES, cdiv, check_block_rows, check_dtype, empty_or, interpreter_block_rows,
+                     next_power_of_2, num_partial_programs, row_tile_config)
 from .rounding import TL_DTYPE, round_fp32
 
 __all__ = [
@@ -418,11 +418,7 @@ def _layer_norm_backward_op(
     compute_db: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dx, dw, db = layer_norm_backward(dy, x, weight, bias, eps, norm_dtype, compute_dx, compute_dw, compute_db)
-    return (
-        dx if dx is not None else x.new_empty(0),
-        dw if dw is not None else x.new_empty(0),
-        db if db is not None else x.new_empty(0),
-    )
+    return empty_or(dx, x), empty_or(dw, x), empty_or(db, x)
 
 
 @_layer_norm_backward_op.register_fake

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .launch import SUPPORTED_DTYPES, cdiv, next_power_of_2
+from .launch import SUPPORTED_DTYPES, cdiv, empty_or, next_power_of_2
 from .rounding import TL_DTYPE, round_fp32
 
 __all__ = [
@@ -506,10 +506,6 @@ def scale_gradients_(grad_output: torch.Tensor, *grads: Optional[torch.Tensor]) 
 # --------------------------------------------------------------------------------------------
 # torch.library registration
 # --------------------------------------------------------------------------------------------
-def _empty_or(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    return t if t is not None else like.new_empty(0)
-
-
 # Loss and the stored gradients (for grad_output = 1); gradients that were not asked for come
 # back as empty tensors (custom ops return Tensors only).
 @torch.library.custom_op("fastft::linear_cross_entropy_with_grads", mutates_args=())
@@ -532,7 +528,7 @@ def _with_grads_op(
         hidden, weight, bias, labels, ignore_index, softcap, logit_scale, reduction, normalizer,
         need_dhidden, need_dweight, need_dbias, column_scale=column_scale,
     )
-    return loss, _empty_or(dh, hidden), _empty_or(dw, weight), _empty_or(db, hidden)
+    return loss, empty_or(dh, hidden), empty_or(dw, weight), empty_or(db, hidden)
 
 
 @_with_grads_op.register_fake

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from .glu import glu_backward, glu_forward, glu_reference
 from .lora_glu import lora_glu_forward
 from .nf4 import dequantize_4bit_forward
-from .launch import SUPPORTED_DTYPES, check_dtype
+from .launch import SUPPORTED_DTYPES, check_dtype, empty_or
 
 __all__ = [
     "lora_glu_mlp",
@@ -255,10 +255,10 @@ def _lora_group_backward_op(dys: list[Optional[torch.Tensor]], x: torch.Tensor, 
     flags = [Needed(*needs[4 * i:4 * i + 4]) for i in range(len(group))]
     dx, per_linear = _group_backward([_rows(dy) if dy is not None else None for dy in dys], _rows(x), xa, group,
                                      need_dx, flags)
-    out = [dx.reshape(x.shape) if dx is not None else x.new_empty(0)]
+    out = [empty_or(dx.reshape(x.shape) if dx is not None else None, x)]
     for lin, grads in zip(group, per_linear):
         likes = (lin.weight, lin.weight, lin.lora_a, lin.lora_b)  # dbias: in the weight's dtype
-        out.extend(g if g is not None else like.new_empty(0) for g, like in zip(grads, likes))
+        out.extend(empty_or(g, like) for g, like in zip(grads, likes))
     return out
 
 
@@ -531,7 +531,7 @@ def _lora_glu_mlp_backward_op(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor
         if need_dx:
             grads[0] = dx.reshape(x.shape)
     like = (x, gate_a, gate_b, up_a, up_b, down_a, down_b)
-    return [t if t is not None else ref.new_empty(0) for t, ref in zip(grads, like)]
+    return [empty_or(t, ref) for t, ref in zip(grads, like)]
 
 
 @_lora_glu_mlp_backward_op.register_fake
@@ -656,8 +656,8 @@ def _qlora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, packed: torch.T
     xa = torch.mm(x2, lora_a.to(compute_dtype).t()) if need_db else None
     dx, [(_, _, da, db)] = _group_backward([_rows(dy)], x2, xa, [Adapted(weight, None, lora_a, lora_b, scale)],
                                            need_dx, [Needed(dlora_a=need_da, dlora_b=need_db)])
-    dx = dx.reshape(x.shape).to(x.dtype) if dx is not None else x.new_empty(0)
-    return [dx, da if da is not None else lora_a.new_empty(0), db if db is not None else lora_b.new_empty(0)]
+    dx = dx.reshape(x.shape).to(x.dtype) if dx is not None else None
+    return [empty_or(dx, x), empty_or(da, lora_a), empty_or(db, lora_b)]
 
 
 @_qlora_linear_backward_op.register_fake

@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import (SUPPORTED_DTYPES, cdiv, check_block_rows, check_dtype, interpreter_block_rows, next_power_of_2,
-                     num_partial_programs, row_tile_config)
+from .launch import (SUPPORTED_DTYPES, cdiv, check_block_rows, check_dtype, empty_or, interpreter_block_rows,
+                     next_power_of_2, num_partial_programs, row_tile_config)
 from .rounding import TL_DTYPE, round_fp32
 
 __all__ = [
@@ -380,7 +380,7 @@ def _rms_norm_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     dx, dw = rms_norm_backward(dy, x, weight, eps, weight_offset, norm_dtype, compute_dx, compute_dw,
                                sum_of_squares=sum_of_squares)
-    return (dx if dx is not None else x.new_empty(0)), (dw if dw is not None else x.new_empty(0))
+    return empty_or(dx, x), empty_or(dw, x)
 
 
 @_rms_norm_backward_op.register_fake
