@@ -154,11 +154,14 @@ def depth_concat_pays(rows: int, inner: int, outer: int, weights: int = 1) -> bo
     return rows * inner + weights * outer * inner < weights * rows * outer
 
 
-def _depth_concat(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """[left | right] along the last dim, in one new tensor."""
-    out = left.new_empty((left.shape[0], left.shape[1] + right.shape[1]))
-    out[:, :left.shape[1]].copy_(left)
-    out[:, left.shape[1]:].copy_(right)
+def _depth_concat(*parts: torch.Tensor) -> torch.Tensor:
+    """[part_0 | part_1 | ...] along the last dim of 2-D tensors of one row count, in one new
+    tensor (each part copied once, in the first part's dtype)."""
+    out = parts[0].new_empty((parts[0].shape[0], sum(p.shape[1] for p in parts)))
+    start = 0
+    for p in parts:
+        out[:, start:start + p.shape[1]].copy_(p)
+        start += p.shape[1]
     return out
 
 
@@ -464,10 +467,7 @@ def _gate_up_through_depth(x2: torch.Tensor, gate: Adapted, up: Adapted
     r_g + in columns against [s_g B_g | W_g], up its last in + r_u against [W_u | s_u B_u]."""
     dtype, rank_gate, inner = x2.dtype, gate.lora_a.shape[0], x2.shape[1]
     xa = torch.mm(x2, _stacked_a([gate, up], dtype).t())
-    wide = x2.new_empty((x2.shape[0], inner + xa.shape[1]))
-    wide[:, :rank_gate].copy_(xa[:, :rank_gate])
-    wide[:, rank_gate:rank_gate + inner].copy_(x2)
-    wide[:, rank_gate + inner:].copy_(xa[:, rank_gate:])
+    wide = _depth_concat(xa[:, :rank_gate], x2, xa[:, rank_gate:])
     g = torch.mm(wide[:, :rank_gate + inner], _depth_concat(_scaled_b(gate, dtype), gate.weight).t())
     u = torch.mm(wide[:, rank_gate:], _depth_concat(up.weight, _scaled_b(up, dtype)).t())
     return g, u, xa
