@@ -62,7 +62,7 @@ ROW_MARK = "@@ROW@@ "
 STAGE_MARK = "@@STAGE@@ "
 STAGES = ("config", "build", "eager", "capture", "backward", "report", "check")
 CATEGORIES = ("decoder-only text", "encoder", "encoder-decoder", "state-space", "multimodal")
-FAMILIES = ("rms_norm", "layer_norm", "rope", "glu_mlp", "linear_cross_entropy")
+FAMILIES = ("rms_norm", "layer_norm", "rope", "glu_mlp", "mlp_act", "linear_cross_entropy")
 
 # Architectures whose category the config does not reveal (documented, kept small):
 CATEGORY_OVERRIDES = {
@@ -486,11 +486,12 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
                    f"{c['check_ok']} | {c['ok']} |")
     out += ["", "## Architectures", "",
             "Graphs: captured graphs, and graph breaks if any (`1` = one graph). Rewrites per family: rms = "
-            "RMSNorm, ln = LayerNorm, rope, glu = gated MLP, ce = linear + cross-entropy; `norms` = rewritten "
-            "norms / norm modules in the model. Near misses: how many, and the first reason.", "",
-            "| model_type | model class | category | graphs | rms | ln | rope | glu | ce | norms | near misses | "
+            "RMSNorm, ln = LayerNorm, rope, glu = gated MLP, act = activation of an ungated MLP, ce = linear + "
+            "cross-entropy; `norms` = rewritten norms / norm modules in the model. Near misses: how many, and the "
+            "first reason.", "",
+            "| model_type | model class | category | graphs | rms | ln | rope | glu | act | ce | norms | near misses | "
             "check | s | failure |",
-            "|---|---|---|---|---:|---:|---:|---:|---:|---|---|---|---:|---|"]
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---|---:|---|"]
     for r in sorted(rows, key=lambda r: r["model_type"]):
         c = r.get("counts") or {}
         cat = (r.get("category") or "?") + (" (hybrid)" if r.get("hybrid") else "")

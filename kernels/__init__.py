@@ -25,4 +25,4 @@ def _select_triton_mode() -> None:
 # are registered once, by fastft.kernels, and registering them again would fail.
 if __name__ == "fastft.kernels":
     _select_triton_mode()
-    from . import glu, layer_norm, linear_cross_entropy, lora, nf4, rms_norm, rope  # noqa: E402,F401  (registers the ops)
+    from . import activation, glu, layer_norm, linear_cross_entropy, lora, nf4, rms_norm, rope  # noqa: E402,F401  (registers the ops)

@@ -31,6 +31,9 @@ the roundings autograd applies to the eager computation (identity when R is None
 
 Both backwards are custom ops of their own (``fastft::glu_backward``,
 ``fastft::glu_packed_backward``) so AOT autograd traces them through their fake impls.
+
+The activation math (``act_fwd``, ``act_fwd_bwd``, ``act_reference``, ``ACTIVATIONS``) and the
+elementwise tiling helpers are public: ``kernels/activation.py`` (the ungated activation) uses them.
 """
 from __future__ import annotations
 
@@ -48,6 +51,14 @@ from .rounding import TL_DTYPE, round_fp32, round_loaded
 __all__ = [
     "ACTIVATIONS",
     "SUPPORTED_DTYPES",
+    "act_fwd",
+    "act_fwd_bwd",
+    "act_reference",
+    "as_rows",
+    "check_activation",
+    "elementwise_config",
+    "elementwise_grid",
+    "elementwise_tile",
     "glu",
     "glu_backward",
     "glu_forward",
@@ -55,6 +66,7 @@ __all__ = [
     "glu_packed_backward",
     "glu_packed_forward",
     "glu_reference",
+    "round_tl",
 ]
 
 # Name -> the kernels' ACT constexpr.
@@ -67,14 +79,15 @@ ACTIVATIONS: dict[str, int] = {"silu": 0, "gelu_erf": 1, "gelu_tanh": 2}
 # --------------------------------------------------------------------------------------------
 # Reference (the oracle the kernels are tested against)
 # --------------------------------------------------------------------------------------------
-def _act_reference(g: torch.Tensor, activation: str) -> torch.Tensor:
+def act_reference(g: torch.Tensor, activation: str) -> torch.Tensor:
+    """``act(g)`` by PyTorch's own functions, in g's dtype (each rounds its result once)."""
     if activation == "silu":
         return torch.nn.functional.silu(g)
     if activation == "gelu_erf":
         return torch.nn.functional.gelu(g)
     if activation == "gelu_tanh":
         return torch.nn.functional.gelu(g, approximate="tanh")
-    _check_activation(activation)
+    check_activation(activation)
     raise AssertionError("unreachable")
 
 
@@ -93,14 +106,14 @@ def glu_reference(
     if out_dtype is None:
         out_dtype = gate.dtype
     cdt = torch.float32 if round_dtype is None else round_dtype
-    return (_act_reference(gate.to(cdt), activation) * up.to(cdt)).to(out_dtype)
+    return (act_reference(gate.to(cdt), activation) * up.to(cdt)).to(out_dtype)
 
 
 # --------------------------------------------------------------------------------------------
 # Triton kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _act_fwd(g, ACT: tl.constexpr):
+def act_fwd(g, ACT: tl.constexpr):
     """act(g) for fp32 g."""
     if ACT == 0:
         a = g / (1.0 + tl.exp(-g))
@@ -114,7 +127,7 @@ def _act_fwd(g, ACT: tl.constexpr):
 
 
 @triton.jit
-def _act_fwd_bwd(g, ACT: tl.constexpr):
+def act_fwd_bwd(g, ACT: tl.constexpr):
     """(act(g), act'(g)) for fp32 g."""
     if ACT == 0:
         s = tl.sigmoid(g)
@@ -134,7 +147,7 @@ def _act_fwd_bwd(g, ACT: tl.constexpr):
 
 
 @triton.jit
-def _tile(n_rows, N, BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+def elementwise_tile(n_rows, N, BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Rows (int64), columns and mask of this program's [BLOCK_ROWS, BLOCK_N] tile.
 
     Column blocks vary fastest over program ids, so neighbouring programs read neighbouring memory.
@@ -158,7 +171,7 @@ def glu_tile(g, u, G_DTYPE: tl.constexpr, U_DTYPE: tl.constexpr, ACT: tl.constex
     # Inputs are cast to the compute dtype first, as the eager computation does.
     g = round_loaded(g, G_DTYPE, ROUND_DTYPE)
     u = round_loaded(u, U_DTYPE, ROUND_DTYPE)
-    a = round_fp32(_act_fwd(g, ACT), ROUND_DTYPE)
+    a = round_fp32(act_fwd(g, ACT), ROUND_DTYPE)
     out = round_fp32(a * u, ROUND_DTYPE)
     return round_loaded(out, ROUND_DTYPE, OUT_DTYPE).to(OUT_DTYPE)
 
@@ -179,7 +192,7 @@ def glu_fwd_kernel(
     BLOCK_ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    rows, cols, mask = _tile(n_rows, N, BLOCK_ROWS, BLOCK_N)
+    rows, cols, mask = elementwise_tile(n_rows, N, BLOCK_ROWS, BLOCK_N)
     g = tl.load(gate_ptr + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     out = glu_tile(g, u, gate_ptr.dtype.element_ty, up_ptr.dtype.element_ty, ACT, ROUND_DTYPE, OUT_DTYPE)
@@ -209,7 +222,7 @@ def glu_bwd_kernel(
     BLOCK_ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    rows, cols, mask = _tile(n_rows, N, BLOCK_ROWS, BLOCK_N)
+    rows, cols, mask = elementwise_tile(n_rows, N, BLOCK_ROWS, BLOCK_N)
     r = rows[:, None]
     c = cols[None, :]
     dout = tl.load(dout_ptr + r * stride_do + c, mask=mask, other=0.0).to(tl.float32)
@@ -217,7 +230,7 @@ def glu_bwd_kernel(
     # The gradient reaching the rounded product is cast to the compute dtype by autograd.
     dout = round_loaded(dout, dout_ptr.dtype.element_ty, ROUND_DTYPE)
     g = round_loaded(g, gate_ptr.dtype.element_ty, ROUND_DTYPE)
-    a, da_dg = _act_fwd_bwd(g, ACT)
+    a, da_dg = act_fwd_bwd(g, ACT)
     if NEED_DUP:
         dup = round_fp32(dout * round_fp32(a, ROUND_DTYPE), ROUND_DTYPE)
         dup = round_loaded(dup, ROUND_DTYPE, DUP_DTYPE).to(DUP_DTYPE)
@@ -234,10 +247,11 @@ def glu_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 # Host-side validation and launchers
 # --------------------------------------------------------------------------------------------
-def _check_activation(activation: str) -> int:
+def check_activation(activation: str, op: str = "fastft::glu") -> int:
+    """The kernels' ACT constexpr for ``activation``; a ValueError naming ``op`` if there is none."""
     if activation not in ACTIVATIONS:
         raise ValueError(
-            f"fastft::glu: unknown activation {activation!r}; allowed: {', '.join(ACTIVATIONS)}"
+            f"{op}: unknown activation {activation!r}; allowed: {', '.join(ACTIVATIONS)}"
         )
     return ACTIVATIONS[activation]
 
@@ -252,7 +266,7 @@ def _check_inputs(
     round_dtype: Optional[torch.dtype],
     out_dtype: torch.dtype,
 ) -> int:
-    act = _check_activation(activation)
+    act = check_activation(activation)
     _check_dtype("gate", gate.dtype)
     _check_dtype("up", up.dtype)
     _check_dtype("round_dtype", round_dtype, allow_none=True)
@@ -269,7 +283,7 @@ def _check_inputs(
 
 
 def _check_packed(gate_up: torch.Tensor, activation: str, round_dtype, out_dtype) -> int:
-    act = _check_activation(activation)
+    act = check_activation(activation)
     _check_dtype("gate_up", gate_up.dtype)
     _check_dtype("round_dtype", round_dtype, allow_none=True)
     _check_dtype("out_dtype", out_dtype)
@@ -283,7 +297,7 @@ def _check_packed(gate_up: torch.Tensor, activation: str, round_dtype, out_dtype
     return act
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
+def as_rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` as a 2-D [rows, N] tensor with unit column stride and any row stride, without a copy
     where a view can do it (the two halves of a packed tensor, a contiguous tensor's slices)."""
     n = t.shape[-1]
@@ -319,7 +333,8 @@ def _unit(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-def _config(n_rows: int, n: int, block_rows: Optional[int], block_n: Optional[int]) -> tuple[int, int, int]:
+def elementwise_config(n_rows: int, n: int, block_rows: Optional[int], block_n: Optional[int],
+                       op: str = "fastft::glu") -> tuple[int, int, int]:
     """(BLOCK_ROWS, BLOCK_N, num_warps): [1, 2048] tiles for wide rows, several short rows per
     tile otherwise so loads stay wide; 4 warps (16 elements a thread).
 
@@ -333,17 +348,23 @@ def _config(n_rows: int, n: int, block_rows: Optional[int], block_n: Optional[in
         block_rows = min(max(1, 2048 // block_n), next_power_of_2(max(n_rows, 1)))
     for name, v in (("block_rows", block_rows), ("block_n", block_n)):
         if v < 1 or v & (v - 1):
-            raise ValueError(f"fastft::glu: {name} must be a power of two, got {v}")
+            raise ValueError(f"{op}: {name} must be a power of two, got {v}")
     num_warps = min(max(block_rows * block_n // 512, 4), 16)
     return block_rows, block_n, num_warps
 
 
-def _grid(n_rows: int, n: int, br: int, bn: int) -> tuple[int]:
+def elementwise_grid(n_rows: int, n: int, br: int, bn: int) -> tuple[int]:
+    """One program per [br, bn] tile of [n_rows, n] (the order ``elementwise_tile`` reads)."""
     return (cdiv(n_rows, br) * cdiv(n, bn),)
 
 
-def _round_tl(round_dtype: Optional[torch.dtype]):
+def round_tl(round_dtype: Optional[torch.dtype]):
+    """The kernels' ROUND_DTYPE constexpr: tl.float32 (no extra rounding) for None."""
     return TL_DTYPE[round_dtype] if round_dtype is not None else tl.float32
+
+
+# kernels/lora_glu.py imports these under their earlier, private names.
+_check_activation, _round_tl, _tile = check_activation, round_tl, elementwise_tile
 
 
 def _launch_fwd(gate, up, act, round_dtype, out_dtype, out_shape, block_rows=None, block_n=None):
@@ -351,15 +372,15 @@ def _launch_fwd(gate, up, act, round_dtype, out_dtype, out_shape, block_rows=Non
     n = gate.shape[-1]
     if out.numel() == 0:
         return out
-    g2, u2 = _rows(gate), _rows(up)
+    g2, u2 = as_rows(gate), as_rows(up)
     n_rows = g2.shape[0]
     if block_rows is None:
         block_rows = interpreter_block_rows(g2.device, n_rows, n)
-    br, bn, num_warps = _config(n_rows, n, block_rows, block_n)
-    glu_fwd_kernel[_grid(n_rows, n, br, bn)](
+    br, bn, num_warps = elementwise_config(n_rows, n, block_rows, block_n)
+    glu_fwd_kernel[elementwise_grid(n_rows, n, br, bn)](
         g2, u2, out, n_rows, n, g2.stride(0), u2.stride(0), n,
         ACT=act,
-        ROUND_DTYPE=_round_tl(round_dtype),
+        ROUND_DTYPE=round_tl(round_dtype),
         OUT_DTYPE=TL_DTYPE[out_dtype],
         BLOCK_ROWS=br,
         BLOCK_N=bn,
@@ -373,18 +394,18 @@ def _launch_bwd(dout, gate, up, dgate, dup, act, round_dtype, block_rows=None, b
     n = gate.shape[-1]
     if gate.numel() == 0:
         return
-    do2, g2, u2 = _rows(dout), _rows(gate), _rows(up)
+    do2, g2, u2 = as_rows(dout), as_rows(gate), as_rows(up)
     n_rows = g2.shape[0]
     if block_rows is None:
-        block_rows = interpreter_block_rows(g2.device, n_rows, n)
-    br, bn, num_warps = _config(n_rows, n, block_rows, block_n)
+        block_rows = interpreter_blockas_rows(g2.device, n_rows, n)
+    br, bn, num_warps = elementwise_config(n_rows, n, block_rows, block_n)
     dg = dgate if dgate is not None else g2  # dummy pointers; never written
     du = dup if dup is not None else g2
-    glu_bwd_kernel[_grid(n_rows, n, br, bn)](
+    glu_bwd_kernel[elementwise_grid(n_rows, n, br, bn)](
         do2, g2, u2, dg, du, n_rows, n,
         do2.stride(0), g2.stride(0), u2.stride(0), dg.stride(0), du.stride(0),
         ACT=act,
-        ROUND_DTYPE=_round_tl(round_dtype),
+        ROUND_DTYPE=round_tl(round_dtype),
         DGATE_DTYPE=TL_DTYPE[dg.dtype],
         DUP_DTYPE=TL_DTYPE[du.dtype],
         NEED_DGATE=dgate is not None,
@@ -450,8 +471,8 @@ def glu_backward(
     if need_dgate or need_dup:
         _launch_bwd(
             dout, gate, up,
-            _rows(dgate) if need_dgate else None,
-            _rows(dup) if need_dup else None,
+            as_rows(dgate) if need_dgate else None,
+            as_rows(dup) if need_dup else None,
             act, round_dtype, block_rows, block_n,
         )
     return dgate, dup
@@ -477,7 +498,7 @@ def glu_packed_backward(
     gate_up = _unit(gate_up)
     d = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
     if d.numel():
-        d2 = _rows(d)
+        d2 = as_rows(d)
         _launch_bwd(dout, gate_up[..., :i], gate_up[..., i:], d2[:, :i], d2[:, i:], act, round_dtype,
                     block_rows, block_n)
     return d

@@ -9,6 +9,9 @@ packed tensor and returns its gradient in one piece. The matmuls around it stay 
 The activation may be the library function or written out; written out in a 16-bit dtype it
 rounds after every step, which the kernel (fp32 inside) does not reproduce bit for bit, so that
 form is accepted only in float32.
+
+The activation's spellings and the checks of its own constraints are public: ``patterns/activation.py``
+matches the same activations where nothing multiplies them (an ungated MLP).
 """
 from __future__ import annotations
 
@@ -26,30 +29,35 @@ def _approximate(kind: str):
     return lambda value, canon: value == kind
 
 
-def _activation(g):
-    """Every spelling of the three activations, each binding the node ``act`` and a ``kind``."""
-    silu = Op("silu", g, name="act_silu") | Op("mul", g, Op("sigmoid", g), commutative=True, name="act_silu_written")
-    gelu_erf = Op("gelu", g, approximate=_approximate("none"), name="act_gelu_erf") | _written_gelu_erf(g)
-    gelu_tanh = Op("gelu", g, approximate=_approximate("tanh"), name="act_gelu_tanh") | _written_gelu_tanh(g)
+def activation_expr(g, **attrs):
+    """Every spelling of the three activations of ``g``, each binding its node as ``act_<kind>``
+    (``act_<kind>_written`` when written out). ``attrs`` are constraints on that node, as
+    ``Op`` takes them."""
+    silu = Op("silu", g, name="act_silu", **attrs) | Op("mul", g, Op("sigmoid", g), commutative=True,
+                                                        name="act_silu_written", **attrs)
+    gelu_erf = Op("gelu", g, approximate=_approximate("none"), name="act_gelu_erf", **attrs) | \
+        _written_gelu_erf(g, attrs)
+    gelu_tanh = Op("gelu", g, approximate=_approximate("tanh"), name="act_gelu_tanh", **attrs) | \
+        _written_gelu_tanh(g, attrs)
     return silu | gelu_erf | gelu_tanh
 
 
-def _written_gelu_erf(g):
+def _written_gelu_erf(g, attrs):
     # 0.5 * g * (1 + erf(g / sqrt(2)))  (also with g * 0.5 first, or * (1/sqrt(2)))
     scaled = Op("div", g, Lit("erf_div")) | Op("mul", g, Lit("erf_mul"), commutative=True)
     one_plus = Op("add", Op("erf", scaled), Lit("one"), commutative=True)
     half_g = Op("mul", g, Lit("half"), commutative=True)
-    return Op("mul", half_g, one_plus, commutative=True, name="act_gelu_erf_written")
+    return Op("mul", half_g, one_plus, commutative=True, name="act_gelu_erf_written", **attrs)
 
 
-def _written_gelu_tanh(g):
+def _written_gelu_tanh(g, attrs):
     # 0.5 * g * (1 + tanh(sqrt(2/pi) * (g + 0.044715 * g^3)))
     cube = Op("pow", g, 3.0) | Op("pow", g, 3) | Op("mul", Op("mul", g, g), g, commutative=True)
     inner = Op("add", g, Op("mul", cube, Lit("cubic"), commutative=True), commutative=True)
     one_plus = Op("add", Op("tanh", Op("mul", inner, Lit("tanh_scale"), commutative=True)), Lit("one"),
                   commutative=True)
     half_g = Op("mul", g, Lit("half"), commutative=True)
-    return Op("mul", half_g, one_plus, commutative=True, name="act_gelu_tanh_written")
+    return Op("mul", half_g, one_plus, commutative=True, name="act_gelu_tanh_written", **attrs)
 
 
 _CONSTANTS = {  # what the written-out forms must use, to float32 precision
@@ -65,7 +73,7 @@ def _last(dim, canon) -> bool:
 def gated_product(gate, up):
     """``act(gate) * up``, optionally cast, over two given sub-expressions (binds ``act_*``,
     ``gate_cast``, ``up_cast``, ``product`` and ``out_cast``)."""
-    product = Op("mul", _activation(Cast(gate, "gate_cast")), Cast(up, "up_cast"), commutative=True,
+    product = Op("mul", activation_expr(Cast(gate, "gate_cast")), Cast(up, "up_cast"), commutative=True,
                  name="product")
     return Cast(product, "out_cast")
 
@@ -91,31 +99,52 @@ def _check_glu(m: Match) -> str | None:
     return gated_product_problem(m.bindings, m.bindings["gate"], m.bindings["up"])
 
 
-def gated_product_problem(b: dict, gate_node, up_node) -> str | None:
-    """Why the bindings of ``gated_product`` over ``gate_node`` and ``up_node`` cannot become the
-    GLU kernel, or None."""
+def operand_problem(name: str, node, cast: torch.dtype | None) -> str | None:
+    """Why ``node``, read by a fused kernel after the optional ``cast``, cannot be, or None."""
+    dtype = dtype_of(node)
+    if dtype not in SUPPORTED_DTYPES:
+        return f"{name} dtype {dtype} has no fused kernel (supported: float32, bfloat16, float16)"
+    if cast not in (None, torch.float32):
+        return f"{name} is cast to {cast} first; the fused kernel reads it as it is"
+    return None
+
+
+def activation_problem(b: dict) -> str | None:
+    """Why the activation bound by ``activation_expr`` cannot be the kernels' activation, or None:
+    a written-out form with other constants, or computed in a 16-bit dtype."""
     kind, act_key = activation_kind(b)
-    gate, up = tensor_meta(gate_node), tensor_meta(up_node)
-    for name, t in (("gate", gate), ("up", up)):
-        if t.dtype not in SUPPORTED_DTYPES:
-            return f"{name} dtype {t.dtype} has no fused kernel (supported: float32, bfloat16, float16)"
-        if b[f"{name}_cast"] not in (None, torch.float32):
-            return f"{name} is cast to {b[f'{name}_cast']} first; the fused kernel reads it as it is"
-    if gate.dim() != up.dim() or not all(same_size(a, c) for a, c in zip(gate.shape, up.shape)):
-        return f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape (a broadcast, not a GLU)"
-    if gate.dtype != up.dtype:
-        # The kernel rounds both operands to the activation's dtype; eager would promote instead.
-        return f"gate ({gate.dtype}) and up ({up.dtype}) differ in dtype"
     for name, want in _CONSTANTS.items():
         if name in b and not math.isclose(float(b[name]), want, rel_tol=1e-6):
             return f"the written-out {kind} uses {b[name]!r} where {want:.7g} was expected"
     act_dtype = dtype_of(b[act_key])
     if act_key.endswith("_written") and act_dtype != torch.float32:
         return f"the {kind} activation is written out in {act_dtype}: rounded at every step"
-    product_dtype = dtype_of(b["product"])
-    if product_dtype != torch.float32 and b["out_cast"] not in (None, product_dtype):
-        return f"the product is rounded to {product_dtype}, then cast to {b['out_cast']}"
     return None
+
+
+def recast_problem(what: str, node, out_cast: torch.dtype | None) -> str | None:
+    """A result rounded to a 16-bit dtype and then cast to another one, which the fused ops do
+    not take on; else None."""
+    dtype = dtype_of(node)
+    if dtype != torch.float32 and out_cast not in (None, dtype):
+        return f"the {what} is rounded to {dtype}, then cast to {out_cast}"
+    return None
+
+
+def gated_product_problem(b: dict, gate_node, up_node) -> str | None:
+    """Why the bindings of ``gated_product`` over ``gate_node`` and ``up_node`` cannot become the
+    GLU kernel, or None."""
+    for name, node in (("gate", gate_node), ("up", up_node)):
+        problem = operand_problem(name, node, b[f"{name}_cast"])
+        if problem is not None:
+            return problem
+    gate, up = tensor_meta(gate_node), tensor_meta(up_node)
+    if gate.dim() != up.dim() or not all(same_size(a, c) for a, c in zip(gate.shape, up.shape)):
+        return f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape (a broadcast, not a GLU)"
+    if gate.dtype != up.dtype:
+        # The kernel rounds both operands to the activation's dtype; eager would promote instead.
+        return f"gate ({gate.dtype}) and up ({up.dtype}) differ in dtype"
+    return activation_problem(b) or recast_problem("product", b["product"], b["out_cast"])
 
 
 def _packed(m: Match):
@@ -150,7 +179,7 @@ def _replace_glu(m: Match) -> Replacement:
     return Replacement(torch.ops.fastft.glu.default, (b["gate"], b["up"], kind, round_dtype, dtype_of(m.root)))
 
 
-def _gates_something(activation) -> bool:
+def gates_something(activation) -> bool:
     """Only an activation whose output is multiplied by something is a gated unit."""
     return any((c := canonical(u)) is not None and c.op == "mul" for u in activation.users)
 
@@ -162,7 +191,7 @@ GLU = Pattern(
     check=_check_glu,
     replace=_replace_glu,
     anchors=frozenset({"silu", "gelu"}),
-    anchor_filter=_gates_something,
+    anchor_filter=gates_something,
     reference=glu_reference,
     kernel="fastft::glu",
 )

@@ -25,8 +25,9 @@ def _load_bench():
 
 bench = _load_bench()
 
-# Families besides the norms: rotary attention in every layer, a gated MLP in every layer; the
-# fused loss is expected in all four (one graph, logits straight from lm_head).
+# Families besides the norms: rotary attention in every layer, a gated MLP in every layer (else an
+# ungated one: its activation is mlp_act's); the fused loss is expected in all four (one graph,
+# logits straight from lm_head).
 SAMPLE = {
     "starcoder2": dict(rope=True, glu=False),  # LayerNorm with bias, plain GELU MLP
     "stablelm": dict(rope=True, glu=True),  # LayerNorm, partial rotary (25% of the head dim)
@@ -45,7 +46,8 @@ def test_sample_architecture_captured_rewritten_checked(model_type):
     layers = model.config.num_hidden_layers
     expected = {"rms_norm": count_modules(model, "RMSNorm"), "layer_norm": count_modules(model, "LayerNorm"),
                 "rope": layers if SAMPLE[model_type]["rope"] else 0,
-                "glu_mlp": layers if SAMPLE[model_type]["glu"] else 0, "linear_cross_entropy": 1}
+                "glu_mlp": layers if SAMPLE[model_type]["glu"] else 0,
+                "mlp_act": 0 if SAMPLE[model_type]["glu"] else layers, "linear_cross_entropy": 1}
     expected = {k: v for k, v in expected.items() if v}
     del model
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from fastft.kernels.glu import (
     ACTIVATIONS,
-    _rows,
+    as_rows,
     glu_backward,
     glu_forward,
     glu_packed_backward,
@@ -170,7 +170,7 @@ def test_views_of_packed_tensor(split: str, act: str, device: str) -> None:
         if fn is torch.ops.fastft.glu:
             for v in (g, u):
                 assert not v.is_contiguous()
-                r = _rows(v)  # what the launcher hands the kernel: a view, not a copy
+                r = as_rows(v)  # what the launcher hands the kernel: a view, not a copy
                 assert r.data_ptr() == v.data_ptr() and r.stride() == (2 * i, 1) and r.shape == (6, i)
         out = fn(g, u, act, torch.bfloat16, torch.bfloat16)
         out.backward(dout)
@@ -382,3 +382,4 @@ def test_opcheck(device: str) -> None:
     torch.library.opcheck(
         torch.ops.fastft.glu_packed_backward.default, (dout, gu.detach(), "gelu_tanh", None), test_utils=bwd_tests
     )
+

@@ -1,8 +1,8 @@
 """Model level: tiny random-weight Hugging Face models, optimised in place.
 
-Every norm, rotary embedding, gated MLP and the loss is rewritten (counted from the model's own
-modules and layers), ``fastft.check`` passes, three optimiser steps give the same losses and
-parameters as the unoptimised twin."""
+Every norm, rotary embedding, MLP activation (gated or not) and the loss is rewritten (counted from
+the model's own modules and layers), ``fastft.check`` passes, three optimiser steps give the same
+losses and parameters as the unoptimised twin."""
 from __future__ import annotations
 
 import pytest
@@ -14,7 +14,8 @@ from fastft.tiny import random_batch
 from helpers import assert_same_training, count_modules, tiny, twin
 
 # Which families each architecture has, besides its norms (counted from the module classes):
-# rotary attention in every layer, and a gated MLP in every layer.
+# rotary attention in every layer, and a gated MLP in every layer (else an ungated one, whose
+# activation is the mlp_act family's).
 ARCHITECTURES = {
     "llama": dict(rope=True, glu=True),
     "qwen3": dict(rope=True, glu=True),
@@ -23,7 +24,7 @@ ARCHITECTURES = {
     "phi3": dict(rope=True, glu=True),  # packed gate_up, partial-rotary code path
     "gpt_neox": dict(rope=True, glu=False),  # partial rotary, LayerNorm, plain GELU MLP
     "olmo": dict(rope=True, glu=True),  # LayerNorm without weights, computed in fp32
-    "gpt2": dict(rope=False, glu=False),  # LayerNorm only; a logger call before the loss
+    "gpt2": dict(rope=False, glu=False),  # LayerNorm, written-out tanh GELU; a logger call before the loss
 }
 
 
@@ -32,7 +33,7 @@ def expected_counts(model, model_type: str) -> dict[str, int]:
     has = ARCHITECTURES[model_type]
     counts = {"rms_norm": count_modules(model, "RMSNorm"), "layer_norm": count_modules(model, "LayerNorm"),
               "rope": layers if has["rope"] else 0, "glu_mlp": layers if has["glu"] else 0,
-              "linear_cross_entropy": 1}
+              "mlp_act": 0 if has["glu"] else layers, "linear_cross_entropy": 1}
     return {k: v for k, v in counts.items() if v}
 
 

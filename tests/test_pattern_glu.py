@@ -135,7 +135,7 @@ def test_broadcast_product_is_a_near_miss_with_reason():
     assert miss.pattern == "glu" and "broadcast" in miss.reason
 
 
-class PlainMLP(nn.Module):  # no gate at all: not a near miss either
+class PlainMLP(nn.Module):  # no gate at all: not a GLU near miss either
     def __init__(self):
         super().__init__()
         self.fc, self.proj = nn.Linear(16, 24), nn.Linear(24, 16)
@@ -144,9 +144,11 @@ class PlainMLP(nn.Module):  # no gate at all: not a near miss either
         return self.proj(F.gelu(self.fc(x)))
 
 
-def test_ungated_activation_is_not_reported():
-    report = _run(PlainMLP().to(DEVICE), torch.randn(2, 3, 16, device=DEVICE))
-    assert report.counts() == {} and report.near_misses == []
+def test_ungated_activation_is_not_a_glu():
+    model = PlainMLP().to(DEVICE)
+    report = _run(model, torch.randn(2, 3, 16, device=DEVICE))
+    assert _fused(model) == [] and report.near_misses == []
+    assert report.counts() == {"mlp_act": 1}  # the ungated activation's own family (test_pattern_activation.py)
 
 
 class HalfPacked(nn.Module):  # gate is a slice of a wider projection, up a linear of its own
