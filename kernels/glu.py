@@ -61,6 +61,7 @@ __all__ = [
     "elementwise_tile",
     "glu",
     "glu_backward",
+    "glu_backward_and_output",
     "glu_forward",
     "glu_packed",
     "glu_packed_backward",
@@ -128,19 +129,18 @@ def act_fwd(g, ACT: tl.constexpr):
 
 @triton.jit
 def act_fwd_bwd(g, ACT: tl.constexpr):
-    """(act(g), act'(g)) for fp32 g."""
+    """(act(g), act'(g)) for fp32 g; act(g) exactly as ``act_fwd`` computes it, so that a
+    backward that recomputes the forward's output gets the same bits."""
+    a = act_fwd(g, ACT)
     if ACT == 0:
         s = tl.sigmoid(g)
-        a = g / (1.0 + tl.exp(-g))
         d = s * (1.0 + g * (1.0 - s))
     elif ACT == 1:
         cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
-        a = g * cdf
         d = cdf + g * (0.3989422804014327 * tl.exp(-0.5 * g * g))
     else:
         v = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         s = tl.sigmoid(2.0 * v)
-        a = g * s
         dv = 0.7978845608028654 * (1.0 + 0.134145 * g * g)  # d v / d g, 0.134145 = 3 * 0.044715
         d = s * (1.0 + 2.0 * g * (1.0 - s) * dv)
     return a, d
@@ -206,6 +206,7 @@ def glu_bwd_kernel(
     up_ptr,
     dgate_ptr,
     dup_ptr,
+    h_ptr,
     n_rows,
     N,
     stride_do,
@@ -213,15 +214,20 @@ def glu_bwd_kernel(
     stride_u,
     stride_dg,
     stride_du,
+    stride_h,
     ACT: tl.constexpr,
     ROUND_DTYPE: tl.constexpr,
     DGATE_DTYPE: tl.constexpr,
     DUP_DTYPE: tl.constexpr,
+    H_DTYPE: tl.constexpr,
     NEED_DGATE: tl.constexpr,
     NEED_DUP: tl.constexpr,
+    NEED_H: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    """dgate and dup; with NEED_H also the forward's output act(gate) * up, bit for bit as the
+    forward kernel wrote it (for a backward that needs it whole, as a GEMM operand)."""
     rows, cols, mask = elementwise_tile(n_rows, N, BLOCK_ROWS, BLOCK_N)
     r = rows[:, None]
     c = cols[None, :]
@@ -231,17 +237,22 @@ def glu_bwd_kernel(
     dout = round_loaded(dout, dout_ptr.dtype.element_ty, ROUND_DTYPE)
     g = round_loaded(g, gate_ptr.dtype.element_ty, ROUND_DTYPE)
     a, da_dg = act_fwd_bwd(g, ACT)
+    a = round_fp32(a, ROUND_DTYPE)
     if NEED_DUP:
-        dup = round_fp32(dout * round_fp32(a, ROUND_DTYPE), ROUND_DTYPE)
+        dup = round_fp32(dout * a, ROUND_DTYPE)
         dup = round_loaded(dup, ROUND_DTYPE, DUP_DTYPE).to(DUP_DTYPE)
         tl.store(dup_ptr + r * stride_du + c, dup, mask=mask)
-    if NEED_DGATE:
+    if NEED_DGATE or NEED_H:
         u = tl.load(up_ptr + r * stride_u + c, mask=mask, other=0.0).to(tl.float32)
         u = round_loaded(u, up_ptr.dtype.element_ty, ROUND_DTYPE)
-        da = round_fp32(dout * u, ROUND_DTYPE)
-        dgate = round_fp32(da * da_dg, ROUND_DTYPE)
-        dgate = round_loaded(dgate, ROUND_DTYPE, DGATE_DTYPE).to(DGATE_DTYPE)
-        tl.store(dgate_ptr + r * stride_dg + c, dgate, mask=mask)
+        if NEED_DGATE:
+            da = round_fp32(dout * u, ROUND_DTYPE)
+            dgate = round_fp32(da * da_dg, ROUND_DTYPE)
+            dgate = round_loaded(dgate, ROUND_DTYPE, DGATE_DTYPE).to(DGATE_DTYPE)
+            tl.store(dgate_ptr + r * stride_dg + c, dgate, mask=mask)
+        if NEED_H:  # glu_tile's steps on the values rounded above
+            h = round_loaded(round_fp32(a * u, ROUND_DTYPE), ROUND_DTYPE, H_DTYPE).to(H_DTYPE)
+            tl.store(h_ptr + r * stride_h + c, h, mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,9 +374,6 @@ def round_tl(round_dtype: Optional[torch.dtype]):
     return TL_DTYPE[round_dtype] if round_dtype is not None else tl.float32
 
 
-# kernels/lora_glu.py imports these under their earlier, private names.
-_check_activation, _round_tl, _tile = check_activation, round_tl, elementwise_tile
-
 
 def _launch_fwd(gate, up, act, round_dtype, out_dtype, out_shape, block_rows=None, block_n=None):
     out = torch.empty(out_shape, dtype=out_dtype, device=gate.device)
@@ -389,27 +397,30 @@ def _launch_fwd(gate, up, act, round_dtype, out_dtype, out_shape, block_rows=Non
     return out
 
 
-def _launch_bwd(dout, gate, up, dgate, dup, act, round_dtype, block_rows=None, block_n=None) -> None:
-    """dgate / dup: [rows, N] unit-column-stride outputs (or None when not wanted)."""
+def _launch_bwd(dout, gate, up, dgate, dup, act, round_dtype, block_rows=None, block_n=None, h=None) -> None:
+    """dgate / dup / h: [rows, N] unit-column-stride outputs (or None when not wanted)."""
     n = gate.shape[-1]
     if gate.numel() == 0:
         return
     do2, g2, u2 = as_rows(dout), as_rows(gate), as_rows(up)
     n_rows = g2.shape[0]
     if block_rows is None:
-        block_rows = interpreter_blockas_rows(g2.device, n_rows, n)
+        block_rows = interpreter_block_rows(g2.device, n_rows, n)
     br, bn, num_warps = elementwise_config(n_rows, n, block_rows, block_n)
     dg = dgate if dgate is not None else g2  # dummy pointers; never written
     du = dup if dup is not None else g2
+    h2 = h if h is not None else g2
     glu_bwd_kernel[elementwise_grid(n_rows, n, br, bn)](
-        do2, g2, u2, dg, du, n_rows, n,
-        do2.stride(0), g2.stride(0), u2.stride(0), dg.stride(0), du.stride(0),
+        do2, g2, u2, dg, du, h2, n_rows, n,
+        do2.stride(0), g2.stride(0), u2.stride(0), dg.stride(0), du.stride(0), h2.stride(0),
         ACT=act,
         ROUND_DTYPE=round_tl(round_dtype),
         DGATE_DTYPE=TL_DTYPE[dg.dtype],
         DUP_DTYPE=TL_DTYPE[du.dtype],
+        H_DTYPE=TL_DTYPE[h2.dtype],
         NEED_DGATE=dgate is not None,
         NEED_DUP=dup is not None,
+        NEED_H=h is not None,
         BLOCK_ROWS=br,
         BLOCK_N=bn,
         num_warps=num_warps,
@@ -462,20 +473,44 @@ def glu_backward(
     block_n: Optional[int] = None,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Launch the backward kernel; returns (dgate in gate.dtype, dup in up.dtype), None where not asked."""
-    act = _check_inputs(gate, up, activation, round_dtype, gate.dtype)
+    dgate, dup, _ = _backward(dout, gate, up, activation, round_dtype, need_dgate, need_dup, None,
+                              block_rows, block_n)
+    return dgate, dup
+
+
+def glu_backward_and_output(
+    dout: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    activation: str,
+    round_dtype: Optional[torch.dtype],
+    out_dtype: torch.dtype,
+    block_rows: Optional[int] = None,
+    block_n: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dgate, dup, h): the backward, and in the same pass the forward's output h (what
+    ``glu_forward`` with these arguments returns, bit for bit), for a backward that needs h
+    whole and did not keep it: one more write instead of a pass of the forward kernel."""
+    return _backward(dout, gate, up, activation, round_dtype, True, True, out_dtype, block_rows, block_n)
+
+
+def _backward(dout, gate, up, activation, round_dtype, need_dgate, need_dup, out_dtype, block_rows, block_n):
+    act = _check_inputs(gate, up, activation, round_dtype, out_dtype or gate.dtype)
     _check_dtype("dout", dout.dtype)
     if dout.shape != gate.shape:
         raise ValueError(f"fastft::glu: dout shape {tuple(dout.shape)} != gate shape {tuple(gate.shape)}")
     dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device) if need_dgate else None
     dup = torch.empty(up.shape, dtype=up.dtype, device=up.device) if need_dup else None
-    if need_dgate or need_dup:
+    h = torch.empty(gate.shape, dtype=out_dtype, device=gate.device) if out_dtype is not None else None
+    if need_dgate or need_dup or h is not None:
         _launch_bwd(
             dout, gate, up,
             as_rows(dgate) if need_dgate else None,
             as_rows(dup) if need_dup else None,
             act, round_dtype, block_rows, block_n,
+            h=as_rows(h) if h is not None else None,
         )
-    return dgate, dup
+    return dgate, dup, h
 
 
 def glu_packed_backward(

@@ -22,7 +22,8 @@ The matmuls stay with cuBLAS: a GEMM written in Triton would not beat it. The ML
 and up get their corrections through the GEMMs' depth where that pays; otherwise its forward
 GLU kernel (``kernels/lora_glu.py``) adds them while it reads those [tokens, width] tensors
 anyway: either way, two full read-write passes per layer less. The backward
-recomputes act(gate) * up instead of saving it (one [tokens, width] tensor per layer less).
+recomputes act(gate) * up instead of saving it (one [tokens, width] tensor per layer less), in
+the pass of the GLU's backward kernel.
 
 Numerics: everything runs in the base weight's dtype (the adapters, often kept in float32 by
 peft, are cast to it: they are tiny), with float32 accumulation inside the GEMMs, as a 16-bit
@@ -35,7 +36,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .glu import glu_backward, glu_forward, glu_reference
+from .glu import glu_backward_and_output, glu_forward, glu_reference
 from .lora_glu import lora_glu_forward
 from .nf4 import dequantize_4bit_forward
 from .launch import SUPPORTED_DTYPES, check_dtype, empty_or
@@ -205,28 +206,9 @@ def _group_backward(dys: Sequence[Optional[torch.Tensor]], x2: torch.Tensor, xa:
     dys = [dy.to(dtype) if dy is not None else None for dy in dys]
     live = [dy is not None for dy in dys]
     any_da = any(n.dlora_a and on for n, on in zip(needs, live))
-    dyb = None
-    if (need_dx or any_da) and any(live):
-        parts = []
-        for lin, dy in zip(group, dys):
-            if dy is None:
-                like = next(d for d in dys if d is not None)
-                parts.append(like.new_zeros((like.shape[0], lin.lora_a.shape[0])))
-                continue
-            part = torch.mm(dy, lin.lora_b.to(dtype))
-            parts.append(part.mul_(lin.scale) if lin.scale != 1.0 else part)
-        dyb = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-    if need_dx and dyb is not None and dx is None and len(group) == 1 and \
-            depth_concat_pays(dyb.shape[0], group[0].weight.shape[0], group[0].weight.shape[1]):
-        # dX = [dY | s dY B] [W; A]: the adapter's share through the GEMM's depth.
-        lin = group[0]
-        dx = torch.mm(_depth_concat(dys[0], dyb), torch.cat([lin.weight, lin.lora_a.to(dtype)]))
-    elif need_dx and dyb is not None:
-        # Each GEMM accumulates into the one buffer (beta = 1): no temporary per contribution.
-        for lin, dy in zip(group, dys):
-            if dy is not None:
-                dx = torch.mm(dy, lin.weight) if dx is None else dx.addmm_(dy, lin.weight)
-        dx.addmm_(dyb, _stacked_a(group, dtype))
+    dyb = _adapter_rows(dys, group) if (need_dx or any_da) and any(live) else None
+    if need_dx and dyb is not None:
+        dx = _group_dx(dys, dyb, group, dx)
     da_all = torch.mm(dyb.t(), x2) if any_da else None
     grads = []
     for lin, dy, need, columns in zip(group, dys, needs, _rank_columns(group)):
@@ -237,9 +219,44 @@ def _group_backward(dys: Sequence[Optional[torch.Tensor]], x2: torch.Tensor, xa:
         dbias = dy.sum(0) if need.dbias else None
         # A fresh tensor each (copy=True): an op's outputs must not alias one another.
         da = da_all[columns].to(lin.lora_a.dtype, copy=True) if need.dlora_a else None
-        db = torch.mm(dy.t(), xa[:, columns]).to(lin.lora_b.dtype).mul_(lin.scale) if need.dlora_b else None
+        db = _b_grad(dy, xa[:, columns], lin) if need.dlora_b else None
         grads.append((dw, dbias, da, db))
     return dx, grads
+
+
+def _adapter_rows(dys: Sequence[Optional[torch.Tensor]], group: Sequence[Adapted]) -> torch.Tensor:
+    """[s_i dY_i B_i]_i side by side ([rows, sum of ranks], zeros for a linear with no dY): the
+    rank-r factor of every adapter's dX share and dA."""
+    dtype = group[0].weight.dtype
+    parts = []
+    for lin, dy in zip(group, dys):
+        if dy is None:
+            like = next(d for d in dys if d is not None)
+            parts.append(like.new_zeros((like.shape[0], lin.lora_a.shape[0])))
+            continue
+        part = torch.mm(dy, lin.lora_b.to(dtype))
+        parts.append(part.mul_(lin.scale) if lin.scale != 1.0 else part)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _group_dx(dys: Sequence[Optional[torch.Tensor]], dyb: torch.Tensor, group: Sequence[Adapted],
+              dx: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """dX = sum_i dY_i W_i + dyb [A_i]_i, accumulated into ``dx`` in place when given."""
+    dtype = group[0].weight.dtype
+    if dx is None and len(group) == 1 and depth_concat_pays(dyb.shape[0], *group[0].weight.shape):
+        # dX = [dY | s dY B] [W; A]: the adapter's share through the GEMM's depth.
+        lin = group[0]
+        return torch.mm(_depth_concat(dys[0], dyb), torch.cat([lin.weight, lin.lora_a.to(dtype)]))
+    # Each GEMM accumulates into the one buffer (beta = 1): no temporary per contribution.
+    for lin, dy in zip(group, dys):
+        if dy is not None:
+            dx = torch.mm(dy, lin.weight) if dx is None else dx.addmm_(dy, lin.weight)
+    return dx.addmm_(dyb, _stacked_a(group, dtype))
+
+
+def _b_grad(dy: torch.Tensor, xa: torch.Tensor, lin: Adapted) -> torch.Tensor:
+    """dB = s dY^T (X A^T), in B's dtype."""
+    return torch.mm(dy.t(), xa).to(lin.lora_b.dtype).mul_(lin.scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,7 +448,7 @@ def _check_mlp(x, gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down_a, down
 # since setup_context can only save what the op returns. The adapters' corrections to gate and
 # up are added by the GLU kernel (``kernels/lora_glu.py``), which reads the bases' outputs
 # anyway, instead of by a read-write pass of their own over each. The GLU output h, as large as
-# either, is not kept: the backward recomputes it with the plain GLU kernel.
+# either, is not kept: the GLU's backward kernel writes it again beside dg and du.
 # ``lora_glu_mlp`` below is the function to call; it returns the result alone.
 @torch.library.custom_op("fastft::lora_glu_mlp_forward", mutates_args=())
 def _lora_glu_mlp_forward_op(x: torch.Tensor,
@@ -514,17 +531,24 @@ def _lora_glu_mlp_backward_op(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor
                               ) -> list[torch.Tensor]:
     need_dx, need_gate_a, need_gate_b, need_up_a, need_up_b, need_down_a, need_down_b = need
     gate, up = Adapted(gate_w, None, gate_a, gate_b, gate_scale), Adapted(up_w, None, up_a, up_b, up_scale)
-    h = glu_forward(g, u, activation, round_dtype, x.dtype)
+    down = Adapted(down_w, None, down_a, down_b, down_scale)
     need_dh = need_dx or need_gate_a or need_gate_b or need_up_a or need_up_b
-    dh, [(_, _, d_down_a, d_down_b)] = _group_backward(
-        [_rows(dy)], h, xa_down, [Adapted(down_w, None, down_a, down_b, down_scale)], need_dh,
-        [Needed(dlora_a=need_down_a, dlora_b=need_down_b)])
-    del h
     grads: list[Optional[torch.Tensor]] = [None] * 7
-    grads[5], grads[6] = d_down_a, d_down_b
+    dy2 = _rows(dy).to(down_w.dtype)
+    dyb = _adapter_rows([dy2], [down]) if need_dh or need_down_a else None
+    h = None
     if need_dh:
-        dg, du = glu_backward(dh, g, u, activation, round_dtype)
+        dh = _group_dx([dy2], dyb, [down])
+        # h, which the down adapter's dA reads, comes out of the same pass as dg and du: one more
+        # write there instead of a pass of the forward kernel.
+        dg, du, h = glu_backward_and_output(dh, g, u, activation, round_dtype, x.dtype)
         del dh
+    elif need_down_a:
+        h = glu_forward(g, u, activation, round_dtype, x.dtype)
+    grads[5] = torch.mm(dyb.t(), h).to(down_a.dtype) if need_down_a else None
+    del h
+    grads[6] = _b_grad(dy2, xa_down, down) if need_down_b else None
+    if need_dh:
         dx, [(_, _, grads[1], grads[2]), (_, _, grads[3], grads[4])] = _group_backward(
             [dg, du], _rows(x), xa_gate_up, [gate, up], need_dx,
             [Needed(dlora_a=need_gate_a, dlora_b=need_gate_b), Needed(dlora_a=need_up_a, dlora_b=need_up_b)])

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .glu import _check_activation, _round_tl, _tile, glu_reference, glu_tile
+from .glu import check_activation, elementwise_tile, glu_reference, glu_tile, round_tl
 from .launch import cdiv, check_dtype, next_power_of_2
 from .rounding import TL_DTYPE, round_fp32
 
@@ -79,7 +79,7 @@ def lora_glu_fwd_kernel(
     ACT: tl.constexpr, ROUND_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    rows, cols, mask = _tile(n_rows, N, BLOCK_ROWS, BLOCK_N)
+    rows, cols, mask = elementwise_tile(n_rows, N, BLOCK_ROWS, BLOCK_N)
     row_ok, col_ok = rows < n_rows, cols < N
     # B is [N, r]: its [r, columns] slice has strides (1, r).
     g = _corrected(g_ptr, stride_g, xg_ptr, stride_xg, bg_ptr, 1, RG, RG, scale_g, rows, cols, mask, row_ok, col_ok,
@@ -149,7 +149,7 @@ def lora_glu_forward(gate_base: torch.Tensor, up_base: torch.Tensor, xa_gate: to
     """h [rows, width] in ``out_dtype`` from the bases' outputs G, U [rows, width], x A^T [rows, r]
     and the B matrices [width, r] (in G's dtype); G and U are corrected in place (they become g
     and u). See the module docstring."""
-    act = _check_activation(activation)
+    act = check_activation(activation, _OP)
     check_dtype(_OP, "out_dtype", out_dtype)
     check_dtype(_OP, "round_dtype", round_dtype, allow_none=True)
     rows, width, rank_g, rank_u = _check_corrections(gate_base, up_base, xa_gate, xa_up, b_gate, b_up)
@@ -162,6 +162,6 @@ def lora_glu_forward(gate_base: torch.Tensor, up_base: torch.Tensor, xa_gate: to
         gate_base, up_base, xa_gate, xa_up, b_gate, b_up, out, rows, width, rank_g, rank_u,
         gate_base.stride(0), up_base.stride(0), xa_gate.stride(0), xa_up.stride(0), out.stride(0),
         float(scale_gate), float(scale_up),
-        ACT=act, ROUND_DTYPE=_round_tl(round_dtype), OUT_DTYPE=TL_DTYPE[out_dtype],
+        ACT=act, ROUND_DTYPE=round_tl(round_dtype), OUT_DTYPE=TL_DTYPE[out_dtype],
         PRECISION=_precision(gate_base.dtype), **cfg)
     return out

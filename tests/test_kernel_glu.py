@@ -12,6 +12,7 @@ from fastft.kernels.glu import (
     ACTIVATIONS,
     as_rows,
     glu_backward,
+    glu_backward_and_output,
     glu_forward,
     glu_packed_backward,
     glu_packed_forward,
@@ -383,3 +384,17 @@ def test_opcheck(device: str) -> None:
         torch.ops.fastft.glu_packed_backward.default, (dout, gu.detach(), "gelu_tanh", None), test_utils=bwd_tests
     )
 
+
+@pytest.mark.parametrize("act", ["silu", "gelu_erf", "gelu_tanh"])
+@pytest.mark.parametrize("dtype,round_dtype,out_dtype", [
+    (torch.float32, None, torch.float32), (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, None, torch.bfloat16), (torch.float16, torch.float16, torch.float32)])
+def test_backward_and_output_gives_the_forward_bit_for_bit(act, dtype, round_dtype, out_dtype, device: str) -> None:
+    """The backward pass that also writes h (for a backward that needs it whole) gives exactly
+    what the forward kernel gave, and exactly the plain backward's gradients."""
+    gate, up, dout = (_randn((37, 300), dtype, device, seed=s) for s in (1, 2, 3))
+    dgate, dup, h = glu_backward_and_output(dout, gate, up, act, round_dtype, out_dtype, block_rows=8, block_n=64)
+    want_dgate, want_dup = glu_backward(dout, gate, up, act, round_dtype)
+    assert h.dtype == out_dtype
+    assert torch.equal(h, glu_forward(gate, up, act, round_dtype, out_dtype))
+    assert torch.equal(dgate, want_dgate) and torch.equal(dup, want_dup)

@@ -166,6 +166,17 @@ def test_lora_glu_mlp_frozen_input_gives_adapter_grads_only():
     _assert_matches(out, ref, (gate[1], gate[2], up[1], up[2], down[1], down[2]), torch.float32)
 
 
+def test_lora_glu_mlp_with_only_the_down_adapter_training():
+    """No gradient flows into gate and up: h is recomputed whole for the down adapter's dA."""
+    x, gate, up, down = _mlp_inputs((4, 16), 24, 2, torch.float32, torch.float32)
+    x = x.detach()
+    gate = (gate[0], gate[1].detach(), gate[2].detach(), gate[3])
+    up = (up[0], up[1].detach(), up[2].detach(), up[3])
+    out = lora_glu_mlp(x, *gate, *up, *down, "silu", None)
+    ref = lora_glu_mlp_reference(x, gate, up, down, "silu", None)
+    _assert_matches(out, ref, (down[1], down[2]), torch.float32)
+
+
 def test_lora_ops_pass_opcheck():
     x, weight, b, lora_a, lora_b = _linear_inputs((3, 16), 8, 2, torch.float32, torch.float32, bias=True)
     torch.library.opcheck(torch.ops.fastft.lora_linear_forward.default,
