@@ -11,7 +11,8 @@ y, which in a gated MLP is four times larger. This times, at one MLP's size:
 - backward, dh = dy W_down + (s dy B_down) A_down: GEMM then ``addmm_`` against one GEMM
   over [dy | s dy B] and [W_down; A_down];
 
-each beside the bare GEMMs (no adapters), with the max abs difference from the current path.
+each beside the bare GEMMs (no adapters), with the max abs difference from the current path;
+then the operands' copies alone, three ways.
 GPU only (``triton.testing.do_bench``, median ms).
 """
 from __future__ import annotations
@@ -85,6 +86,29 @@ def main() -> None:
         t = triton.testing.do_bench(fn)
         diff = f"{(fn().float() - ref).abs().max().item():.3g}" if ref is not None else "-"
         print(f"{name:36s} {t:6.3f}  {diff}", flush=True)
+    _time_copies(x, x @ a_gu.t(), wg, bg)
+
+
+def _time_copies(x: torch.Tensor, xa: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> None:
+    """The operands' copies alone: [x | x A^T] and [W | B] by copy_ into column slices, by
+    torch.cat and by the library's Triton kernel (kernels/concat.py)."""
+    from fastft.kernels.concat import concat_columns
+
+    def by_slices(*parts):
+        out = parts[0].new_empty((parts[0].shape[0], sum(p.shape[1] for p in parts)))
+        start = 0
+        for p in parts:
+            out[:, start:start + p.shape[1]].copy_(p)
+            start += p.shape[1]
+        return out
+
+    print("copies                                ms    equal to torch.cat")
+    for what, parts in ((f"[x | xA^T] {list(x.shape)}", (x, xa)), (f"[W | B] {list(w.shape)}", (w, b))):
+        ref = torch.cat(parts, dim=1)
+        for name, fn in (("copy_ into slices", by_slices), ("torch.cat", lambda *p: torch.cat(p, dim=1)),
+                         ("concat_columns (Triton)", concat_columns)):
+            t = triton.testing.do_bench(lambda: fn(*parts))
+            print(f"{what} {name:24s} {t:6.3f}  {torch.equal(fn(*parts), ref)}", flush=True)
 
 
 if __name__ == "__main__":

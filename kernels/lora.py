@@ -36,6 +36,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .concat import concat_columns
 from .glu import glu_backward_and_output, glu_forward, glu_reference
 from .lora_glu import lora_glu_forward
 from .nf4 import dequantize_4bit_forward
@@ -155,17 +156,6 @@ def depth_concat_pays(rows: int, inner: int, outer: int, weights: int = 1) -> bo
     return rows * inner + weights * outer * inner < weights * rows * outer
 
 
-def _depth_concat(*parts: torch.Tensor) -> torch.Tensor:
-    """[part_0 | part_1 | ...] along the last dim of 2-D tensors of one row count, in one new
-    tensor (each part copied once, in the first part's dtype)."""
-    out = parts[0].new_empty((parts[0].shape[0], sum(p.shape[1] for p in parts)))
-    start = 0
-    for p in parts:
-        out[:, start:start + p.shape[1]].copy_(p)
-        start += p.shape[1]
-    return out
-
-
 def _group_forward(x2: torch.Tensor, group: Sequence[Adapted], add_adapters: bool = True
                    ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Each linear's output, and x A^T of every adapter side by side ([rows, sum of ranks]): the
@@ -175,8 +165,8 @@ def _group_forward(x2: torch.Tensor, group: Sequence[Adapted], add_adapters: boo
     xa = torch.mm(x2, _stacked_a(group, dtype).t())
     if add_adapters and len(group) == 1 and depth_concat_pays(*x2.shape, group[0].weight.shape[0]):
         lin = group[0]
-        xs = _depth_concat(x2, xa)
-        w_b = _depth_concat(lin.weight, _scaled_b(lin, dtype))
+        xs = concat_columns(x2, xa)
+        w_b = concat_columns(lin.weight, _scaled_b(lin, dtype))
         y = torch.addmm(lin.bias.to(dtype), xs, w_b.t()) if lin.bias is not None else torch.mm(xs, w_b.t())
         return [y], xa
     outs = []
@@ -246,7 +236,7 @@ def _group_dx(dys: Sequence[Optional[torch.Tensor]], dyb: torch.Tensor, group: S
     if dx is None and len(group) == 1 and depth_concat_pays(dyb.shape[0], *group[0].weight.shape):
         # dX = [dY | s dY B] [W; A]: the adapter's share through the GEMM's depth.
         lin = group[0]
-        return torch.mm(_depth_concat(dys[0], dyb), torch.cat([lin.weight, lin.lora_a.to(dtype)]))
+        return torch.mm(concat_columns(dys[0], dyb), torch.cat([lin.weight, lin.lora_a.to(dtype)]))
     # Each GEMM accumulates into the one buffer (beta = 1): no temporary per contribution.
     for lin, dy in zip(group, dys):
         if dy is not None:
@@ -484,9 +474,9 @@ def _gate_up_through_depth(x2: torch.Tensor, gate: Adapted, up: Adapted
     r_g + in columns against [s_g B_g | W_g], up its last in + r_u against [W_u | s_u B_u]."""
     dtype, rank_gate, inner = x2.dtype, gate.lora_a.shape[0], x2.shape[1]
     xa = torch.mm(x2, _stacked_a([gate, up], dtype).t())
-    wide = _depth_concat(xa[:, :rank_gate], x2, xa[:, rank_gate:])
-    g = torch.mm(wide[:, :rank_gate + inner], _depth_concat(_scaled_b(gate, dtype), gate.weight).t())
-    u = torch.mm(wide[:, rank_gate:], _depth_concat(up.weight, _scaled_b(up, dtype)).t())
+    wide = concat_columns(xa[:, :rank_gate], x2, xa[:, rank_gate:])
+    g = torch.mm(wide[:, :rank_gate + inner], concat_columns(_scaled_b(gate, dtype), gate.weight).t())
+    u = torch.mm(wide[:, rank_gate:], concat_columns(up.weight, _scaled_b(up, dtype)).t())
     return g, u, xa
 
 
