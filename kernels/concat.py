@@ -3,10 +3,9 @@ takes a LoRA correction through its depth, [x | x A^T] and [W | s B] (``kernels/
 
 PyTorch's ``copy_`` into a column slice of a wider tensor cannot use its vectorised kernel (the
 destination is not contiguous) and moved a [8192, 2048] bf16 block at about 1.6 TB/s on the
-H200: 39 us a copy, four such copies per layer of the Llama-3.2-1B-shaped LoRA step (profile of
-``python3 bench/train_step --shape llama-3.2-1b --mode lora --systems fastft-cg,fastft --profile``,
-2026-11-29, at cd9bde0). Here each part is copied in [rows, columns] tiles whose rows are
-contiguous on both sides, so loads and stores are wide.
+H200: 39 us a copy, four such copies per layer of the 1B LoRA training step of bench/train_step
+(its profile at cd9bde0, 2026-11-29; bench/README.md names the run). Here each part is copied in
+[rows, columns] tiles whose rows are contiguous on both sides, so loads and stores are wide.
 """
 from __future__ import annotations
 
