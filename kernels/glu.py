@@ -487,21 +487,30 @@ def glu_backward_and_output(
     out_dtype: torch.dtype,
     block_rows: Optional[int] = None,
     block_n: Optional[int] = None,
+    h_over_dout: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dgate, dup, h): the backward, and in the same pass the forward's output h (what
     ``glu_forward`` with these arguments returns, bit for bit), for a backward that needs h
-    whole and did not keep it: one more write instead of a pass of the forward kernel."""
-    return _backward(dout, gate, up, activation, round_dtype, True, True, out_dtype, block_rows, block_n)
+    whole and did not keep it: one more write instead of a pass of the forward kernel.
+
+    ``h_over_dout``: h is written over dout (when dout is contiguous and in ``out_dtype``), which
+    the caller no longer needs; each element of dout is read before h's is written, by the same
+    program. One [rows, N] buffer less at the peak."""
+    reuse = h_over_dout and dout.dtype == out_dtype and dout.is_contiguous()
+    return _backward(dout, gate, up, activation, round_dtype, True, True, out_dtype, block_rows, block_n,
+                     h=dout if reuse else None)
 
 
-def _backward(dout, gate, up, activation, round_dtype, need_dgate, need_dup, out_dtype, block_rows, block_n):
+def _backward(dout, gate, up, activation, round_dtype, need_dgate, need_dup, out_dtype, block_rows, block_n,
+              h=None):
     act = _check_inputs(gate, up, activation, round_dtype, out_dtype or gate.dtype)
     _check_dtype("dout", dout.dtype)
     if dout.shape != gate.shape:
         raise ValueError(f"fastft::glu: dout shape {tuple(dout.shape)} != gate shape {tuple(gate.shape)}")
     dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device) if need_dgate else None
     dup = torch.empty(up.shape, dtype=up.dtype, device=up.device) if need_dup else None
-    h = torch.empty(gate.shape, dtype=out_dtype, device=gate.device) if out_dtype is not None else None
+    if h is None and out_dtype is not None:
+        h = torch.empty(gate.shape, dtype=out_dtype, device=gate.device)
     if need_dgate or need_dup or h is not None:
         _launch_bwd(
             dout, gate, up,

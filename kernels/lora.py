@@ -529,9 +529,9 @@ def _lora_glu_mlp_backward_op(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor
     h = None
     if need_dh:
         dh = _group_dx([dy2], dyb, [down])
-        # h, which the down adapter's dA reads, comes out of the same pass as dg and du: one more
-        # write there instead of a pass of the forward kernel.
-        dg, du, h = glu_backward_and_output(dh, g, u, activation, round_dtype, x.dtype)
+        # h, which the down adapter's dA reads, comes out of the same pass as dg and du (one more
+        # write there instead of a pass of the forward kernel), into dh's buffer.
+        dg, du, h = glu_backward_and_output(dh, g, u, activation, round_dtype, x.dtype, h_over_dout=True)
         del dh
     elif need_down_a:
         h = glu_forward(g, u, activation, round_dtype, x.dtype)

@@ -398,3 +398,15 @@ def test_backward_and_output_gives_the_forward_bit_for_bit(act, dtype, round_dty
     assert h.dtype == out_dtype
     assert torch.equal(h, glu_forward(gate, up, act, round_dtype, out_dtype))
     assert torch.equal(dgate, want_dgate) and torch.equal(dup, want_dup)
+
+
+def test_backward_and_output_over_dout(device: str) -> None:
+    """h written over dout: the gradients are those of the dout that was there."""
+    gate, up, dout = (_randn((19, 70), torch.bfloat16, device, seed=s) for s in (4, 5, 6))
+    want_dgate, want_dup = glu_backward(dout, gate, up, "silu", torch.bfloat16)
+    buffer = dout.clone()
+    dgate, dup, h = glu_backward_and_output(buffer, gate, up, "silu", torch.bfloat16, torch.bfloat16,
+                                            block_rows=4, block_n=32, h_over_dout=True)
+    assert h.data_ptr() == buffer.data_ptr()
+    assert torch.equal(h, glu_forward(gate, up, "silu", torch.bfloat16, torch.bfloat16))
+    assert torch.equal(dgate, want_dgate) and torch.equal(dup, want_dup)
