@@ -45,7 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import SUPPORTED_DTYPES, cdiv, check_dtype, empty_or, interpreter_block_rows, next_power_of_2
+from .launch import (SUPPORTED_DTYPES, cdiv, check_dtype, empty_or, interpreter_block_n, interpreter_block_rows,
+                     next_power_of_2)
 from .rounding import TL_DTYPE, round_fp32, round_loaded
 
 __all__ = [
@@ -384,6 +385,8 @@ def _launch_fwd(gate, up, act, round_dtype, out_dtype, out_shape, block_rows=Non
     n_rows = g2.shape[0]
     if block_rows is None:
         block_rows = interpreter_block_rows(g2.device, n_rows, n)
+    if block_n is None:
+        block_n = interpreter_block_n(g2.device, n)
     br, bn, num_warps = elementwise_config(n_rows, n, block_rows, block_n)
     glu_fwd_kernel[elementwise_grid(n_rows, n, br, bn)](
         g2, u2, out, n_rows, n, g2.stride(0), u2.stride(0), n,
@@ -406,6 +409,8 @@ def _launch_bwd(dout, gate, up, dgate, dup, act, round_dtype, block_rows=None, b
     n_rows = g2.shape[0]
     if block_rows is None:
         block_rows = interpreter_block_rows(g2.device, n_rows, n)
+    if block_n is None:
+        block_n = interpreter_block_n(g2.device, n)
     br, bn, num_warps = elementwise_config(n_rows, n, block_rows, block_n)
     dg = dgate if dgate is not None else g2  # dummy pointers; never written
     du = dup if dup is not None else g2

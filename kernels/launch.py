@@ -72,6 +72,14 @@ def interpreter_block_rows(device: torch.device, n_rows: int, n: int) -> Optiona
                next_power_of_2(max(n_rows, 1)))
 
 
+def interpreter_block_n(device: torch.device, n: int) -> Optional[int]:
+    """Columns per tile off the GPU: the whole row up to INTERPRETER_TILE_ELEMS (a GPU tile's cap
+    is smaller); None on a GPU."""
+    if device.type == "cuda":
+        return None
+    return min(next_power_of_2(max(n, 1)), INTERPRETER_TILE_ELEMS)
+
+
 def check_block_rows(op: str, block_rows: int) -> None:
     if block_rows < 1 or block_rows & (block_rows - 1):
         raise ValueError(f"{op}: block_rows must be a power of two, got {block_rows}")

@@ -16,3 +16,19 @@ def test_host_grid_helpers_agree_with_triton():
         assert next_power_of_2(n) == triton.next_power_of_2(n), n
         for d in (1, 3, 64, 1000):
             assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
+
+
+def test_interpreter_tiles_cover_wide_rows_in_few_programs():
+    """Off the GPU a tile is about INTERPRETER_TILE_ELEMS elements whatever the row width (the
+    interpreter's cost is per program); on a GPU the kernels' own configs decide."""
+    import torch
+
+    from fastft.kernels.launch import INTERPRETER_TILE_ELEMS, interpreter_block_n, interpreter_block_rows
+
+    cpu = torch.device("cpu")
+    for n in (1, 3, 100, 2048, 10240, 50000):
+        block_n = interpreter_block_n(cpu, n)
+        block_rows = interpreter_block_rows(cpu, 1000, n)
+        assert block_n >= min(n, INTERPRETER_TILE_ELEMS) and block_n & (block_n - 1) == 0
+        assert block_rows * block_n <= 2 * INTERPRETER_TILE_ELEMS or block_rows == 1
+    assert interpreter_block_n(torch.device("cuda"), 10240) is None
