@@ -508,6 +508,8 @@ def glu_backward_and_output(
 
 def _backward(dout, gate, up, activation, round_dtype, need_dgate, need_dup, out_dtype, block_rows, block_n,
               h=None):
+    """(dgate, dup, h) with None where not asked; h (the forward's output) is wanted when
+    ``out_dtype`` is given, and written into ``h`` when that buffer is given."""
     act = _check_inputs(gate, up, activation, round_dtype, out_dtype or gate.dtype)
     _check_dtype("dout", dout.dtype)
     if dout.shape != gate.shape:
