@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import SUPPORTED_DTYPES, cdiv, next_power_of_2
+from .launch import SUPPORTED_DTYPES, cdiv, interpreter_block_n, interpreter_block_rows, next_power_of_2
 from .rounding import TL_DTYPE, round_loaded
 
 __all__ = ["concat_columns"]
@@ -40,9 +40,11 @@ def _copy_block(src: torch.Tensor, dst: torch.Tensor) -> None:
     n_rows, n = src.shape
     if src.numel() == 0:
         return
-    # About 4K elements a program: wide rows in one or a few programs, narrow ones stacked.
-    block_n = min(next_power_of_2(n), 1024)
-    block_rows = min(max(1, 4096 // block_n), next_power_of_2(n_rows))
+    # About 4K elements a program on a GPU: wide rows in one or a few programs, narrow ones
+    # stacked; the interpreter's larger tiles off it.
+    block_n = interpreter_block_n(src.device, n) or min(next_power_of_2(n), 1024)
+    block_rows = (interpreter_block_rows(src.device, n_rows, n)
+                  or min(max(1, 4096 // block_n), next_power_of_2(n_rows)))
     _copy_block_kernel[(cdiv(n_rows, block_rows) * cdiv(n, block_n),)](
         src, dst, n_rows, n, src.stride(0), dst.stride(0), OUT_DTYPE=TL_DTYPE[dst.dtype],
         BLOCK_ROWS=block_rows, BLOCK_N=block_n, num_warps=4)
