@@ -316,6 +316,20 @@ def _canon_layer_norm(node: fx.Node) -> Canon | None:
                                                         "ndim": x_meta.dim()})
 
 
+def _canon_rms_norm(node: fx.Node) -> Canon | None:
+    """``F.rms_norm(x, normalized_shape, weight, eps)``; eps None is PyTorch's default, the
+    machine epsilon of the float32 it computes in (of float64 for a float64 input)."""
+    x = node.args[0]
+    shape = _arg(node, 1, "normalized_shape")
+    weight, eps = _arg(node, 2, "weight"), _arg(node, 3, "eps")
+    x_meta = tensor_meta(x)
+    if x_meta is None or not isinstance(shape, (tuple, list, torch.Size)):
+        return None
+    if eps is None:
+        eps = torch.finfo(torch.float64 if x_meta.dtype == torch.float64 else torch.float32).eps
+    return Canon("rms_norm", (x, weight, eps), {"shape": tuple(_int(s) for s in shape), "ndim": x_meta.dim()})
+
+
 def _canon_linear(node: fx.Node) -> Canon | None:
     return Canon("linear", (node.args[0], _arg(node, 1, "weight"), _arg(node, 2, "bias")))
 
@@ -354,6 +368,7 @@ _STRUCTURAL = {
     "var": _canon_var, "cat": _canon_cat, "concat": _canon_cat, "concatenate": _canon_cat,
     "stack": _canon_cat, "flatten": _canon_flatten, "view": _canon_flatten, "reshape": _canon_flatten,
     "silu": _canon_activation, "gelu": _canon_activation, "layer_norm": _canon_layer_norm,
+    "rms_norm": _canon_rms_norm,
     "linear": _canon_linear, "cross_entropy": _canon_cross_entropy, "contiguous": _canon_contiguous,
     "dropout": _canon_dropout, "scaled_dot_product_attention": _canon_sdpa, "clone": _canon_contiguous,
 }

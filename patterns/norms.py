@@ -7,6 +7,9 @@ RMSNorm:
     y = y * (w + offset)                                     optional weight, offset 0 or 1
     y = y.to(out_dtype)                                      optional final cast
 
+or PyTorch's op, ``F.rms_norm`` / ``nn.RMSNorm`` (fp32 inside, the weight applied in fp32, one
+rounding; eps by default the float32 epsilon).
+
 Spellings the canonical view folds together (pow vs x*x, .float() vs .to()) need no variant
 here; the inverse square root is any of rsqrt(d), pow(d, -0.5), 1/sqrt(d), x/sqrt(d) (sqrt also
 as pow(d, 0.5)), and the mean may be written as sum(x_f ** 2, -1, keepdim) / N (or * 1/N). The
@@ -41,6 +44,10 @@ def _last_dim_only(dims, canon) -> bool:
     return dims == (canon.attrs["ndim"] - 1,)
 
 
+def _one_dim(shape, canon) -> bool:
+    return len(shape) == 1
+
+
 def _rms_norm_expr():
     x = Var("x")
     xf = Cast(x, "upcast")
@@ -61,7 +68,9 @@ def _rms_norm_expr():
     weight = Cast(Var("weight"), "weight_cast")
     scale = weight | Op("add", weight, Lit("offset"), commutative=True)
     weighted = Op("mul", Cast(normed, "norm_cast"), scale, commutative=True, name="weighted")
-    return Cast(weighted, "out_cast") | Cast(normed, "out_cast")
+    # PyTorch's own op (nn.RMSNorm): fp32 inside, the weight applied before the one rounding.
+    library = Op("rms_norm", xf, weight | None, Lit("eps"), shape=_one_dim, name="library")
+    return Cast(weighted, "out_cast") | Cast(normed, "out_cast") | Cast(library, "out_cast")
 
 
 def _check_rms_norm(m: Match) -> str | None:
@@ -91,10 +100,26 @@ def _check_rms_norm(m: Match) -> str | None:
             return f"the weight is rounded to {b['weight_cast']} before the multiply"
         if not isinstance(b.get("offset", 0), (int, float)):
             return f"weight offset {b['offset']!r} is not a number"
-        if b["out_cast"] is not None and dtype_of(b["weighted"]) != torch.float32:
+        if b["out_cast"] is not None and "weighted" in b and dtype_of(b["weighted"]) != torch.float32:
             return "the product is rounded twice (to its own dtype, then cast)"
+    if "library" in b:
+        reason = _check_library_rms_norm(b)
+        if reason is not None:
+            return reason
     if tensor_meta(m.root).shape != x.shape:
         return f"output shape {tuple(tensor_meta(m.root).shape)} differs from the input's {tuple(x.shape)}"
+    return None
+
+
+def _check_library_rms_norm(b: dict) -> str | None:
+    """PyTorch's ``rms_norm`` applies the weight in float32 and rounds once only when the weight's
+    dtype is the input's; otherwise it takes another path, which the kernel does not reproduce."""
+    library = b["library"]
+    if "weight" in b and dtype_of(b["weight"]) != dtype_of(canonical(library).args[0]):
+        return (f"torch.rms_norm's weight is {dtype_of(b['weight'])} and its input "
+                f"{dtype_of(canonical(library).args[0])}: PyTorch then takes its unfused path")
+    if b["out_cast"] is not None and dtype_of(library) != torch.float32:
+        return "the result is rounded twice (to its own dtype, then cast)"
     return None
 
 
@@ -134,7 +159,7 @@ def _replace_rms_norm(m: Match) -> Replacement:
     return Replacement(
         torch.ops.fastft.rms_norm.default,
         (b["x"], b.get("weight"), float(b["eps"]), float(b.get("offset", 0.0)), norm_dtype,
-         dtype_of(m.root), "mean_sq" not in b),  # no mean: the sum of the squares (L2)
+         dtype_of(m.root), "sum_sq" in b and "mean_sq" not in b),  # no mean: the sum of the squares (L2)
     )
 
 
@@ -144,7 +169,7 @@ RMS_NORM = Pattern(
     expr=_rms_norm_expr(),
     check=_check_rms_norm,
     replace=_replace_rms_norm,
-    anchors=frozenset({"rsqrt", "pow"}),
+    anchors=frozenset({"rsqrt", "pow", "rms_norm"}),
     reference=rms_norm_reference,
     kernel="fastft::rms_norm",
     anchor_filter=_is_rms_anchor,
@@ -173,10 +198,6 @@ def _layer_norm_expr():
     weighted = Op("mul", Cast(normed, "norm_cast"), weight, commutative=True, name="weighted")
     shifted = Op("add", weighted | Cast(normed, "norm_cast"), bias, commutative=True, name="shifted")
     return Cast(library | shifted | weighted | normed, "out_cast")
-
-
-def _one_dim(shape, canon) -> bool:
-    return len(shape) == 1
 
 
 def _check_layer_norm(m: Match) -> str | None:

@@ -449,3 +449,44 @@ def test_identities_are_looked_through_where_an_op_is_expected(dtype):
     report = _optimise_and_run(model, x)
     assert report.counts() == {"rms_norm": 1} and not report.near_misses, report
     assert fastft.check(model, (x,)).ok
+
+
+class LibraryNorm(nn.Module):  # PyTorch's own nn.RMSNorm after a linear
+    def __init__(self, dtype, affine=True, eps=None, weight_dtype=None):
+        super().__init__()
+        self.lin = nn.Linear(24, 24, dtype=dtype)
+        self.norm = nn.RMSNorm(24, eps=eps, elementwise_affine=affine, dtype=weight_dtype or dtype)
+        if affine:
+            with torch.no_grad():
+                self.norm.weight.uniform_(0.5, 1.5)
+        self.register_buffer("probe", torch.randn(24))
+
+    def forward(self, x):
+        return (self.norm(self.lin(x)).float() * self.probe).sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("eps", [None, 1e-5])
+def test_pytorch_rms_norm_op_is_rewritten_and_equivalent(dtype, affine, eps):
+    torch.manual_seed(0)
+    model = LibraryNorm(dtype, affine, eps).to(DEVICE)
+    x = torch.randn(3, 5, 24, dtype=dtype, device=DEVICE)
+    report = _optimise_and_run(model, x)
+    assert report.counts() == {"rms_norm": 1}, report
+    assert report.rewrites[0].module_path == "norm"
+    fused = [n for g in model._fastft_state.graphs.values()
+             for n in g.gm.graph.nodes if n.target is torch.ops.fastft.rms_norm.default]
+    # eps None is PyTorch's default, float32's machine epsilon, whatever the input's dtype
+    assert fused[0].args[2] == pytest.approx(eps if eps is not None else torch.finfo(torch.float32).eps)
+    result = fastft.check(model, (x,))
+    assert result.ok, result
+
+
+def test_pytorch_rms_norm_op_with_a_weight_of_another_dtype_is_a_near_miss():
+    torch.manual_seed(0)
+    model = LibraryNorm(torch.bfloat16, weight_dtype=torch.float32).to(DEVICE)
+    x = torch.randn(3, 5, 24, dtype=torch.bfloat16, device=DEVICE)
+    report = _optimise_and_run(model, x)
+    assert report.counts() == {}
+    assert any("unfused path" in m.reason for m in report.near_misses), report.near_misses
