@@ -38,7 +38,7 @@ from .glu import (
     elementwise_tile,
     round_tl,
 )
-from .launch import SUPPORTED_DTYPES, check_dtype, interpreter_block_n, interpreter_block_rows
+from .launch import SUPPORTED_DTYPES, check_dtype
 from .rounding import TL_DTYPE, round_fp32, round_loaded
 
 __all__ = [
@@ -155,11 +155,7 @@ def _launch(kernel, tensors: tuple[torch.Tensor, ...], act: int, round_dtype: Op
     output, whose dtype the kernel takes as ``dst_constexpr``."""
     views = [_as_rows(t) for t in tensors]
     n_rows, n = views[0].shape
-    if block_rows is None:
-        block_rows = interpreter_block_rows(views[0].device, n_rows, n)
-    if block_n is None:
-        block_n = interpreter_block_n(views[0].device, n)
-    br, bn, num_warps = elementwise_config(n_rows, n, block_rows, block_n, _OP)
+    br, bn, num_warps = elementwise_config(views[0].device, n_rows, n, block_rows, block_n, _OP)
     kernel[elementwise_grid(n_rows, n, br, bn)](
         *views, n_rows, n, *(v.stride(0) for v in views),
         ACT=act,

@@ -345,15 +345,21 @@ def _unit(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-def elementwise_config(n_rows: int, n: int, block_rows: Optional[int], block_n: Optional[int],
-                       op: str = "fastft::glu") -> tuple[int, int, int]:
+def elementwise_config(device: torch.device, n_rows: int, n: int, block_rows: Optional[int],
+                       block_n: Optional[int], op: str = "fastft::glu") -> tuple[int, int, int]:
     """(BLOCK_ROWS, BLOCK_N, num_warps): [1, 2048] tiles for wide rows, several short rows per
-    tile otherwise so loads stay wide; 4 warps (16 elements a thread).
+    tile otherwise so loads stay wide; 4 warps (16 elements a thread). Off the GPU, the
+    interpreter's larger tiles (``kernels/launch.py``) where none is given.
 
     Picked by an exploratory sweep (not committed; bench/kernels.py is the measurement of
     record) of bf16 [16384, 14336] views of a packed tensor on an H100, tiles 512..8192 wide or
-    tall and 4..16 warps, where this shape was fastest for forward and backward alike. A row that is not a multiple of 2048 only idles lanes of its last block.
+    tall and 4..16 warps, where this shape was fastest for forward and backward alike. A row that
+    is not a multiple of 2048 only idles lanes of its last block.
     """
+    if block_rows is None:
+        block_rows = interpreter_block_rows(device, n_rows, n)
+    if block_n is None:
+        block_n = interpreter_block_n(device, n)
     if block_n is None:
         block_n = min(next_power_of_2(n), 2048)
     if block_rows is None:
@@ -383,11 +389,7 @@ def _launch_fwd(gate, up, act, round_dtype, out_dtype, out_shape, block_rows=Non
         return out
     g2, u2 = as_rows(gate), as_rows(up)
     n_rows = g2.shape[0]
-    if block_rows is None:
-        block_rows = interpreter_block_rows(g2.device, n_rows, n)
-    if block_n is None:
-        block_n = interpreter_block_n(g2.device, n)
-    br, bn, num_warps = elementwise_config(n_rows, n, block_rows, block_n)
+    br, bn, num_warps = elementwise_config(g2.device, n_rows, n, block_rows, block_n)
     glu_fwd_kernel[elementwise_grid(n_rows, n, br, bn)](
         g2, u2, out, n_rows, n, g2.stride(0), u2.stride(0), n,
         ACT=act,
@@ -407,11 +409,7 @@ def _launch_bwd(dout, gate, up, dgate, dup, act, round_dtype, block_rows=None, b
         return
     do2, g2, u2 = as_rows(dout), as_rows(gate), as_rows(up)
     n_rows = g2.shape[0]
-    if block_rows is None:
-        block_rows = interpreter_block_rows(g2.device, n_rows, n)
-    if block_n is None:
-        block_n = interpreter_block_n(g2.device, n)
-    br, bn, num_warps = elementwise_config(n_rows, n, block_rows, block_n)
+    br, bn, num_warps = elementwise_config(g2.device, n_rows, n, block_rows, block_n)
     dg = dgate if dgate is not None else g2  # dummy pointers; never written
     du = dup if dup is not None else g2
     h2 = h if h is not None else g2
