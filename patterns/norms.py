@@ -115,9 +115,10 @@ def _check_library_rms_norm(b: dict) -> str | None:
     """PyTorch's ``rms_norm`` applies the weight in float32 and rounds once only when the weight's
     dtype is the input's; otherwise it takes another path, which the kernel does not reproduce."""
     library = b["library"]
-    if "weight" in b and dtype_of(b["weight"]) != dtype_of(canonical(library).args[0]):
-        return (f"torch.rms_norm's weight is {dtype_of(b['weight'])} and its input "
-                f"{dtype_of(canonical(library).args[0])}: PyTorch then takes its unfused path")
+    input_dtype = dtype_of(canonical(library).args[0])
+    if "weight" in b and dtype_of(b["weight"]) != input_dtype:
+        return (f"torch.rms_norm's weight is {dtype_of(b['weight'])} and its input {input_dtype}: "
+                f"PyTorch then takes its unfused path")
     if b["out_cast"] is not None and dtype_of(library) != torch.float32:
         return "the result is rounded twice (to its own dtype, then cast)"
     return None
