@@ -4,7 +4,7 @@
 For hidden states h [N, H], a projection weight W [V, H] (nn.Linear layout), an optional bias
 b [V], integer labels y [N] and the constants s = logit_scale, c = softcap:
 
-    a    = h W^T + b                                     (the matmul accumulates in fp32)
+    a    = h W^T + b                                     (accumulated in fp32, rounded to h's dtype)
     z    = s a                    or, with a softcap:    z = c tanh(s a / c)
            (s: the constant logit_scale, times a frozen per-vocabulary column_scale[v] if given)
     l_i  = logsumexp_v(z_iv) - z_{i, y_i}                (0 for rows with y_i == ignore_index)
@@ -22,21 +22,24 @@ and 0 for an ignored row; then dh = (dl/da) W, dW = (dl/da)^T h, db = sum_i dl/d
 Since the loss is a scalar, its gradients are fixed up to the scalar grad_output. The forward
 therefore computes them right away, one chunk of rows at a time:
 
-    1. a_c = h_c W^T into an fp32 buffer [rows, V] (cuBLAS, fp32 accumulation and output);
-    2. one Triton program per row: an online (running max) logsumexp over V in blocks, the row's
-       loss, then dl/da written over the row's own logits, in the inputs' dtype (for 16-bit
-       inputs: into the first half of the row's bytes, so no second buffer is needed);
+    1. a_c = h_c W^T + b into a buffer [rows, V] in the inputs' dtype (cuBLAS: fp32
+       accumulation, one rounding, as the eager projection does);
+    2. one Triton program per row: an online (running max) logsumexp over V in blocks, in fp32,
+       the row's loss, then dl/da written over the row's own logits (same dtype, same lanes);
     3. dh_c = (dl/da)_c W into dh, dW += (dl/da)_c^T h_c, db += sum of (dl/da)_c rows,
 
 and the backward only multiplies the stored gradients by grad_output. Peak memory is one chunk
-of fp32 logits plus the gradients themselves (dh [N, H], dW [V, H], each only when the input
+of logits plus the gradients themselves (dh [N, H], dW [V, H], each only when the input
 requires grad), never [N, V]. dW accumulates in the weight's dtype: each chunk's GEMM adds its
 fp32 product to it in fp32 and rounds once (an fp32 [V, H] accumulator would cost twice the
 weight's size in memory, more than all the rest of the loss step).
 
-Differences from the eager computation ``(h @ W.T + b).float()``: the logits stay fp32 from
-the fp32-accumulated matmul instead of being rounded to the 16-bit dtype first (more precise),
-and dW gets one 16-bit rounding per chunk instead of one overall.
+The logits are those of the eager computation ``(h @ W.T + b).float()``: 16-bit inputs give
+16-bit logits. Keeping them in fp32 instead would be more precise than the model being
+optimised and cost 14 instead of 8 bytes of memory traffic per logit (written once, read twice,
+gradient written). The differences from eager: the chunks' GEMMs may pick other cuBLAS kernels
+than one [N, V] GEMM (the same math, other summation orders), the scale and softcap are applied
+in fp32, and dW gets one 16-bit rounding per chunk instead of one overall.
 
 Ops: ``fastft::linear_cross_entropy`` (the public one; a CompositeImplicitAutograd op that asks
 which gradients are needed and calls the next) -> ``fastft::linear_cross_entropy_with_grads``
@@ -70,8 +73,8 @@ __all__ = [
 
 LABEL_DTYPES: tuple[torch.dtype, ...] = (torch.int64, torch.int32)
 REDUCTIONS: tuple[str, ...] = ("mean", "sum")
-# Bytes of the fp32 logits chunk, by device type: bounds the loss step's extra memory. 512 MiB
-# on a GPU keeps the chunk GEMMs large (>= 512 rows up to V = 262,144) while staying a small
+# Bytes of the logits chunk, by device type: bounds the loss step's extra memory. 512 MiB on a
+# GPU keeps the chunk GEMMs large (>= 512 rows of fp32 logits up to V = 262,144) while staying a small
 # fraction of what the unfused computation holds (~12 bytes per logit: bf16 logits, their fp32
 # copy, log-softmax output and gradients).
 CHUNK_BYTES: dict[str, int] = {"cuda": 512 << 20, "cpu": 32 << 20}
@@ -131,13 +134,11 @@ def _tanh(x):
 
 @triton.jit
 def _logits_block(
-    logits_row, bias_ptr, cscale_ptr, offs, mask, softcap, logit_scale,
-    HAS_BIAS: tl.constexpr, HAS_COLUMN_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    logits_row, cscale_ptr, offs, mask, softcap, logit_scale,
+    HAS_COLUMN_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
-    """(z, dz/da) of one block of a row; masked lanes give z = -inf."""
-    a = tl.load(logits_row + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        a += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    """(z, dz/da) of one block of a row, in fp32; masked lanes give z = -inf."""
+    a = tl.load(logits_row + offs, mask=mask, other=0.0).to(tl.float32)
     scale = logit_scale
     if HAS_COLUMN_SCALE:
         scale = tl.load(cscale_ptr + offs, mask=mask, other=1.0) * logit_scale
@@ -153,40 +154,34 @@ def _logits_block(
 
 @triton.jit
 def linear_cross_entropy_rows_kernel(
-    logits_ptr,  # fp32 [rows, V], row stride stride_l: a = h W^T of this chunk (without bias)
-    grad_ptr,  # [rows, V] GRAD_DTYPE, row stride stride_g: dl/da; may share logits_ptr's memory
+    logits_ptr,  # [rows, V] DTYPE, row stride stride_l: a = h W^T + b of this chunk; dl/da on return
     labels_ptr,  # [rows] int32 / int64
-    bias_ptr,  # [V] or a dummy
     cscale_ptr,  # [V] fp32 per-vocabulary scale, or a dummy
     loss_ptr,  # [rows] fp32: each row's loss, not divided by D
     inv_div_ptr,  # [1] fp32: 1 / D
     V,
     stride_l,
-    stride_g,
     ignore_index,
     softcap,
     logit_scale,
-    HAS_BIAS: tl.constexpr,
     HAS_COLUMN_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
-    GRAD_DTYPE: tl.constexpr,
-    SYNC: tl.constexpr,  # grad_ptr is a narrower view of the logits' memory: barrier before stores
+    DTYPE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # row * stride exceeds 2^31 for large chunks
     logits_row = logits_ptr + row * stride_l
-    grad_row = grad_ptr + row * stride_g
     cols = tl.arange(0, BLOCK_V)
     label = tl.load(labels_ptr + row).to(tl.int64)
 
     if label == ignore_index:
         tl.store(loss_ptr + row, 0.0)
         if COMPUTE_GRAD:
-            zero = tl.zeros((BLOCK_V,), dtype=GRAD_DTYPE)
+            zero = tl.zeros((BLOCK_V,), dtype=DTYPE)
             for start in range(0, V, BLOCK_V):
                 offs = start + cols
-                tl.store(grad_row + offs, zero, mask=offs < V)
+                tl.store(logits_row + offs, zero, mask=offs < V)
     else:
         # A label outside [0, V) (torch would raise) makes the row's loss and gradient NaN.
         valid = (label >= 0) & (label < V)
@@ -194,8 +189,8 @@ def linear_cross_entropy_rows_kernel(
         # The target logit first: the gradient pass below overwrites the row.
         # (Never name an unused result `_`: the loops below assign it too, and compiled Triton
         # then takes it for a loop-carried value whose type changes: scalar here, block there.)
-        z_t, dz_t = _logits_block(logits_row, bias_ptr, cscale_ptr, safe_label, valid, softcap, logit_scale,
-                                  HAS_BIAS, HAS_COLUMN_SCALE, HAS_SOFTCAP)
+        z_t, dz_t = _logits_block(logits_row, cscale_ptr, safe_label, valid, softcap, logit_scale,
+                                  HAS_COLUMN_SCALE, HAS_SOFTCAP)
         z_t = tl.where(valid, z_t, float("nan"))
 
         # Online logsumexp: each lane keeps its running max m and sum s of exp(z - m); lanes
@@ -204,8 +199,8 @@ def linear_cross_entropy_rows_kernel(
         s = tl.zeros((BLOCK_V,), dtype=tl.float32)
         for start in range(0, V, BLOCK_V):
             offs = start + cols
-            z, dz_unused = _logits_block(logits_row, bias_ptr, cscale_ptr, offs, offs < V, softcap,
-                                         logit_scale, HAS_BIAS, HAS_COLUMN_SCALE, HAS_SOFTCAP)
+            z, dz_unused = _logits_block(logits_row, cscale_ptr, offs, offs < V, softcap,
+                                         logit_scale, HAS_COLUMN_SCALE, HAS_SOFTCAP)
             m_new = tl.maximum(m, z)
             s = s * tl.exp(m - m_new) + tl.exp(z - m_new)
             m = m_new
@@ -216,22 +211,16 @@ def linear_cross_entropy_rows_kernel(
         if COMPUTE_GRAD:
             inv_div = tl.load(inv_div_ptr)
             inv_div = tl.where(valid, inv_div, float("nan"))
-            if SYNC:
-                tl.debug_barrier()
+            # Each block's gradient goes over the logits it was computed from, lane for lane.
             for start in range(0, V, BLOCK_V):
                 offs = start + cols
                 mask = offs < V
-                z, dz = _logits_block(logits_row, bias_ptr, cscale_ptr, offs, mask, softcap, logit_scale,
-                                      HAS_BIAS, HAS_COLUMN_SCALE, HAS_SOFTCAP)
+                z, dz = _logits_block(logits_row, cscale_ptr, offs, mask, softcap, logit_scale,
+                                      HAS_COLUMN_SCALE, HAS_SOFTCAP)
                 p = tl.exp(z - lse)
                 g = tl.where(offs == label, p - 1.0, p) * dz * inv_div
-                g = round_fp32(g, GRAD_DTYPE).to(GRAD_DTYPE)
-                if SYNC:
-                    # A 16-bit gradient of block j lands on fp32 logits of blocks <= j: every
-                    # thread must have read this block (and so all earlier ones) before any
-                    # writes. Loads of later blocks are never overwritten here.
-                    tl.debug_barrier()
-                tl.store(grad_row + offs, g, mask=mask)
+                g = round_fp32(g, DTYPE).to(DTYPE)
+                tl.store(logits_row + offs, g, mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,38 +311,26 @@ def column_scale_fits(scale: torch.Tensor, vocabulary: int) -> bool:
         not shape or shape[-1] == 1 or shape[-1] == vocabulary)
 
 
-def _chunk_rows(n_rows: int, v: int, device: torch.device, chunk_rows: Optional[int]) -> int:
-    """Rows per chunk: as many as the fp32 logits budget allows (at most an eighth of the rows,
+def _chunk_rows(n_rows: int, v: int, device: torch.device, chunk_rows: Optional[int],
+                element_size: int = 4) -> int:
+    """Rows per chunk: as many as the logits budget allows (at most an eighth of the rows,
     but never fewer than MIN_CHUNK_ROWS), balanced so that the chunks have equal sizes."""
     if chunk_rows is not None:
         if chunk_rows < 1:
             raise ValueError(f"{_PREFIX} chunk_rows must be >= 1, got {chunk_rows}")
         return min(chunk_rows, max(n_rows, 1))
     budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"])
-    rows = max(1, min(budget // (4 * v), max(n_rows // 8, MIN_CHUNK_ROWS)))
+    rows = max(1, min(budget // (element_size * v), max(n_rows // 8, MIN_CHUNK_ROWS)))
     n_chunks = cdiv(max(n_rows, 1), rows)
     return cdiv(max(n_rows, 1), n_chunks)
 
 
-_MM_FP32_OUT: dict[str, bool] = {}  # device type -> whether torch.mm(..., out_dtype=float32) works
-
-
-def _project(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, w32: Optional[torch.Tensor]) -> None:
-    """out (fp32) = h @ weight.T accumulated in fp32 without rounding the result to h's dtype."""
-    if h.dtype == torch.float32:
+def _project(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    """out = h @ weight.T (+ bias) in h's dtype: one GEMM accumulating in fp32, rounded once."""
+    if bias is None:
         torch.mm(h, weight.t(), out=out)
-        return
-    dev = h.device.type
-    if _MM_FP32_OUT.get(dev, dev == "cuda"):
-        try:
-            torch.mm(h, weight.t(), out_dtype=torch.float32, out=out)
-            return
-        except (RuntimeError, TypeError, NotImplementedError):
-            _MM_FP32_OUT[dev] = False  # an older torch: fall back for good
-    if w32 is not None:  # the upcast weight (CPU: tests and inspection)
-        torch.mm(h.float(), w32.t(), out=out)
-    else:  # a GPU whose torch lacks fp32-output GEMMs: the logits get rounded, as eager does
-        out.copy_(torch.mm(h, weight.t()))
+    else:
+        torch.addmm(bias, h, weight.t(), out=out)
 
 
 def _kernel_config(v: int, device: torch.device, block_v: Optional[int]) -> tuple[int, int]:
@@ -426,34 +403,27 @@ def linear_cross_entropy_forward(
     inv_div = (1.0 / divisor if divisor is not None else torch.ones((), device=device)).reshape(1)
 
     if n_rows:
-        rows = _chunk_rows(n_rows, v, device, chunk_rows)
-        buf = torch.empty((rows, v), dtype=torch.float32, device=device)
-        narrow = hidden.dtype != torch.float32
-        # 16-bit gradients go into the first half of each fp32 logits row (row stride 2V).
-        gbuf = buf.view(hidden.dtype)[:, :v] if narrow else buf
-        w32 = weight.float() if narrow and device.type != "cuda" else None
+        rows = _chunk_rows(n_rows, v, device, chunk_rows, hidden.element_size())
+        buf = torch.empty((rows, v), dtype=hidden.dtype, device=device)
         block_v, num_warps = _kernel_config(v, device, block_v)
-        bias_arg = bias.contiguous() if bias is not None else buf
         cscale_arg = column_scale if column_scale is not None else buf
         for r0 in range(0, n_rows, rows):
             r1 = min(r0 + rows, n_rows)
             h_c = h2[r0:r1]
             logits = buf[: r1 - r0]
-            _project(logits, h_c, weight, w32)
-            grad = gbuf[: r1 - r0]
+            _project(logits, h_c, weight, bias)
             linear_cross_entropy_rows_kernel[(r1 - r0,)](
-                logits, grad, y[r0:r1], bias_arg, cscale_arg, row_loss[r0:r1], inv_div,
-                v, logits.stride(0), grad.stride(0), int(ignore_index),
+                logits, y[r0:r1], cscale_arg, row_loss[r0:r1], inv_div,
+                v, logits.stride(0), int(ignore_index),
                 float(softcap) if softcap is not None else 1.0, float(logit_scale),
-                HAS_BIAS=bias is not None,
                 HAS_COLUMN_SCALE=column_scale is not None,
                 HAS_SOFTCAP=softcap is not None,
                 COMPUTE_GRAD=compute_grad,
-                GRAD_DTYPE=TL_DTYPE[hidden.dtype],
-                SYNC=narrow and compute_grad,
+                DTYPE=TL_DTYPE[hidden.dtype],
                 BLOCK_V=block_v,
                 num_warps=num_warps,
             )
+            grad = logits  # now dl/da
             if need_dhidden:
                 torch.mm(grad, weight, out=dh[r0:r1])
             if need_dweight:

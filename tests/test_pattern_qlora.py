@@ -61,11 +61,21 @@ def test_every_adapted_4bit_linear_is_fused_and_checked(saved_model, quant_type,
     assert not [m for m in fastft.report(model).near_misses if m.pattern == "lora"], str(fastft.report(model))
 
 
+# The fused ops run the adapters in bf16 where peft runs them in fp32 (kernels/lora.py): one
+# step's adapter gradients already differ from peft's by up to 2.9% rel L2 (measured on CPU,
+# 2026-11-30), and three SGD steps of lr 0.1 with momentum move layer 0's adapters by up to
+# 38% of their norm, so the parameters inherit a share of that difference that varies with the
+# data: for batch seeds 0, 10, 20, 30, the largest was 3.5%, 0.4%, 1.1% and 1.1% with the
+# logits rounded to bf16 as eager rounds them, and 1.5%, 0.5%, 0.9% and 1.2% with fp32 logits.
+# The losses keep the bf16 bound.
+QLORA_PARAM_REL_L2 = 5e-2
+
+
 def test_three_steps_train_like_the_original(saved_model):
     model = _qlora(saved_model)
     reference = twin(model)
     batches = [_batch(model, seed) for seed in range(3)]
-    assert_same_training(reference, fastft.optimize(model), batches)
+    assert_same_training(reference, fastft.optimize(model), batches, param_rel_l2=QLORA_PARAM_REL_L2)
 
 
 def test_checkpointed_layers_fuse_inside_their_bodies(saved_model):
