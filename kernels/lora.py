@@ -135,6 +135,18 @@ def _stacked_a(group: Sequence[Adapted], dtype: torch.dtype) -> torch.Tensor:
     return torch.cat([lin.lora_a.to(dtype) for lin in group])
 
 
+def _mm_as(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b returned in ``dtype`` (an adapter gradient in its parameter's dtype). An fp32
+    result of 16-bit operands comes straight from the GEMM's fp32 accumulator, without a 16-bit
+    rounding and a cast kernel after it; off the GPU, where torch has no such GEMM, from the
+    upcast operands (the same products: 16-bit values are exact in fp32)."""
+    if dtype == a.dtype:
+        return torch.mm(a, b)
+    if dtype == torch.float32:
+        return torch.mm(a, b, out_dtype=dtype) if a.is_cuda else torch.mm(a.float(), b.float())
+    return torch.mm(a, b).to(dtype)
+
+
 def _rank_columns(group: Sequence[Adapted]) -> list[slice]:
     """Where each adapter's x A^T sits among the stacked columns."""
     columns, start = [], 0
@@ -199,7 +211,10 @@ def _group_backward(dys: Sequence[Optional[torch.Tensor]], x2: torch.Tensor, xa:
     dyb = _adapter_rows(dys, group) if (need_dx or any_da) and any(live) else None
     if need_dx and dyb is not None:
         dx = _group_dx(dys, dyb, group, dx)
-    da_all = torch.mm(dyb.t(), x2) if any_da else None
+    da_dtype = group[0].lora_a.dtype
+    if any(lin.lora_a.dtype != da_dtype for lin in group):
+        da_dtype = dtype  # cast per adapter below
+    da_all = _mm_as(dyb.t(), x2, da_dtype) if any_da else None
     grads = []
     for lin, dy, need, columns in zip(group, dys, needs, _rank_columns(group)):
         if dy is None:
@@ -207,8 +222,9 @@ def _group_backward(dys: Sequence[Optional[torch.Tensor]], x2: torch.Tensor, xa:
             continue
         dw = torch.mm(dy.t(), x2).to(lin.weight.dtype) if need.dweight else None
         dbias = dy.sum(0) if need.dbias else None
-        # A fresh tensor each (copy=True): an op's outputs must not alias one another.
-        da = da_all[columns].to(lin.lora_a.dtype, copy=True) if need.dlora_a else None
+        # A fresh tensor each (copy): an op's outputs must not alias one another.
+        da = (da_all if len(group) == 1 else da_all[columns]).to(lin.lora_a.dtype, copy=len(group) > 1) \
+            if need.dlora_a else None
         db = _b_grad(dy, xa[:, columns], lin) if need.dlora_b else None
         grads.append((dw, dbias, da, db))
     return dx, grads
@@ -246,7 +262,8 @@ def _group_dx(dys: Sequence[Optional[torch.Tensor]], dyb: torch.Tensor, group: S
 
 def _b_grad(dy: torch.Tensor, xa: torch.Tensor, lin: Adapted) -> torch.Tensor:
     """dB = s dY^T (X A^T), in B's dtype."""
-    return torch.mm(dy.t(), xa).to(lin.lora_b.dtype).mul_(lin.scale)
+    db = _mm_as(dy.t(), xa, lin.lora_b.dtype)
+    return db.mul_(lin.scale) if lin.scale != 1.0 else db
 
 
 # --------------------------------------------------------------------------------------------
@@ -535,7 +552,7 @@ def _lora_glu_mlp_backward_op(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor
         del dh
     elif need_down_a:
         h = glu_forward(g, u, activation, round_dtype, x.dtype)
-    grads[5] = torch.mm(dyb.t(), h).to(down_a.dtype) if need_down_a else None
+    grads[5] = _mm_as(dyb.t(), h, down_a.dtype) if need_down_a else None
     del h
     grads[6] = _b_grad(dy2, xa_down, down) if need_down_b else None
     if need_dh:
