@@ -227,6 +227,7 @@ def _host_forward(step, batch) -> str:
         step(batch, clock(False))
         torch.cuda.synchronize()
     median = statistics.median(times)
+    phases = _forward_phases(step, batch)
     step(batch, clock(True))
     torch.cuda.synchronize()
     text = io.StringIO()
@@ -234,7 +235,75 @@ def _host_forward(step, batch) -> str:
     stats.sort_stats("tottime").print_stats(25)
     stats.sort_stats("cumulative").print_stats(40)
     return (f"host time in the forward call, no profiler: median {median * 1e3:.2f} ms of 3\n"
-            f"the forward call under cProfile:\n{text.getvalue()}")
+            f"{phases}\nthe forward call under cProfile:\n{text.getvalue()}")
+
+
+# Calls inside a compiled forward that split its host time into phases (owner module, class, method).
+_PHASE_CALLS = (("fastft.passes.capture", "CapturedGraph", "__call__"),
+                ("torch._inductor.output_code", "CompiledFxGraph", "__call__"),
+                ("torch._inductor.cudagraph_trees", "CUDAGraphNode", "run"),
+                ("torch.cuda.graphs", "CUDAGraph", "replay"),
+                ("torch._inductor.cudagraph_trees", "CUDAGraphNode", "reconstruct_outputs"))
+
+
+def _forward_phases(step, batch, repeats: int = 5) -> str:
+    """Host time of the forward call split at the calls in _PHASE_CALLS (a timer around each,
+    installed for these steps only): median over ``repeats`` steps of each call's time, and of the
+    time before the first one starts. A call that never runs is reported as such."""
+    import importlib
+
+    import torch
+
+    events: list[tuple[str, float, float]] = []
+    patched = []
+    for module, cls_name, attr in _PHASE_CALLS:
+        try:
+            cls = getattr(importlib.import_module(module), cls_name)
+            original = getattr(cls, attr)
+        except (ImportError, AttributeError):
+            continue
+
+        def timed(*args, _orig=original, _name=f"{cls_name}.{attr}", **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return _orig(*args, **kwargs)
+            finally:
+                events.append((_name, t0, time.perf_counter()))
+        setattr(cls, attr, timed)
+        patched.append((cls, attr, original))
+    rows: dict[str, list[float]] = {}
+    try:
+        for _ in range(repeats):
+            events.clear()
+            starts: list[float] = []
+
+            @contextlib.contextmanager
+            def mark(name):
+                if name == "step.forward":
+                    starts.append(time.perf_counter())
+                yield
+                if name == "step.forward":
+                    starts.append(time.perf_counter())
+            step(batch, mark)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0, t1 = starts[0], starts[1]
+            inside = [e for e in events if t0 <= e[1] <= t1]
+            rows.setdefault("whole forward call", []).append(t1 - t0)
+            if inside:
+                rows.setdefault("before the first timed call", []).append(min(e[1] for e in inside) - t0)
+            for name, a, b in inside:
+                rows.setdefault(name, []).append(b - a)
+    finally:
+        for cls, attr, original in patched:
+            setattr(cls, attr, original)
+    lines = [f"the forward call's host time by phase (median of {repeats} steps, ms; nested calls include their callees):"]
+    for name, values in rows.items():
+        lines.append(f"  {name}: {statistics.median(values) * 1e3:.3f} (x{len(values) // repeats} a call)")
+    missing = [f"{c}.{a}" for _, c, a in _PHASE_CALLS if f"{c}.{a}" not in rows]
+    if missing:
+        lines.append(f"  not called (or not found) in the forward: {', '.join(missing)}")
+    return "\n".join(lines)
 
 
 def _model_facts(model) -> dict[str, int]:
