@@ -1,5 +1,11 @@
-"""Side-by-side copies of 2-D tensors into one wider tensor (Triton): the operands of a GEMM that
-takes a LoRA correction through its depth, [x | x A^T] and [W | s B] (``kernels/lora.py``).
+"""Copies of several tensors into one (Triton), for the LoRA ops of ``kernels/lora.py``:
+
+- ``concat_columns``: 2-D tensors side by side in one wider tensor, the operands of a GEMM that
+  takes a LoRA correction through its depth, [x | x A^T] and [W | s B];
+- ``cast_parts``: small tensors one after another in one flat buffer, each cast (and scaled)
+  on the way: the adapters of a group of LoRA linears in the GEMMs' dtype, in one launch.
+
+``concat_columns``:
 
 PyTorch's ``copy_`` into a column slice of a wider tensor cannot use its vectorised kernel (the
 destination is not contiguous) and moved a [8192, 2048] bf16 block at about 1.6 TB/s on the
@@ -9,14 +15,16 @@ H200: 39 us a copy, four such copies per layer of the 1B LoRA training step of b
 """
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 import triton
 import triton.language as tl
 
 from .launch import SUPPORTED_DTYPES, cdiv, interpreter_block_n, interpreter_block_rows, next_power_of_2
-from .rounding import TL_DTYPE, round_loaded
+from .rounding import TL_DTYPE, round_fp32, round_loaded
 
-__all__ = ["concat_columns"]
+__all__ = ["cast_parts", "concat_columns"]
 
 
 @triton.jit
@@ -68,4 +76,81 @@ def concat_columns(*parts: torch.Tensor) -> torch.Tensor:
         if width:
             _copy_block(p if p.stride(1) == 1 or width == 1 else p.contiguous(), out[:, start:start + width])
         start += width
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# cast_parts
+# ---------------------------------------------------------------------------------------------
+# A group's adapters (up to three A and three B matrices) are cast every step, forward and
+# backward. One launch per tensor (and one more to stack the A's) is a kernel of a few hundred
+# kilobytes each, dozens of them per layer: here one launch moves a group's parts, each program
+# one block of one part (the grid's second axis picks the part).
+MAX_PARTS = 6
+_PART_BLOCK = 1024
+
+
+@triton.jit
+def _cast_part(src_ptr, dst_ptr, n, scale, offs, OUT_DTYPE: tl.constexpr, SCALED: tl.constexpr):
+    mask = offs < n
+    v = tl.load(src_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if SCALED:
+        v = v * scale
+    tl.store(dst_ptr + offs, round_fp32(v, OUT_DTYPE).to(OUT_DTYPE), mask=mask)
+
+
+@triton.jit
+def _cast_parts_kernel(out_ptr, s0, s1, s2, s3, s4, s5, o1, o2, o3, o4, o5, n0, n1, n2, n3, n4, n5,
+                       c0, c1, c2, c3, c4, c5, OUT_DTYPE: tl.constexpr, SCALED: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    part = tl.program_id(1)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    if part == 0:
+        _cast_part(s0, out_ptr, n0, c0, offs, OUT_DTYPE, SCALED)
+    elif part == 1:
+        _cast_part(s1, out_ptr + o1, n1, c1, offs, OUT_DTYPE, SCALED)
+    elif part == 2:
+        _cast_part(s2, out_ptr + o2, n2, c2, offs, OUT_DTYPE, SCALED)
+    elif part == 3:
+        _cast_part(s3, out_ptr + o3, n3, c3, offs, OUT_DTYPE, SCALED)
+    elif part == 4:
+        _cast_part(s4, out_ptr + o4, n4, c4, offs, OUT_DTYPE, SCALED)
+    else:
+        _cast_part(s5, out_ptr + o5, n5, c5, offs, OUT_DTYPE, SCALED)
+
+
+def cast_parts(parts: Sequence[torch.Tensor], dtype: torch.dtype,
+               scales: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """A new 1-D tensor in ``dtype`` holding every part's elements (row-major), part after part:
+    part i is ``(parts[i].float() * scales[i]).to(dtype)``, one rounding (no scaling without
+    ``scales``). Consecutive 2-D parts with one column count form a row-stacked matrix in it."""
+    if not parts:
+        raise ValueError("cast_parts: no parts")
+    scales = list(scales) if scales is not None else [1.0] * len(parts)
+    if len(scales) != len(parts):
+        raise ValueError(f"cast_parts: {len(parts)} parts but {len(scales)} scales")
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"cast_parts: dtype {dtype} is not float32, bfloat16 or float16")
+    for i, p in enumerate(parts):
+        if p.dtype not in SUPPORTED_DTYPES or p.device != parts[0].device:
+            raise ValueError(f"cast_parts: part {i} is {p.dtype} on {p.device}; parts must be float32, "
+                             f"bfloat16 or float16 on {parts[0].device}")
+    sizes = [p.numel() for p in parts]
+    out = torch.empty(sum(sizes), dtype=dtype, device=parts[0].device)
+    start = 0
+    for first in range(0, len(parts), MAX_PARTS):
+        batch = [p.contiguous() for p in parts[first:first + MAX_PARTS]]
+        n = sizes[first:first + MAX_PARTS]
+        offsets = [start + sum(n[:i]) for i in range(len(batch))]
+        start += sum(n)
+        if not any(n):
+            continue
+        pad = MAX_PARTS - len(batch)
+        srcs = batch + [batch[0]] * pad  # never read: the grid has one column per real part
+        block = interpreter_block_n(out.device, max(n)) or _PART_BLOCK
+        c = [float(x) for x in scales[first:first + MAX_PARTS]] + [1.0] * pad
+        _cast_parts_kernel[(cdiv(max(n), block), len(batch))](
+            out[offsets[0]:], *srcs, *(o - offsets[0] for o in offsets[1:]), *([0] * pad),
+            *n, *([0] * pad), *c, OUT_DTYPE=TL_DTYPE[dtype], SCALED=any(x != 1.0 for x in c),
+            BLOCK=block, num_warps=4)
     return out

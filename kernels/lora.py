@@ -36,7 +36,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .concat import concat_columns
+from .concat import cast_parts, concat_columns
 from .glu import glu_backward_and_output, glu_forward, glu_reference
 from .lora_glu import lora_glu_forward
 from .nf4 import dequantize_4bit_forward
@@ -127,12 +127,26 @@ class Needed(NamedTuple):
     dlora_b: bool = False
 
 
-def _stacked_a(group: Sequence[Adapted], dtype: torch.dtype) -> torch.Tensor:
-    """The group's A matrices one above the other, [sum of ranks, in], in ``dtype``: one GEMM
-    then reads x for every adapter of the group."""
-    if len(group) == 1:
-        return group[0].lora_a.to(dtype)
-    return torch.cat([lin.lora_a.to(dtype) for lin in group])
+class Operands(NamedTuple):
+    """A group's adapters as its GEMMs take them, in the GEMMs' dtype."""
+
+    a: torch.Tensor  # the A matrices one above the other, [sum of ranks, in]: one GEMM reads x for all
+    b: list[torch.Tensor]  # s_i B_i per linear, [out_i, r_i], scaled in fp32 before the one rounding
+
+
+def _operands(group: Sequence[Adapted], dtype: torch.dtype) -> Operands:
+    """The group's Operands, cast (peft keeps adapters in fp32), stacked and scaled by one kernel
+    launch (``cast_parts``) instead of a cast, a scale and a concatenation each."""
+    if len(group) == 1 and group[0].scale == 1.0 and group[0].lora_a.dtype == group[0].lora_b.dtype == dtype:
+        return Operands(group[0].lora_a, [group[0].lora_b])  # nothing to do
+    flat = cast_parts([lin.lora_a for lin in group] + [lin.lora_b for lin in group], dtype,
+                      [1.0] * len(group) + [lin.scale for lin in group])
+    ranks, inner = sum(lin.lora_a.shape[0] for lin in group), group[0].lora_a.shape[1]
+    a, start, bs = flat[:ranks * inner].view(ranks, inner), ranks * inner, []
+    for lin in group:
+        bs.append(flat[start:start + lin.lora_b.numel()].view(lin.lora_b.shape))
+        start += lin.lora_b.numel()
+    return Operands(a, bs)
 
 
 def _mm_as(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -168,28 +182,30 @@ def depth_concat_pays(rows: int, inner: int, outer: int, weights: int = 1) -> bo
     return rows * inner + weights * outer * inner < weights * rows * outer
 
 
-def _group_forward(x2: torch.Tensor, group: Sequence[Adapted], add_adapters: bool = True
-                   ) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _group_forward(x2: torch.Tensor, group: Sequence[Adapted], ops: Optional[Operands] = None,
+                   add_adapters: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Each linear's output, and x A^T of every adapter side by side ([rows, sum of ranks]): the
     backward takes it from here instead of reading x again (it is rank / in of x's size).
-    ``add_adapters`` False: the bases' outputs alone, for a kernel that adds the corrections."""
+    ``ops``: the group's Operands where the caller has them already. ``add_adapters`` False:
+    the bases' outputs alone, for a kernel that adds the corrections."""
     dtype = x2.dtype
-    xa = torch.mm(x2, _stacked_a(group, dtype).t())
+    ops = ops if ops is not None else _operands(group, dtype)
+    xa = torch.mm(x2, ops.a.t())
     if add_adapters and len(group) == 1 and depth_concat_pays(*x2.shape, group[0].weight.shape[0]):
         lin = group[0]
         xs = concat_columns(x2, xa)
-        w_b = concat_columns(lin.weight, _scaled_b(lin, dtype))
+        w_b = concat_columns(lin.weight, ops.b[0])
         y = torch.addmm(lin.bias.to(dtype), xs, w_b.t()) if lin.bias is not None else torch.mm(xs, w_b.t())
         return [y], xa
     outs = []
-    for lin, columns in zip(group, _rank_columns(group)):
+    for lin, b, columns in zip(group, ops.b, _rank_columns(group)):
         if lin.bias is not None:
             y = torch.addmm(lin.bias.to(dtype), x2, lin.weight.t())
         else:
             y = torch.mm(x2, lin.weight.t())
         if add_adapters:
             # The adapter's product goes straight into y's accumulator (beta = 1): no [rows, out] temporary.
-            y.addmm_(xa[:, columns], lin.lora_b.to(dtype).t(), alpha=lin.scale)
+            y.addmm_(xa[:, columns], b.t())
         outs.append(y)
     return outs, xa
 
@@ -208,9 +224,10 @@ def _group_backward(dys: Sequence[Optional[torch.Tensor]], x2: torch.Tensor, xa:
     dys = [dy.to(dtype) if dy is not None else None for dy in dys]
     live = [dy is not None for dy in dys]
     any_da = any(n.dlora_a and on for n, on in zip(needs, live))
-    dyb = _adapter_rows(dys, group) if (need_dx or any_da) and any(live) else None
+    ops = _operands(group, dtype) if (need_dx or any_da) and any(live) else None
+    dyb = _adapter_rows(dys, group, ops) if ops is not None else None
     if need_dx and dyb is not None:
-        dx = _group_dx(dys, dyb, group, dx)
+        dx = _group_dx(dys, dyb, group, ops, dx)
     da_dtype = group[0].lora_a.dtype
     if any(lin.lora_a.dtype != da_dtype for lin in group):
         da_dtype = dtype  # cast per adapter below
@@ -230,34 +247,31 @@ def _group_backward(dys: Sequence[Optional[torch.Tensor]], x2: torch.Tensor, xa:
     return dx, grads
 
 
-def _adapter_rows(dys: Sequence[Optional[torch.Tensor]], group: Sequence[Adapted]) -> torch.Tensor:
+def _adapter_rows(dys: Sequence[Optional[torch.Tensor]], group: Sequence[Adapted], ops: Operands) -> torch.Tensor:
     """[s_i dY_i B_i]_i side by side ([rows, sum of ranks], zeros for a linear with no dY): the
     rank-r factor of every adapter's dX share and dA."""
-    dtype = group[0].weight.dtype
     parts = []
-    for lin, dy in zip(group, dys):
+    for lin, dy, b in zip(group, dys, ops.b):
         if dy is None:
             like = next(d for d in dys if d is not None)
             parts.append(like.new_zeros((like.shape[0], lin.lora_a.shape[0])))
             continue
-        part = torch.mm(dy, lin.lora_b.to(dtype))
-        parts.append(part.mul_(lin.scale) if lin.scale != 1.0 else part)
+        parts.append(torch.mm(dy, b))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def _group_dx(dys: Sequence[Optional[torch.Tensor]], dyb: torch.Tensor, group: Sequence[Adapted],
-              dx: Optional[torch.Tensor] = None) -> torch.Tensor:
+              ops: Operands, dx: Optional[torch.Tensor] = None) -> torch.Tensor:
     """dX = sum_i dY_i W_i + dyb [A_i]_i, accumulated into ``dx`` in place when given."""
-    dtype = group[0].weight.dtype
     if dx is None and len(group) == 1 and depth_concat_pays(dyb.shape[0], *group[0].weight.shape):
         # dX = [dY | s dY B] [W; A]: the adapter's share through the GEMM's depth.
         lin = group[0]
-        return torch.mm(concat_columns(dys[0], dyb), torch.cat([lin.weight, lin.lora_a.to(dtype)]))
+        return torch.mm(concat_columns(dys[0], dyb), torch.cat([lin.weight, ops.a]))
     # Each GEMM accumulates into the one buffer (beta = 1): no temporary per contribution.
     for lin, dy in zip(group, dys):
         if dy is not None:
             dx = torch.mm(dy, lin.weight) if dx is None else dx.addmm_(dy, lin.weight)
-    return dx.addmm_(dyb, _stacked_a(group, dtype))
+    return dx.addmm_(dyb, ops.a)
 
 
 def _b_grad(dy: torch.Tensor, xa: torch.Tensor, lin: Adapted) -> torch.Tensor:
@@ -467,42 +481,32 @@ def _lora_glu_mlp_forward_op(x: torch.Tensor,
     _check_mlp(x, gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down_a, down_b)
     gate, up = Adapted(gate_w, None, gate_a, gate_b, gate_scale), Adapted(up_w, None, up_a, up_b, up_scale)
     x2 = _rows(x)
+    ops = _operands([gate, up], x.dtype)
     if depth_concat_pays(*x2.shape, gate_w.shape[0], weights=2):
-        g, u, xa_gate_up = _gate_up_through_depth(x2, gate, up)
+        g, u, xa_gate_up = _gate_up_through_depth(x2, gate, up, ops)
         h = glu_forward(g, u, activation, round_dtype, x.dtype)
     else:
         # g and u come out of the GEMMs as the bases' outputs; the GLU kernel adds the adapters'
         # corrections as it reads them, and writes the corrected values back in place.
-        (g, u), xa_gate_up = _group_forward(x2, [gate, up], add_adapters=False)
-        h = lora_glu_forward(g, u, *_corrections(xa_gate_up, gate, up, x.dtype), activation, round_dtype, x.dtype)
-    (y,), xa_down = _group_forward(h, [Adapted(down_w, None, down_a, down_b, down_scale)])
+        (g, u), xa_gate_up = _group_forward(x2, [gate, up], ops, add_adapters=False)
+        rank = gate_a.shape[0]  # the B's come scaled: the kernel's scales are 1
+        h = lora_glu_forward(g, u, xa_gate_up[:, :rank], xa_gate_up[:, rank:], *ops.b, 1.0, 1.0, activation,
+                             round_dtype, x.dtype)
+    down = Adapted(down_w, None, down_a, down_b, down_scale)
+    (y,), xa_down = _group_forward(h, [down], _operands([down], x.dtype))
     return y.reshape(*x.shape[:-1], down_w.shape[0]), g, u, xa_gate_up, xa_down
 
 
-def _scaled_b(lin: Adapted, dtype: torch.dtype) -> torch.Tensor:
-    """s B in ``dtype``, scaled before the cast: no rounding beyond the cast's own (x A^T, the
-    other factor of the correction, stays as the GEMM gave it)."""
-    return (lin.lora_b.float() * lin.scale).to(dtype)
-
-
-def _gate_up_through_depth(x2: torch.Tensor, gate: Adapted, up: Adapted
+def _gate_up_through_depth(x2: torch.Tensor, gate: Adapted, up: Adapted, ops: Operands
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Corrected g and u, each from one GEMM over [x A_g^T | x | x A_u^T]: gate reads its first
     r_g + in columns against [s_g B_g | W_g], up its last in + r_u against [W_u | s_u B_u]."""
     dtype, rank_gate, inner = x2.dtype, gate.lora_a.shape[0], x2.shape[1]
-    xa = torch.mm(x2, _stacked_a([gate, up], dtype).t())
+    xa = torch.mm(x2, ops.a.t())
     wide = concat_columns(xa[:, :rank_gate], x2, xa[:, rank_gate:])
-    g = torch.mm(wide[:, :rank_gate + inner], concat_columns(_scaled_b(gate, dtype), gate.weight).t())
-    u = torch.mm(wide[:, rank_gate:], concat_columns(up.weight, _scaled_b(up, dtype)).t())
+    g = torch.mm(wide[:, :rank_gate + inner], concat_columns(ops.b[0], gate.weight).t())
+    u = torch.mm(wide[:, rank_gate:], concat_columns(up.weight, ops.b[1]).t())
     return g, u, xa
-
-
-def _corrections(xa_gate_up: torch.Tensor, gate: Adapted, up: Adapted, dtype: torch.dtype) -> tuple:
-    """What the LoRA GLU kernel takes to correct the bases' outputs G and U: x A^T and B of each
-    adapter, and its scale."""
-    rank = gate.lora_a.shape[0]
-    return (xa_gate_up[:, :rank], xa_gate_up[:, rank:], gate.lora_b.to(dtype).contiguous(),
-            up.lora_b.to(dtype).contiguous(), gate.scale, up.scale)
 
 
 @_lora_glu_mlp_forward_op.register_fake
@@ -542,10 +546,11 @@ def _lora_glu_mlp_backward_op(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor
     need_dh = need_dx or need_gate_a or need_gate_b or need_up_a or need_up_b
     grads: list[Optional[torch.Tensor]] = [None] * 7
     dy2 = _rows(dy).to(down_w.dtype)
-    dyb = _adapter_rows([dy2], [down]) if need_dh or need_down_a else None
+    down_ops = _operands([down], down_w.dtype) if need_dh or need_down_a else None
+    dyb = _adapter_rows([dy2], [down], down_ops) if down_ops is not None else None
     h = None
     if need_dh:
-        dh = _group_dx([dy2], dyb, [down])
+        dh = _group_dx([dy2], dyb, [down], down_ops)
         # h, which the down adapter's dA reads, comes out of the same pass as dg and du (one more
         # write there instead of a pass of the forward kernel), into dh's buffer.
         dg, du, h = glu_backward_and_output(dh, g, u, activation, round_dtype, x.dtype, h_over_dout=True)
