@@ -11,15 +11,24 @@ SDPA's ``is_causal`` is the top-left aligned lower triangle, ``j <= i``: exactly
 
 A mask that depends on the data (padding, user positions, packed sequences), a sliding window or
 anything the analysis cannot prove stays as it is, and the report says why.
+
+Grouped-query attention: a model that passes a mask repeats each key/value head for the query
+heads that share it before SDPA (``x[:, :, None].expand(b, h, n, t, d).reshape(b, h * n, t, d)``),
+since SDPA's own ``enable_gqa`` is not taken with a mask everywhere. Once the mask is gone the
+rewritten call takes the unrepeated keys and values with ``enable_gqa=True``: the same values
+(query head i reads key/value head i // n either way), without n copies of k and v written in the
+forward, kept for the backward, and summed back in it.
 """
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 
-from fastft.passes.canonical import canonical, tensor_meta
+from fastft.passes.canonical import canonical, same_size, tensor_meta
 from fastft.passes.matcher import Match, Op, Var
 from fastft.passes.pattern import Pattern, Replacement
 
@@ -82,9 +91,67 @@ def _check(m: Match) -> str | None:
     return f"the mask is {value}, neither causal over (query, key) nor all true"
 
 
+def _inserts_dim_2(node: Any) -> fx.Node | None:
+    """x when ``node`` is x with a new axis at dim 2 (``x.unsqueeze(2)`` or ``x[:, :, None]``)."""
+    if not isinstance(node, fx.Node):
+        return None
+    if (node.op == "call_method" and node.target == "unsqueeze") or \
+            (node.op == "call_function" and node.target is torch.unsqueeze):
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return node.args[0] if dim in (2, -3) else None
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], tuple):
+        index = node.args[1]
+        full = slice(None, None, None)
+        if len(index) >= 3 and index[0] == full and index[1] == full and index[2] is None \
+                and all(i == full or i is Ellipsis for i in index[3:]):
+            return node.args[0]
+    return None
+
+
+def _repeated_heads(node: Any) -> tuple[fx.Node, int, list] | None:
+    """(x, n, the nodes of the repeat) when ``node`` is x [batch, heads, tokens, dim] with each
+    head repeated n > 1 times in a row, as ``x[:, :, None].expand(b, h, n, t, d).reshape(b, h * n,
+    t, d)`` gives it (head i of the result is head i // n of x); None otherwise. Shapes decide,
+    from the recorded example values: an expand of another axis (a tiling) does not fit them."""
+    if not isinstance(node, fx.Node) or not (
+            (node.op == "call_method" and node.target in ("reshape", "view"))
+            or (node.op == "call_function" and node.target is torch.reshape)):
+        return None
+    expanded = node.args[0]
+    if not (isinstance(expanded, fx.Node) and expanded.op == "call_method" and expanded.target == "expand"):
+        return None
+    inserted = expanded.args[0]
+    x = _inserts_dim_2(inserted)
+    shapes = [tensor_meta(t) for t in (x, inserted, expanded, node)]
+    if x is None or any(t is None for t in shapes):
+        return None
+    xs, us, es, rs = (tuple(t.shape) for t in shapes)
+    if len(xs) != 4 or len(es) != 5 or len(rs) != 4:
+        return None
+    n = es[2]
+    if not isinstance(n, int) or n < 2:
+        return None
+    b, h, t, d = xs
+    expected_u, expected_e = (b, h, 1, t, d), (b, h, n, t, d)
+    expected_r = (b, h * n, t, d)
+    if not all(same_size(a, e) for have, want in ((us, expected_u), (es, expected_e), (rs, expected_r))
+               for a, e in zip(have, want)) or len(us) != 5:
+        return None
+    return x, n, [node, expanded, inserted]
+
+
+def _grouped_kv(m: Match) -> tuple[fx.Node, fx.Node, list] | None:
+    """(k, v, the repeat's nodes) before a key/value head repeat both went through, else None."""
+    k, v = _repeated_heads(m.bindings["k"]), _repeated_heads(m.bindings["v"])
+    if k is None or v is None or k[1] != v[1]:
+        return None
+    return k[0], v[0], k[2] + v[2]
+
+
 def _absorb(m: Match) -> list:
     analysis, _ = _analyse(m)
-    return analysis.nodes
+    grouped = _grouped_kv(m)
+    return analysis.nodes + (grouped[2] if grouped is not None else [])
 
 
 def _replace(m: Match) -> Replacement:
@@ -92,8 +159,9 @@ def _replace(m: Match) -> Replacement:
     analysis, _ = _analyse(m)
     target = causal_attention if isinstance(analysis.value, Causal) else unmasked_attention
     b = m.bindings
-    return Replacement(target, (b["q"], b["k"], b["v"], attrs["scale"], bool(attrs["enable_gqa"]),
-                                *analysis.inputs))
+    grouped = _grouped_kv(m)
+    k, v, gqa = (grouped[0], grouped[1], True) if grouped is not None else (b["k"], b["v"], bool(attrs["enable_gqa"]))
+    return Replacement(target, (b["q"], k, v, attrs["scale"], gqa, *analysis.inputs))
 
 
 CAUSAL_MASK = Pattern(

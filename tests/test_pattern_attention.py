@@ -221,3 +221,67 @@ def test_masks_spelt_with_dunder_methods_are_proved():
     (graph,) = state_of(module).graphs.values()
     assert not [n for n in graph.gm.graph.nodes if n.op == "call_method" and n.target.startswith("__")]
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+
+
+class GroupedAttention(nn.Module):
+    """4 query heads over 2 key/value heads, causal mask built in the graph; ``spelling`` says
+    how k and v get one head per query head."""
+
+    def __init__(self, spelling, dim=16, heads=4, kv_heads=2):
+        super().__init__()
+        self.spelling, self.heads, self.kv_heads, self.head_dim = spelling, heads, kv_heads, dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * kv_heads * self.head_dim)
+
+    def _repeat(self, x):
+        b, h, t, d = x.shape
+        n = self.heads // h
+        if self.spelling == "index":  # each head n times in a row: what SDPA's enable_gqa means
+            return x[:, :, None, :, :].expand(b, h, n, t, d).reshape(b, h * n, t, d)
+        if self.spelling == "unsqueeze":
+            return x.unsqueeze(2).expand(b, h, n, t, d).reshape(b, h * n, t, d)
+        if self.spelling == "tile_expand":  # the heads tiled (head i reads i % h): not grouped-query
+            return x[:, None].expand(b, n, h, t, d).reshape(b, n * h, t, d)
+        return x.repeat(1, n, 1, 1)  # tiled too
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(x).view(b, t, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, self._repeat(k), self._repeat(v), attn_mask=_tril(t, x)).sum()
+
+
+def _attention_calls(module):
+    (graph,) = state_of(module).graphs.values()
+    return graph, [n for n in graph.gm.graph.nodes if n.op == "call_function" and "attention" in n.target.__name__]
+
+
+@pytest.mark.parametrize("spelling,grouped", [
+    ("index", True), ("unsqueeze", True), ("tile_expand", False), ("repeat", False)])
+def test_repeated_key_value_heads_become_enable_gqa(spelling, grouped):
+    torch.manual_seed(0)
+    module = GroupedAttention(spelling).to(DEVICE)
+    x = torch.randn(2, 7, 16, device=DEVICE)
+    reference, out, report = _run(module, x)
+    assert report.counts() == {"attention": 1}, str(report)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    graph, (call,) = _attention_calls(module)
+    q, k, v, _scale, enable_gqa = call.args[:5]
+    heads = lambda node: node.meta["example_value"].shape[1]  # noqa: E731
+    assert (heads(k), heads(v), enable_gqa) == ((2, 2, True) if grouped else (4, 4, False))
+    expands = [n for n in graph.gm.graph.nodes if n.op == "call_method" and n.target == "expand"]
+    assert not expands if grouped else expands or spelling == "repeat"
+    result = fastft.check(module, (x,), loss_fn=lambda y: y)
+    assert result.ok and result.regions_checked == 1, str(result)
+
+
+def test_grouped_query_model_takes_unrepeated_keys_and_values():
+    model = tiny("llama")  # 4 query heads, 2 key/value heads
+    fastft.optimize(model)
+    batch = {**random_batch(model, batch=2, seq=9), "use_cache": False}
+    result = fastft.check(model, batch)
+    assert result.ok, str(result)
+    _graph, calls = _attention_calls(model)
+    assert len(calls) == model.config.num_hidden_layers
+    kv_heads = model.config.num_key_value_heads
+    assert all(c.args[1].meta["example_value"].shape[1] == kv_heads and c.args[4] is True for c in calls)
