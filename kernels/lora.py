@@ -9,7 +9,7 @@ The speed of adapter training comes from what the backward need not do, and from
 materialising the full-size intermediates that a module-by-module computation makes:
 
 - the adapter's contribution is accumulated into the base GEMM's output by a second GEMM
-  (``addmm`` with ``alpha = s``): no [tokens, out] product, scaled copy and sum; or, where
+  (``addmm`` with s B): no [tokens, out] product, scaled copy and sum; or, where
   copying x and W is cheaper than a pass over that output (many tokens into a wide output,
   ``depth_concat_pays``), through the GEMM's depth: [x | x A^T] [W | s B]^T is one GEMM;
 - the backward computes dX = dY W + s (dY B) A the same way, dA = s (dY B)^T X and
@@ -26,8 +26,11 @@ recomputes act(gate) * up instead of saving it (one [tokens, width] tensor per l
 the pass of the GLU's backward kernel.
 
 Numerics: everything runs in the base weight's dtype (the adapters, often kept in float32 by
-peft, are cast to it: they are tiny), with float32 accumulation inside the GEMMs, as a 16-bit
-model computes its base linears anyway. Gradients come back in each parameter's own dtype.
+peft, are cast to it: they are tiny; s B is scaled in fp32 before its one rounding), with float32
+accumulation inside the GEMMs, as a 16-bit model computes its base linears anyway. Gradients come
+back in each parameter's own dtype: an fp32 adapter's straight from its GEMM's fp32 accumulator.
+A group's adapters are cast by one kernel launch a pass (``cast_parts``): one launch per tensor
+was most of a 1B LoRA step's kernels.
 """
 from __future__ import annotations
 
@@ -501,7 +504,7 @@ def _gate_up_through_depth(x2: torch.Tensor, gate: Adapted, up: Adapted, ops: Op
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Corrected g and u, each from one GEMM over [x A_g^T | x | x A_u^T]: gate reads its first
     r_g + in columns against [s_g B_g | W_g], up its last in + r_u against [W_u | s_u B_u]."""
-    dtype, rank_gate, inner = x2.dtype, gate.lora_a.shape[0], x2.shape[1]
+    rank_gate, inner = gate.lora_a.shape[0], x2.shape[1]
     xa = torch.mm(x2, ops.a.t())
     wide = concat_columns(xa[:, :rank_gate], x2, xa[:, rank_gate:])
     g = torch.mm(wide[:, :rank_gate + inner], concat_columns(ops.b[0], gate.weight).t())

@@ -13,8 +13,9 @@ A mask that depends on the data (padding, user positions, packed sequences), a s
 anything the analysis cannot prove stays as it is, and the report says why.
 
 Grouped-query attention: a model that passes a mask repeats each key/value head for the query
-heads that share it before SDPA (``x[:, :, None].expand(b, h, n, t, d).reshape(b, h * n, t, d)``),
-since SDPA's own ``enable_gqa`` is not taken with a mask everywhere. Once the mask is gone the
+heads that share it before SDPA (``x[:, :, None].expand(b, h, n, t, d).reshape(b, h * n, t, d)``):
+libraries keep SDPA's own ``enable_gqa`` for unmasked calls, as some of its backends take no mask
+with it. Once the mask is gone the
 rewritten call takes the unrepeated keys and values with ``enable_gqa=True``: the same values
 (query head i reads key/value head i // n either way), without n copies of k and v written in the
 forward, kept for the backward, and summed back in it.
@@ -126,7 +127,7 @@ def _repeated_heads(node: Any) -> tuple[fx.Node, int, list] | None:
     if x is None or any(t is None for t in shapes):
         return None
     xs, us, es, rs = (tuple(t.shape) for t in shapes)
-    if len(xs) != 4 or len(es) != 5 or len(rs) != 4:
+    if len(xs) != 4 or len(us) != 5 or len(es) != 5 or len(rs) != 4:
         return None
     n = es[2]
     if not isinstance(n, int) or n < 2:
@@ -135,7 +136,7 @@ def _repeated_heads(node: Any) -> tuple[fx.Node, int, list] | None:
     expected_u, expected_e = (b, h, 1, t, d), (b, h, n, t, d)
     expected_r = (b, h * n, t, d)
     if not all(same_size(a, e) for have, want in ((us, expected_u), (es, expected_e), (rs, expected_r))
-               for a, e in zip(have, want)) or len(us) != 5:
+               for a, e in zip(have, want)):
         return None
     return x, n, [node, expanded, inserted]
 
