@@ -64,6 +64,11 @@ def _padded(t, x, pad):
     return (pos[None, :] <= pos[:, None])[None, None] & pad[:, None, None, :]
 
 
+def _attention_calls(module):
+    (graph,) = state_of(module).graphs.values()
+    return graph, [n for n in graph.gm.graph.nodes if n.op == "call_function" and "attention" in n.target.__name__]
+
+
 def _run(module, x, **kw):
     reference = module(x, **kw)
     fastft.optimize(module)
@@ -82,8 +87,7 @@ def test_provable_masks_are_rewritten(make_mask, kind):
     (record,) = report.rewrites
     assert record.kernel == "sdpa(is_causal)"
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
-    (graph,) = state_of(module).graphs.values()
-    (call,) = [n for n in graph.gm.graph.nodes if n.op == "call_function" and "attention" in n.target.__name__]
+    graph, (call,) = _attention_calls(module)
     assert call.target.__name__ == ("causal_attention" if kind == "causal" else "unmasked_attention")
     # The mask itself is no longer computed: no boolean tensor is left in the graph.
     assert not [n for n in graph.gm.graph.nodes
@@ -249,11 +253,6 @@ class GroupedAttention(nn.Module):
         q = self.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k, v = self.kv(x).view(b, t, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return F.scaled_dot_product_attention(q, self._repeat(k), self._repeat(v), attn_mask=_tril(t, x)).sum()
-
-
-def _attention_calls(module):
-    (graph,) = state_of(module).graphs.values()
-    return graph, [n for n in graph.gm.graph.nodes if n.op == "call_function" and "attention" in n.target.__name__]
 
 
 @pytest.mark.parametrize("spelling,grouped", [
