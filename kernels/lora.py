@@ -215,10 +215,11 @@ def _group_forward(x2: torch.Tensor, group: Sequence[Adapted], ops: Optional[Ope
 
 def _group_backward(dys: Sequence[Optional[torch.Tensor]], x2: torch.Tensor, xa: torch.Tensor,
                     group: Sequence[Adapted], need_dx: bool, needs: Sequence[Needed],
-                    dx: Optional[torch.Tensor] = None
+                    dx: Optional[torch.Tensor] = None, ops: Optional[Operands] = None
                     ) -> tuple[Optional[torch.Tensor], list[tuple[Optional[torch.Tensor], ...]]]:
     """dx (accumulated into ``dx`` in place when given) and, per linear, (dweight, dbias, dA, dB),
     None where not needed or where the linear's output got no gradient (``dys[i]`` None).
+    ``ops``: the group's Operands where the caller has them already.
 
     dX = sum_i dY_i W_i + [s_i dY_i B_i]_i [A_i]_i, dA_i = s_i (dY_i B_i)^T X, dB_i = s_i dY_i^T (X A_i^T):
     the [rows, rank] products of all adapters sit side by side, so that one GEMM over x gives
@@ -227,7 +228,10 @@ def _group_backward(dys: Sequence[Optional[torch.Tensor]], x2: torch.Tensor, xa:
     dys = [dy.to(dtype) if dy is not None else None for dy in dys]
     live = [dy is not None for dy in dys]
     any_da = any(n.dlora_a and on for n, on in zip(needs, live))
-    ops = _operands(group, dtype) if (need_dx or any_da) and any(live) else None
+    if (need_dx or any_da) and any(live):
+        ops = ops if ops is not None else _operands(group, dtype)
+    else:
+        ops = None
     dyb = _adapter_rows(dys, group, ops) if ops is not None else None
     if need_dx and dyb is not None:
         dx = _group_dx(dys, dyb, group, ops, dx)
@@ -692,9 +696,11 @@ def _qlora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, packed: torch.T
     x2 = _rows(x).to(compute_dtype)
     # x A^T is recomputed, not saved: the 4-bit path mostly runs under checkpointed layers, whose
     # forward runs again before this backward anyway.
-    xa = torch.mm(x2, lora_a.to(compute_dtype).t()) if need_db else None
-    dx, [(_, _, da, db)] = _group_backward([_rows(dy)], x2, xa, [Adapted(weight, None, lora_a, lora_b, scale)],
-                                           need_dx, [Needed(dlora_a=need_da, dlora_b=need_db)])
+    lin = Adapted(weight, None, lora_a, lora_b, scale)
+    ops = _operands([lin], compute_dtype)
+    xa = torch.mm(x2, ops.a.t()) if need_db else None
+    dx, [(_, _, da, db)] = _group_backward([_rows(dy)], x2, xa, [lin], need_dx,
+                                           [Needed(dlora_a=need_da, dlora_b=need_db)], ops=ops)
     dx = dx.reshape(x.shape).to(x.dtype) if dx is not None else None
     return [empty_or(dx, x), empty_or(da, lora_a), empty_or(db, lora_b)]
 
