@@ -377,7 +377,7 @@ def linear_cross_entropy_forward(
     """Loss (0-d fp32) and its gradients for grad_output = 1: (loss, dhidden in hidden's
     shape and dtype, dweight, dbias), None where not asked (dbias also when there is no bias).
 
-    ``chunk_rows`` overrides the number of rows whose fp32 logits exist at once, ``block_v``
+    ``chunk_rows`` overrides the number of rows whose logits exist at once, ``block_v``
     the kernel's block of vocabulary entries (a power of two). ``column_scale`` (frozen: it gets
     no gradient) multiplies each vocabulary entry's logit.
     """
