@@ -17,7 +17,7 @@ failure that got furthest is kept, to explain near misses.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch.fx as fx
 
@@ -47,21 +47,24 @@ class Lit(Expr):
 
 @dataclass(frozen=True, eq=False)
 class Op(Expr):
-    """A canonical op. ``attrs`` values are required values or predicates; ``name`` binds the node."""
+    """A canonical op. ``attrs`` values are required values or predicates; ``name`` binds the node;
+    ``where``, a predicate on the node itself, for what its canonical view does not hold (its users)."""
 
     op: str
     args: tuple[Any, ...]
     attrs: dict[str, Any] = field(default_factory=dict)
     commutative: bool = False
     name: str | None = None
+    where: Callable[[fx.Node], bool] | None = None
 
     def __init__(self, op: str, *args: Any, commutative: bool = False, name: str | None = None,
-                 **attrs: Any) -> None:
+                 where: Callable[[fx.Node], bool] | None = None, **attrs: Any) -> None:
         object.__setattr__(self, "op", op)
         object.__setattr__(self, "args", args)
         object.__setattr__(self, "attrs", attrs)
         object.__setattr__(self, "commutative", commutative)
         object.__setattr__(self, "name", name)
+        object.__setattr__(self, "where", where)
 
 
 @dataclass(frozen=True, eq=False)
@@ -177,6 +180,9 @@ class _Search:
             if not ok:
                 self.failure.note(len(nodes) + 1, f"{e.op} at '{v.name}' has {key}={have!r}")
                 return
+        if e.where is not None and not e.where(v):
+            self.failure.note(len(nodes) + 1, f"{e.op} at '{v.name}' fails {getattr(e.where, '__name__', 'a condition')}")
+            return
         if len(canon.args) != len(e.args):
             self.failure.note(len(nodes), f"{e.op} at '{v.name}' takes {len(canon.args)} arguments")
             return

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from fastft.kernels.activation import activation_reference
-from fastft.passes.canonical import Canon, canonical, dtype_of
+from fastft.passes.canonical import dtype_of
 from fastft.passes.matcher import Cast, Match, Var
 from fastft.passes.pattern import Pattern, Replacement
 
@@ -25,26 +25,13 @@ from .glu import (activation_expr, activation_kind, activation_problem, activati
                   operand_problem, recast_problem)
 
 
-def _node_of(canon: Canon) -> fx.Node | None:
-    """The node whose canonical view is ``canon`` (the view is cached per node, so it is the one
-    user of its inputs that has exactly this view)."""
-    for arg in canon.args:
-        if isinstance(arg, fx.Node):
-            for user in arg.users:
-                if canonical(user) is canon:
-                    return user
-    return None
-
-
-def _not_gating(_value, canon: Canon) -> bool:
+def _not_gating(node: fx.Node) -> bool:
     # Part of the match, not of the check: a gated activation is no near miss of this family.
-    # (The matcher hands an attribute constraint the op's canonical view, not its node.)
-    node = _node_of(canon)
-    return node is not None and not gates_something(node)
+    return not gates_something(node)
 
 
 def _activation_expr():
-    act = activation_expr(Cast(Var("x"), "x_cast"), output_not_multiplied=_not_gating)
+    act = activation_expr(Cast(Var("x"), "x_cast"), where=_not_gating)
     return Cast(act, "out_cast")
 
 
@@ -70,7 +57,7 @@ ACTIVATION = Pattern(
     # Written-out forms have no op of their own to anchor on: one that matched whole and was
     # rejected is a near miss by the matcher's own account (as in the GLU pattern).
     anchors=frozenset({"silu", "gelu"}),
-    anchor_filter=lambda node: not gates_something(node),
+    anchor_filter=_not_gating,
     reference=activation_reference,
     kernel="fastft::activation",
 )
