@@ -58,6 +58,14 @@ def _copy_block(src: torch.Tensor, dst: torch.Tensor) -> None:
         BLOCK_ROWS=block_rows, BLOCK_N=block_n, num_warps=4)
 
 
+def _check_parts(op: str, parts: Sequence[torch.Tensor]) -> None:
+    """Every part in a dtype the kernels copy, on the first part's device."""
+    for i, p in enumerate(parts):
+        if p.dtype not in SUPPORTED_DTYPES or p.device != parts[0].device:
+            raise ValueError(f"{op}: part {i} is {p.dtype} on {p.device}; parts must be float32, "
+                             f"bfloat16 or float16 on {parts[0].device}")
+
+
 def concat_columns(*parts: torch.Tensor) -> torch.Tensor:
     """[part_0 | part_1 | ...]: 2-D tensors of one row count side by side in one new contiguous
     tensor, in the first part's dtype (each part cast as it is copied)."""
@@ -66,9 +74,7 @@ def concat_columns(*parts: torch.Tensor) -> torch.Tensor:
         if p.dim() != 2 or p.shape[0] != first.shape[0]:
             raise ValueError(f"concat_columns: part {i} is {list(p.shape)}; every part must be 2-D with "
                              f"{first.shape[0]} rows")
-        if p.dtype not in SUPPORTED_DTYPES or p.device != first.device:
-            raise ValueError(f"concat_columns: part {i} is {p.dtype} on {p.device}; parts must be float32, "
-                             f"bfloat16 or float16 on {first.device}")
+    _check_parts("concat_columns", parts)
     out = first.new_empty((first.shape[0], sum(p.shape[1] for p in parts)))
     start = 0
     for p in parts:
@@ -131,10 +137,7 @@ def cast_parts(parts: Sequence[torch.Tensor], dtype: torch.dtype,
         raise ValueError(f"cast_parts: {len(parts)} parts but {len(scales)} scales")
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"cast_parts: dtype {dtype} is not float32, bfloat16 or float16")
-    for i, p in enumerate(parts):
-        if p.dtype not in SUPPORTED_DTYPES or p.device != parts[0].device:
-            raise ValueError(f"cast_parts: part {i} is {p.dtype} on {p.device}; parts must be float32, "
-                             f"bfloat16 or float16 on {parts[0].device}")
+    _check_parts("cast_parts", parts)
     sizes = [p.numel() for p in parts]
     out = torch.empty(sum(sizes), dtype=dtype, device=parts[0].device)
     start = 0
