@@ -176,3 +176,36 @@ def test_a_different_architecture_fuses_by_its_math():
     assert result.ok, str(result)
     layers = model.get_base_model().config.num_hidden_layers
     assert _counts(model).get("lora_glu_mlp") == layers and _counts(model).get("lora") == 2 * layers
+
+
+def test_changes_to_the_modules_between_calls_are_seen():
+    """The guards skip module subtrees whose attribute dicts are unchanged (optimize.py): what
+    changes between calls still reaches the optimised forward, as it reaches the original: the
+    adapters' scale, adapters disabled, an adapter's weight swapped for another tensor."""
+    model = _adapted()
+    reference = twin(model)
+    optimised = fastft.optimize(model)
+    ids = _batch()["input_ids"]
+
+    seen = []
+
+    def assert_same(what):
+        with torch.no_grad():
+            have, want = optimised(input_ids=ids).logits, reference(input_ids=ids).logits
+        torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5, msg=what)
+        # Each change changes the result: a forward that missed it would differ from the original.
+        assert all((want - before).abs().max() > 1e-3 for before in seen), what
+        seen.append(want)
+
+    assert_same("as optimised")
+    for m in (optimised, reference):
+        for module in m.modules():
+            if isinstance(module, peft.tuners.lora.LoraLayer):
+                module.scaling["default"] *= 3.0
+    assert_same("scales tripled")
+    with optimised.disable_adapter(), reference.disable_adapter():
+        assert_same("adapters disabled")
+    for m in (optimised, reference):
+        layer = m.get_base_model().model.layers[0].self_attn.q_proj
+        layer.lora_B["default"].weight = torch.nn.Parameter(torch.full_like(layer.lora_B["default"].weight, 0.5))
+    assert_same("a B replaced")
