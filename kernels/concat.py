@@ -28,12 +28,12 @@ __all__ = ["cast_parts", "concat_columns"]
 
 
 @triton.jit
-def _copy_block_kernel(src_ptr, dst_ptr, n_rows, N, stride_src, stride_dst, OUT_DTYPE: tl.constexpr,
-                       BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid = tl.program_id(0)
+def _copy_tile(src_ptr, dst_ptr, tile, n_rows, N, stride_src, stride_dst, OUT_DTYPE: tl.constexpr,
+               BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tile number ``tile`` (column blocks fastest) of dst[:, :N] = src, cast to OUT_DTYPE."""
     n_col_blocks = tl.cdiv(N, BLOCK_N)
-    pid_r = pid // n_col_blocks
-    pid_c = pid - pid_r * n_col_blocks
+    pid_r = tile // n_col_blocks
+    pid_c = tile - pid_r * n_col_blocks
     rows = (pid_r * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
     cols = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
@@ -43,19 +43,50 @@ def _copy_block_kernel(src_ptr, dst_ptr, n_rows, N, stride_src, stride_dst, OUT_
     tl.store(dst_ptr + rows[:, None] * stride_dst + cols[None, :], v.to(OUT_DTYPE), mask=mask)
 
 
-def _copy_block(src: torch.Tensor, dst: torch.Tensor) -> None:
-    """dst[:, :] = src for 2-D tensors of one shape, both with unit column stride."""
-    n_rows, n = src.shape
-    if src.numel() == 0:
-        return
-    # About 4K elements a program on a GPU: wide rows in one or a few programs, narrow ones
-    # stacked; the interpreter's larger tiles off it.
-    block_n = interpreter_block_n(src.device, n) or min(next_power_of_2(n), 1024)
-    block_rows = (interpreter_block_rows(src.device, n_rows, n)
-                  or min(max(1, 4096 // block_n), next_power_of_2(n_rows)))
-    _copy_block_kernel[(cdiv(n_rows, block_rows) * cdiv(n, block_n),)](
-        src, dst, n_rows, n, src.stride(0), dst.stride(0), OUT_DTYPE=TL_DTYPE[dst.dtype],
-        BLOCK_ROWS=block_rows, BLOCK_N=block_n, num_warps=4)
+@triton.jit
+def _concat_kernel(dst_ptr, stride_dst, n_rows, s0, s1, s2, n0, n1, n2, ss0, ss1, ss2, c0, c1, c2, t1, t2,
+                   OUT_DTYPE: tl.constexpr, R0: tl.constexpr, B0: tl.constexpr, R1: tl.constexpr,
+                   B1: tl.constexpr, R2: tl.constexpr, B2: tl.constexpr):
+    # Programs [0, t1) copy part 0 into columns [c0, c0 + n0), [t1, t2) part 1 into [c1, c1 + n1) and
+    # the rest part 2 into [c2, c2 + n2); each part in tiles [R_i, B_i] of its own shape.
+    pid = tl.program_id(0)
+    if pid < t1:
+        _copy_tile(s0, dst_ptr + c0, pid, n_rows, n0, ss0, stride_dst, OUT_DTYPE, R0, B0)
+    elif pid < t2:
+        _copy_tile(s1, dst_ptr + c1, pid - t1, n_rows, n1, ss1, stride_dst, OUT_DTYPE, R1, B1)
+    else:
+        _copy_tile(s2, dst_ptr + c2, pid - t2, n_rows, n2, ss2, stride_dst, OUT_DTYPE, R2, B2)
+
+
+# Parts one launch copies: the LoRA ops concatenate two or three ([x A_g^T | x | x A_u^T]);
+# one launch each instead of one per part: a narrow part alone is a kernel of a few microseconds.
+CONCAT_PARTS = 3
+
+
+def _tile_shape(device: torch.device, n_rows: int, n: int) -> tuple[int, int]:
+    """(BLOCK_ROWS, BLOCK_N): about 4K elements a program on a GPU, wide rows in one or a few
+    programs, narrow ones stacked; the interpreter's larger tiles off it."""
+    block_n = interpreter_block_n(device, n) or min(next_power_of_2(n), 1024)
+    block_rows = interpreter_block_rows(device, n_rows, n) or min(max(1, 4096 // block_n), next_power_of_2(n_rows))
+    return block_rows, block_n
+
+
+def _concat_launch(out: torch.Tensor, parts: Sequence[tuple[torch.Tensor, int]]) -> None:
+    """out[:, c_i:c_i + width_i] = part_i for up to CONCAT_PARTS (part, c_i), in one launch."""
+    n_rows = out.shape[0]
+    shapes = [_tile_shape(out.device, n_rows, p.shape[1]) for p, _ in parts]
+    tiles = [cdiv(n_rows, r) * cdiv(p.shape[1], b) for (p, _), (r, b) in zip(parts, shapes)]
+    pad = CONCAT_PARTS - len(parts)
+    srcs = [p for p, _ in parts] + [parts[0][0]] * pad  # padding parts have no tiles: never read
+    widths = [p.shape[1] for p, _ in parts] + [0] * pad
+    strides = [p.stride(0) for p, _ in parts] + [0] * pad
+    cols = [c for _, c in parts] + [0] * pad
+    shapes += [(1, 1)] * pad
+    ends = [sum(tiles[:i + 1]) for i in range(len(tiles))] + [sum(tiles)] * pad
+    _concat_kernel[(sum(tiles),)](
+        out, out.stride(0), n_rows, *srcs, *widths, *strides, *cols, ends[0], ends[1],
+        OUT_DTYPE=TL_DTYPE[out.dtype], R0=shapes[0][0], B0=shapes[0][1], R1=shapes[1][0], B1=shapes[1][1],
+        R2=shapes[2][0], B2=shapes[2][1], num_warps=4)
 
 
 def _check_parts(op: str, parts: Sequence[torch.Tensor]) -> None:
@@ -76,12 +107,13 @@ def concat_columns(*parts: torch.Tensor) -> torch.Tensor:
                              f"{first.shape[0]} rows")
     _check_parts("concat_columns", parts)
     out = first.new_empty((first.shape[0], sum(p.shape[1] for p in parts)))
-    start = 0
+    placed, start = [], 0
     for p in parts:
-        width = p.shape[1]
-        if width:
-            _copy_block(p if p.stride(1) == 1 or width == 1 else p.contiguous(), out[:, start:start + width])
-        start += width
+        if p.shape[1] and p.shape[0]:
+            placed.append((p if p.stride(1) == 1 or p.shape[1] == 1 else p.contiguous(), start))
+        start += p.shape[1]
+    for i in range(0, len(placed), CONCAT_PARTS):
+        _concat_launch(out, placed[i:i + CONCAT_PARTS])
     return out
 
 

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastft.kernels.concat import MAX_PARTS, cast_parts, concat_columns
+from fastft.kernels.concat import CONCAT_PARTS, MAX_PARTS, cast_parts, concat_columns
 
 from helpers import DEVICE
 
@@ -37,11 +37,21 @@ def test_strided_views_and_empty_parts():
 
 
 @settings(max_examples=15, deadline=None)
-@given(rows=st.integers(0, 300), widths=st.lists(st.integers(0, 1100), min_size=1, max_size=3),
+@given(rows=st.integers(0, 300), widths=st.lists(st.integers(0, 1100), min_size=1, max_size=CONCAT_PARTS + 2),
        seed=st.integers(0, 2 ** 16))
 def test_any_shapes(rows, widths, seed):
     parts = [_rand(rows, w, torch.float32, seed + i) for i, w in enumerate(widths)]
     assert torch.equal(concat_columns(*parts), torch.cat(parts, dim=1))
+
+
+def test_more_parts_than_one_launch_takes():
+    """Parts are copied CONCAT_PARTS to a launch, each in tiles of its own shape: narrow and wide
+    parts, of two dtypes, more of them than one launch takes."""
+    widths = (16, 1030, 3, 16, 64, 1, 2048)
+    assert len(widths) > CONCAT_PARTS
+    parts = [_rand(33, w, torch.bfloat16 if i % 2 else torch.float32, i) for i, w in enumerate(widths)]
+    want = torch.cat([p.float() for p in parts], dim=1)
+    assert torch.equal(concat_columns(*parts), want)
 
 
 def test_mismatched_rows_are_refused():
