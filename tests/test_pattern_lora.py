@@ -179,9 +179,9 @@ def test_a_different_architecture_fuses_by_its_math():
 
 
 def test_changes_to_the_modules_between_calls_are_seen():
-    """The guards skip module subtrees whose attribute dicts are unchanged (optimize.py): what
-    changes between calls still reaches the optimised forward, as it reaches the original: the
-    adapters' scale, adapters disabled, an adapter's weight swapped for another tensor."""
+    """What the captured forward read from the modules (the adapters' scale, whether adapters are
+    enabled, which tensor a parameter is) may change between calls; each change reaches the
+    optimised forward as it reaches the original, through a recompile where the graph depends on it."""
     model = _adapted()
     reference = twin(model)
     optimised = fastft.optimize(model)
