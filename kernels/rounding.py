@@ -11,11 +11,13 @@ import triton.language as tl
 TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 _INF = tl.constexpr(float("inf"))
-# Compiled for a GPU (not run by Triton's interpreter, which kernels/__init__.py selects without
-# one): the hardware's round-to-nearest conversions, two instructions, instead of the integer
-# sequence (eight) the interpreter needs. Inline assembly is opaque to LLVM, so it cannot fuse a
-# rounded product into an FMA either.
-_HARDWARE_ROUNDING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+# Compiled for an NVIDIA GPU (not run by Triton's interpreter, which kernels/__init__.py selects
+# without one): the hardware's round-to-nearest conversions, two PTX instructions (the bf16 ones
+# need sm_80 or later), instead of the integer sequence (eight) the interpreter needs. Inside a
+# training step the memory-bound kernels are short of instruction issue, and this took about 1 ms
+# off the 1B LoRA step's GPU work (bench/README.md, seventh session). Inline assembly is opaque to
+# LLVM, so it cannot fuse a rounded product into an FMA either.
+_HARDWARE_ROUNDING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1" and torch.version.hip is None)
 
 
 @triton.jit
