@@ -2,6 +2,7 @@
 processes), the max-context search logic, and a worker killed at its timeout."""
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import math
@@ -138,3 +139,41 @@ def test_step_spread_shows_a_median_among_slow_early_steps():
     assert "min 104.0" in text and "max 127.0" in text
     assert "median 116.5" in text and "median of the last 4 105.5" in text
     assert report.step_spread([0.1, 0.1, 0.1]) is None  # too few steps to say anything
+
+
+def test_library_trees_name_the_commit_whose_code_ran(tmp_path):
+    """A results file records the library directories' git trees as the files stand; they match
+    the commit with that code, whatever commit the copy's .git names, and no other."""
+    _package()
+    provenance = importlib.import_module("train_step.provenance")
+    repo = tmp_path / "repo"
+    (repo / "kernels").mkdir(parents=True)
+    (repo / "bench").mkdir()
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (repo / "kernels" / "a.py").write_text("x = 1\n")
+    (repo / "bench" / "b.py").write_text("y = 1\n")
+    git("add", "-A")
+    git("commit", "-q", "-m", "first")
+    first = git("rev-parse", "--short", "HEAD")
+    (repo / "kernels" / "a.py").write_text("x = 2\n")
+    git("commit", "-q", "-am", "second")
+    second = git("rev-parse", "--short", "HEAD")
+
+    info = provenance.git_info(repo)
+    assert info["library"] == provenance.commit_trees(second, repo) and info["library_as_in_commit"]
+    # The files go back to the first commit's code (the copy's .git still names the second), and a
+    # bench file changes: the library is the first commit's, and the repository's index is untouched.
+    (repo / "kernels" / "a.py").write_text("x = 1\n")
+    (repo / "bench" / "b.py").write_text("y = 2\n")
+    info = provenance.git_info(repo)
+    assert info["commit"] == second and info["dirty"] and not info["library_as_in_commit"]
+    assert provenance.find_commit(info["library"], repo) == first
+    assert "--find-commit" in provenance.describe(info)
+    assert git("diff", "--cached", "--name-only") == ""
+    (repo / "kernels" / "c.py").write_text("z = 1\n")  # code no commit has
+    assert provenance.find_commit(provenance.library_trees(repo), repo) is None

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from .shapes import MODES, SHAPES
@@ -55,6 +56,8 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--combine", nargs="+", metavar="JSON", help="merge results of the same shape + mode from "
                    "several runs (a later file's result for a system wins) into --out")
     o.add_argument("--no-plot", action="store_true", help="do not draw the PNG after a run")
+    o.add_argument("--find-commit", metavar="JSON", help="only name the commit whose library code (fastft/, "
+                   "kernels/, passes/, patterns/) a results JSON measured (bench/train_step/provenance.py)")
     o.add_argument("--profile", action="store_true", help="after the timed steps, profile 2 more under "
                    "torch.profiler; each system's top GPU kernels go to <logs>/<shape>_<mode>_<system>.profile.txt")
     o.add_argument("--memory-profile", action="store_true", help="after the timed steps, one more step under "
@@ -73,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_worker(args.worker, args.result)
     if args.plot:
         return _plot(Path(args.plot), Path(args.out) if args.out else None)
+    if args.find_commit:
+        return _find_commit(Path(args.find_commit))
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = [s for s in systems if s not in SYSTEMS + EXTRA_SYSTEMS]
     if unknown:
@@ -115,3 +120,15 @@ def _plot(json_path: Path, out: Path | None) -> int:
 
     print(f"wrote {plot(json_path, out)}")
     return 0
+
+
+def _find_commit(json_path: Path) -> int:
+    from .provenance import find_commit
+
+    trees = (json.loads(json_path.read_text()).get("git") or {}).get("library")
+    if not trees:
+        print(f"{json_path} records no library trees (a run from before they were recorded, or without git)")
+        return 1
+    commit = find_commit(trees)
+    print(commit or "no commit among the last 1,000 of HEAD has this library code (uncommitted changes?)")
+    return 0 if commit else 1

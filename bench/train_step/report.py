@@ -5,11 +5,11 @@ import datetime
 import json
 import platform
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from .provenance import describe, git_info
 from .systems import package_versions
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,18 +35,8 @@ def meta(args: Any, prep: dict[str, Any], systems: list[str]) -> dict[str, Any]:
         "torch_cuda": prep.get("torch_cuda"),
         "python": platform.python_version(),
         "versions": package_versions(systems),
-        "git": _git(),
+        "git": git_info(),
     }
-
-
-def _git() -> dict[str, Any]:
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()
-    try:
-        return {"commit": git("rev-parse", "--short", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
-    except Exception:  # noqa: BLE001  (the GPU machine's copy of the tree may have no .git)
-        return {}
 
 
 def write(out: Path, stem: str, data: dict[str, Any], md: str) -> tuple[Path, Path]:
@@ -70,7 +60,7 @@ def _header(title: str, data: dict[str, Any]) -> list[str]:
         + (f"; memory cap {cap} GiB ({data['memory_cap_source']})" if cap else "")
         + f"; date (UTC): {data['date_utc']}",
         f"- software: {soft}" + (f"; not installed: {', '.join(missing)}" if missing else "")
-        + (f"; fastft tree at {git['commit']}{' + uncommitted changes' if git.get('dirty') else ''}" if git else ""),
+        + (f"; {describe(git)}" if git else ""),
         f"- command: `{data['command']}`",
     ]
     return lines
