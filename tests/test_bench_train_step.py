@@ -177,3 +177,16 @@ def test_library_trees_name_the_commit_whose_code_ran(tmp_path):
     assert git("diff", "--cached", "--name-only") == ""
     (repo / "kernels" / "c.py").write_text("z = 1\n")  # code no commit has
     assert provenance.find_commit(provenance.library_trees(repo), repo) is None
+
+
+def test_library_trees_that_cannot_be_recorded_keep_the_commit_and_say_why(monkeypatch):
+    _package()
+    provenance = importlib.import_module("train_step.provenance")
+
+    def refuse(root):
+        raise subprocess.CalledProcessError(128, ["git", "add"], stderr="unable to write new object")
+
+    monkeypatch.setattr(provenance, "library_trees", refuse)
+    info = provenance.git_info()
+    assert info["commit"] and "library" not in info and "CalledProcessError" in info["library_error"]
+    assert "could not be recorded" in provenance.describe(info)

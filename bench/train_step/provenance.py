@@ -52,11 +52,14 @@ def git_info(root: Path = ROOT) -> dict[str, Any]:
     try:
         commit = _git(root, "rev-parse", "--short", "HEAD")
         info: dict[str, Any] = {"commit": commit, "dirty": bool(_git(root, "status", "--porcelain"))}
-        info["library"] = library_trees(root)
-        info["library_as_in_commit"] = info["library"] == commit_trees(commit, root)
-        return info
     except Exception:  # noqa: BLE001  (a copy of the tree without .git, or without git)
         return {}
+    try:
+        info["library"] = library_trees(root)
+        info["library_as_in_commit"] = info["library"] == commit_trees(commit, root)
+    except Exception as error:  # noqa: BLE001  (a .git that takes no new objects): said in the record
+        info["library_error"] = f"{type(error).__name__}: {str(error).strip()[:200]}"
+    return info
 
 
 def describe(git: dict[str, Any]) -> str:
@@ -64,7 +67,9 @@ def describe(git: dict[str, Any]) -> str:
     if not git:
         return ""
     text = f"fastft tree at {git['commit']}" + (" + uncommitted changes" if git.get("dirty") else "")
-    if "library_as_in_commit" in git:
+    if "library_error" in git:
+        text += f"; its library's trees could not be recorded ({git['library_error']})"
+    elif "library_as_in_commit" in git:
         text += ("; its library (fastft/, kernels/, passes/, patterns/) as in that commit"
                  if git["library_as_in_commit"] else
                  "; its library differs from that commit: `python bench/train_step --find-commit` on this "
