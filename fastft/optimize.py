@@ -94,7 +94,7 @@ class EntryPoint:
                    for a in captured.result.applied]
         misses = [NearMiss(f"{prefix}{m.module_path}:{m.node}".lstrip(":"), m.pattern, m.reason)
                   for m in captured.result.near_misses]
-        self.state.report.record_graph(key, records, misses)
+        self.state.report.record_graph(key, records, misses, captured.lowered_joins)
         self.state.graphs[key] = captured
         captured.module_prefix = prefix
         captured.observer = self.state.observer

@@ -52,6 +52,9 @@ class Report:
     graph_breaks: list[GraphBreak] = field(default_factory=list)
     capture_failures: list[CaptureFailure] = field(default_factory=list)
     graphs_captured: int = 0
+    # Per graph, the joins made after autograd as Inductor compiled it (a live count: the
+    # backward's are added at the first backward; none under eager lowering).
+    joins_by_graph: dict[str, Counter] = field(default_factory=dict)
 
     @property
     def rewrites(self) -> list[RewriteRecord]:
@@ -77,10 +80,21 @@ class Report:
     def counts(self) -> dict[str, int]:
         return dict(Counter(r.family for r in self.rewrites))
 
-    def record_graph(self, key: str, rewrites: list[RewriteRecord], misses: list[NearMiss]) -> None:
+    @property
+    def lowered_joins(self) -> dict[str, int]:
+        """Joins with the glue beside a fused op in the lowered graphs, by kind; as for rewrites,
+        the graph with the most of a kind counts."""
+        best: Counter = Counter()
+        for joins in self.joins_by_graph.values():
+            best |= joins
+        return dict(sorted(best.items()))
+
+    def record_graph(self, key: str, rewrites: list[RewriteRecord], misses: list[NearMiss],
+                     joins: Counter | None = None) -> None:
         self.graphs_captured += 1
         self.by_graph[key] = rewrites
         self.misses_by_graph[key] = misses
+        self.joins_by_graph[key] = joins if joins is not None else Counter()
 
     def record_graph_break(self, entry: str, reason: str, count: int) -> None:
         for i, old in enumerate(self.graph_breaks):
@@ -97,6 +111,7 @@ class Report:
             "graph_breaks": [asdict(g) for g in self.graph_breaks],
             "capture_failures": [asdict(f) for f in self.capture_failures],
             "graphs_captured": self.graphs_captured,
+            "lowered_joins": self.lowered_joins,
         }
 
     def to_json(self, **kwargs) -> str:

@@ -18,6 +18,9 @@ def format_report(report: Report) -> str:
         for (pattern, kernel), where in sorted(grouped.items()):
             rows.append((pattern, str(len(where)), kernel, _summarise(where)))
         lines += _table(rows)
+    if report.lowered_joins:
+        lines += ["", "joined after autograd (Inductor's lowered graphs):"]
+        lines += [f"  {kind}: {count}" for kind, count in report.lowered_joins.items()]
     lines += ["", "near misses:"]
     lines += [f"  {m.pattern} at {m.region}: {m.reason}" for m in report.near_misses] or ["  (none)"]
     lines += ["", "graph breaks:"]

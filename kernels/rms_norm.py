@@ -9,6 +9,10 @@ in fp32, cast back to the activation dtype, then multiply; or multiply in fp32 w
 The forward stores no rstd: the backward has to read x anyway, so recomputing it is free.
 The backward is hand-written Triton and is itself a custom op (``fastft::rms_norm_backward``) so
 that AOT autograd can trace it with fake tensors.
+
+``fastft::add_rms_norm`` is the same norm of a residual add's sum, ``h = x + residual``, in the
+same kernel, which also stores h; the backward's ``grad_add`` adds h's other gradient to dx in
+the backward kernel. Both round as the separate add would (patterns/norm_add.py joins them).
 """
 from __future__ import annotations
 
@@ -21,11 +25,13 @@ import triton.language as tl
 
 from .launch import (SUPPORTED_DTYPES, cdiv, check_block_rows, check_dtype, empty_or, interpreter_block_rows,
                      next_power_of_2, num_partial_programs, row_tile_config)
-from .rounding import TL_DTYPE, round_fp32
+from .rounding import TL_DTYPE, add_rounded, round_fp32
 
 __all__ = [
     "MAX_N",
     "SUPPORTED_DTYPES",
+    "add_rms_norm",
+    "add_rms_norm_forward",
     "rms_norm",
     "rms_norm_backward",
     "rms_norm_forward",
@@ -73,6 +79,8 @@ def rms_norm_fwd_kernel(
     x_ptr,
     w_ptr,
     y_ptr,
+    residual_ptr,
+    sum_ptr,
     n_rows,
     N,
     stride_x,
@@ -80,6 +88,8 @@ def rms_norm_fwd_kernel(
     eps,
     weight_offset,
     HAS_WEIGHT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,  # normalise x + residual (rounded to X_DTYPE, as the add would) and store it
+    X_DTYPE: tl.constexpr,
     NORM_DTYPE: tl.constexpr,  # tl.float32 means "no extra rounding"
     OUT_DTYPE: tl.constexpr,
     SUM_OF_SQUARES: tl.constexpr,  # an L2 normalisation: the sum of the squares, not their mean
@@ -96,6 +106,11 @@ def rms_norm_fwd_kernel(
     rows64 = rows.to(tl.int64)  # rows * stride can exceed 2^31 for large activations
 
     x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        # Both addends and the sum are contiguous rows of width N.
+        offsets = rows64[:, None] * N + cols[None, :]
+        x = round_fp32(x + tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32), X_DTYPE)
+        tl.store(sum_ptr + offsets, x.to(X_DTYPE), mask=mask)
     # Masked lanes load 0, so they add nothing to the sum; divide by the true width N.
     ms = tl.sum(x * x, axis=1)
     if not SUM_OF_SQUARES:
@@ -116,6 +131,7 @@ def rms_norm_bwd_kernel(
     w_ptr,
     dx_ptr,
     dw_partial_ptr,
+    grad_add_ptr,
     n_rows,
     N,
     stride_dy,
@@ -125,6 +141,7 @@ def rms_norm_bwd_kernel(
     weight_offset,
     blocks_per_program,
     HAS_WEIGHT: tl.constexpr,
+    HAS_GRAD_ADD: tl.constexpr,  # dx + grad_add: another gradient of x (a residual's), added after dx's rounding
     NORM_DTYPE: tl.constexpr,
     DX_DTYPE: tl.constexpr,
     COMPUTE_DX: tl.constexpr,
@@ -169,7 +186,11 @@ def rms_norm_bwd_kernel(
             if not SUM_OF_SQUARES:
                 c = c / N
             dx = r[:, None] * (g - xhat * c[:, None])
-            dx = round_fp32(dx, DX_DTYPE).to(DX_DTYPE)
+            dx = round_fp32(dx, DX_DTYPE)
+            if HAS_GRAD_ADD:
+                other = tl.load(grad_add_ptr + rows64[:, None] * N + cols[None, :], mask=mask, other=0.0)
+                dx = add_rounded(dx, other.to(tl.float32), DX_DTYPE)
+            dx = dx.to(DX_DTYPE)
             tl.store(dx_ptr + rows64[:, None] * stride_dx + cols[None, :], dx, mask=mask)
 
     if COMPUTE_DW:
@@ -243,6 +264,31 @@ def rms_norm_forward(
     sum_of_squares: bool = False,
 ) -> torch.Tensor:
     """Launch the forward kernel; returns a contiguous tensor of x's shape in ``out_dtype``."""
+    return _forward(x, None, weight, eps, weight_offset, norm_dtype, out_dtype, block_rows, sum_of_squares)[1]
+
+
+def add_rms_norm_forward(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    eps: float,
+    weight_offset: float = 0.0,
+    norm_dtype: Optional[torch.dtype] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    block_rows: Optional[int] = None,
+    sum_of_squares: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + residual, the RMSNorm of that sum) from one kernel: the sum rounded to x's dtype as
+    the add would round it, and normalised as rounded."""
+    _check_dtype("residual", residual.dtype)
+    if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+        raise ValueError(f"fastft::add_rms_norm: residual {tuple(residual.shape)} {residual.dtype} on "
+                         f"{residual.device} must match x {tuple(x.shape)} {x.dtype} on {x.device}")
+    h, y = _forward(x, residual, weight, eps, weight_offset, norm_dtype, out_dtype, block_rows, sum_of_squares)
+    return h, y
+
+
+def _forward(x, residual, weight, eps, weight_offset, norm_dtype, out_dtype, block_rows, sum_of_squares):
     if out_dtype is None:
         out_dtype = x.dtype
     _check_inputs(x, weight, norm_dtype, out_dtype)
@@ -250,16 +296,21 @@ def rms_norm_forward(
     x2 = x.contiguous().view(-1, n)
     n_rows = x2.shape[0]
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    total = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else None
     if n_rows == 0:
-        return y
+        return total, y
     w = weight.contiguous() if weight is not None else x2  # dummy pointer when there is no weight
+    r2 = residual.contiguous() if residual is not None else x2
     if block_rows is None:
         block_rows = interpreter_block_rows(x.device, n_rows, n)
     br, bn, num_warps = _fwd_config(n_rows, n, block_rows)
     grid = (cdiv(n_rows, br),)
     rms_norm_fwd_kernel[grid](
-        x2, w, y, n_rows, n, x2.stride(0), n, float(eps), float(weight_offset),
+        x2, w, y, r2, total if total is not None else x2, n_rows, n, x2.stride(0), n, float(eps),
+        float(weight_offset),
         HAS_WEIGHT=weight is not None,
+        HAS_RESIDUAL=residual is not None,
+        X_DTYPE=TL_DTYPE[x.dtype],
         NORM_DTYPE=TL_DTYPE[norm_dtype] if norm_dtype is not None else tl.float32,
         OUT_DTYPE=TL_DTYPE[out_dtype],
         SUM_OF_SQUARES=sum_of_squares,
@@ -267,7 +318,7 @@ def rms_norm_forward(
         BLOCK_N=bn,
         num_warps=num_warps,
     )
-    return y
+    return total, y
 
 
 def rms_norm_backward(
@@ -282,16 +333,24 @@ def rms_norm_backward(
     block_rows: Optional[int] = None,
     num_programs: Optional[int] = None,
     sum_of_squares: bool = False,
+    grad_add: Optional[torch.Tensor] = None,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Launch the backward kernel; returns (dx in x.dtype, dw in weight.dtype), None where not asked.
 
     ``num_programs`` caps the grid (default: 2-4 per SM, 8 off-GPU); each program writes one fp32
-    partial dW row, and the few partial rows are summed in torch.
+    partial dW row, and the few partial rows are summed in torch. ``grad_add``: another gradient
+    of x (x's dtype and shape), added to dx as an add after this backward would add it.
     """
     _check_inputs(x, weight, norm_dtype, x.dtype)
     _check_dtype("dy", dy.dtype)
     if dy.shape != x.shape:
         raise ValueError(f"fastft::rms_norm: dy shape {tuple(dy.shape)} != x shape {tuple(x.shape)}")
+    if grad_add is not None:
+        if grad_add.shape != x.shape or grad_add.dtype != x.dtype or grad_add.device != x.device:
+            raise ValueError(f"fastft::rms_norm: grad_add {tuple(grad_add.shape)} {grad_add.dtype} on "
+                             f"{grad_add.device} must match x {tuple(x.shape)} {x.dtype} on {x.device}")
+        if not compute_dx:
+            raise ValueError("fastft::rms_norm: grad_add is added to dx, so it needs compute_dx")
     compute_dw = compute_dw and weight is not None
     n = x.shape[-1]
     x2 = x.contiguous().view(-1, n)
@@ -301,13 +360,15 @@ def rms_norm_backward(
     if n_rows == 0 or not (compute_dx or compute_dw):
         dw = torch.zeros_like(weight) if compute_dw else None
         return dx, dw
+    add2 = grad_add.contiguous().view(-1, n) if grad_add is not None else x2
 
     if block_rows is None:
         block_rows = interpreter_block_rows(x.device, n_rows, n)
     br, bn, num_warps = _bwd_config(n_rows, n, block_rows)
     n_blocks = cdiv(n_rows, br)
     if compute_dw:
-        g = num_partial_programs(x.device, n_blocks, bn) if num_programs is None else max(1, min(num_programs, n_blocks))
+        g = (num_partial_programs(x.device, n_blocks, bn) if num_programs is None
+             else max(1, min(num_programs, n_blocks)))
     else:
         # No reduction across rows: one tile per program gives the most parallelism.
         g = n_blocks if num_programs is None else max(1, min(num_programs, n_blocks))
@@ -317,9 +378,10 @@ def rms_norm_backward(
     w = weight.contiguous() if weight is not None else x2
     dx2 = dx.view(-1, n) if compute_dx else x2  # dummy pointer; never written
     rms_norm_bwd_kernel[(g,)](
-        dy2, x2, w, dx2, partials, n_rows, n, dy2.stride(0), x2.stride(0), dx2.stride(0),
+        dy2, x2, w, dx2, partials, add2, n_rows, n, dy2.stride(0), x2.stride(0), dx2.stride(0),
         float(eps), float(weight_offset), blocks_per_program,
         HAS_WEIGHT=weight is not None,
+        HAS_GRAD_ADD=grad_add is not None,
         NORM_DTYPE=TL_DTYPE[norm_dtype] if norm_dtype is not None else tl.float32,
         DX_DTYPE=TL_DTYPE[x.dtype],
         COMPUTE_DX=compute_dx,
@@ -377,9 +439,10 @@ def _rms_norm_backward_op(
     compute_dx: bool,
     compute_dw: bool,
     sum_of_squares: bool = False,
+    grad_add: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     dx, dw = rms_norm_backward(dy, x, weight, eps, weight_offset, norm_dtype, compute_dx, compute_dw,
-                               sum_of_squares=sum_of_squares)
+                               sum_of_squares=sum_of_squares, grad_add=grad_add)
     return empty_or(dx, x), empty_or(dw, x)
 
 
@@ -394,6 +457,7 @@ def _rms_norm_backward_fake(
     compute_dx: bool,
     compute_dw: bool,
     sum_of_squares: bool = False,
+    grad_add: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     dx = x.new_empty(x.shape) if compute_dx else x.new_empty(0)
     dw = weight.new_empty(weight.shape) if (compute_dw and weight is not None) else x.new_empty(0)
@@ -422,3 +486,54 @@ def _backward(ctx, dy: torch.Tensor):
 
 
 rms_norm.register_autograd(_backward, setup_context=_setup_context)
+
+
+# fastft::add_rms_norm: a residual add and the RMSNorm that reads its sum, one kernel each way.
+# Its backward adds the sum's other gradient (dh, from the sum's other readers) into dx in the
+# norm's backward kernel, where an add after the backward would read and write dx again.
+@torch.library.custom_op("fastft::add_rms_norm", mutates_args=())
+def add_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    eps: float,
+    weight_offset: float,
+    norm_dtype: Optional[torch.dtype],
+    out_dtype: torch.dtype,
+    sum_of_squares: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, y): h = x + residual in x's dtype, y = the RMSNorm of h as ``fastft::rms_norm`` gives it."""
+    return add_rms_norm_forward(x, residual, weight, eps, weight_offset, norm_dtype, out_dtype,
+                                sum_of_squares=sum_of_squares)
+
+
+@add_rms_norm.register_fake
+def _add_rms_norm_fake(x, residual, weight, eps, weight_offset, norm_dtype, out_dtype, sum_of_squares=False):
+    _check_inputs(x, weight, norm_dtype, out_dtype)
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(f"fastft::add_rms_norm: residual {tuple(residual.shape)} {residual.dtype} must match "
+                         f"x {tuple(x.shape)} {x.dtype}")
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape, dtype=out_dtype)
+
+
+def _add_setup_context(ctx, inputs, output) -> None:
+    _x, _residual, weight, eps, weight_offset, norm_dtype, _out_dtype, sum_of_squares = inputs
+    ctx.save_for_backward(output[0], weight)  # the sum: what the norm read
+    ctx.eps, ctx.weight_offset, ctx.norm_dtype, ctx.sum_of_squares = eps, weight_offset, norm_dtype, sum_of_squares
+
+
+def _add_backward(ctx, dh: Optional[torch.Tensor], dy: Optional[torch.Tensor]):
+    h, weight = ctx.saved_tensors
+    need_sum = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    need_dw = weight is not None and ctx.needs_input_grad[2]
+    dsum, dw = dh, None
+    if dy is not None and (need_sum or need_dw):
+        grad_add = dh.to(h.dtype).contiguous() if (dh is not None and need_sum) else None
+        dsum, dw = torch.ops.fastft.rms_norm_backward(dy, h, weight, ctx.eps, ctx.weight_offset, ctx.norm_dtype,
+                                                      need_sum, need_dw, ctx.sum_of_squares, grad_add)
+    dsum = dsum if need_sum else None
+    return (dsum if ctx.needs_input_grad[0] else None, dsum if ctx.needs_input_grad[1] else None,
+            dw if need_dw else None, None, None, None, None, None)
+
+
+add_rms_norm.register_autograd(_add_backward, setup_context=_add_setup_context)

@@ -45,6 +45,20 @@ def round_fp32(y, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def add_rounded(a, b, DTYPE: tl.constexpr):
+    """``round_fp32(a + b, DTYPE)`` as an eager add in DTYPE gives it, where ``a`` is the
+    already rounded result of a product: compiled for a GPU, the add is PTX ``add.rn``, which
+    neither LLVM nor ptxas fuses with the product into an FMA (an fp32 DTYPE has no rounding in
+    between to keep them apart)."""
+    if _HARDWARE_ROUNDING:
+        y = tl.inline_asm_elementwise("add.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    else:
+        y = a + b
+    return round_fp32(y, DTYPE)
+
+
+@triton.jit
 def round_loaded(y, SRC_DTYPE: tl.constexpr, DTYPE: tl.constexpr):
     """``round_fp32`` of a value loaded from SRC_DTYPE: nothing to do (and no ALU work, which
     the memory-bound kernels feel) when it already is in DTYPE. Also for a value that was

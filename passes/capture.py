@@ -4,13 +4,18 @@
 
 Lowering hands the rewritten graph to Inductor (the fused ops are opaque custom ops to it, so it
 generates code only for the glue between them) or runs it as it is ("eager", the CPU default:
-Inductor's generated C++ buys nothing in tests and costs compile time).
+Inductor's generated C++ buys nothing in tests and costs compile time). Under Inductor, patterns
+may also join their op with the glue beside it once autograd has split forward from backward
+(``Pattern.lowered_join``, run by ``lowered_joins_pass``).
 
 ``redundant_requires_grad_dropped()`` (passes/requires_grad.py) is the context the entry points
 trace in: it keeps a forward in one graph across a ``requires_grad_()`` that changes no gradient.
 """
 from __future__ import annotations
 
+import functools
+import inspect
+from collections import Counter
 from typing import Any, Callable
 
 import torch
@@ -40,6 +45,9 @@ class CapturedGraph:
         self.key = key
         self.module_prefix = ""  # where the captured module sits in the model, for naming regions
         self.observer: GraphObserver | None = None
+        # Joins made in the lowered graphs by kind (``Pattern.lowered_join``), counted as Inductor
+        # compiles them: the forward's with the capture, the backward's at the first backward.
+        self.lowered_joins: Counter = Counter()
 
     def __call__(self, *args: Any) -> Any:
         if self.observer is not None:
@@ -66,6 +74,64 @@ def resolve_lowering(lower: str, example_inputs: list) -> str:
     return "inductor" if on_cuda else "eager"
 
 
+def lowered_joins_pass(joins: list[Callable[[fx.Graph], Counter]], counts: Counter) -> Any:
+    """The pass Inductor runs on each graph it lowers, after its own (``post_grad_custom_post_pass``):
+    the patterns' joins, counted into ``counts``. A graph Inductor serves from its cache was joined
+    when it was compiled, but is not counted again."""
+    return _lowered_joins_class()(joins, counts)
+
+
+@functools.cache
+def _lowered_joins_class() -> type:
+    # Inductor's pass interface is imported here, on first use: importing it would add most of a
+    # second to ``import fastft``.
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+    class LoweredJoins(CustomGraphPass):
+        def __init__(self, joins: list[Callable[[fx.Graph], Counter]], counts: Counter) -> None:
+            self.joins, self.counts = joins, counts
+
+        def __call__(self, graph: fx.Graph) -> None:
+            for join in self.joins:
+                self.counts.update(join(graph))
+
+        def uuid(self) -> Any:
+            # Inductor's caches key on this: a change to the joins' code compiles afresh.
+            return get_hash_for_files(tuple(sorted({inspect.getsourcefile(j) for j in self.joins})))
+
+    return LoweredJoins
+
+
+@functools.cache
+def register_inductor_fallbacks(namespace: str = "fastft") -> int:
+    """Register Inductor's fallback lowering for every op of ``namespace`` up front, as Inductor
+    would on first meeting each one; returns how many it registered.
+
+    Why not leave it to Inductor: torch 2.11 formats the arguments of that first meeting for a
+    log line whether or not the line is shown, and an argument whose history is all opaque ops
+    (a residual stream from one fused op to the next) prints that history through every path:
+    exponential in the layers, the compile never ends."""
+    from torch._inductor.lowering import (get_layout_constraint_tag, lowerings, make_fallback,
+                                          tag_to_layout_constraint)
+
+    registered = 0
+    for name in torch._C._dispatch_get_all_op_names():
+        space, _, short = name.partition("::")
+        if space != namespace:
+            continue
+        packet = getattr(getattr(torch.ops, namespace), short)
+        for overload in packet.overloads():
+            op = getattr(packet, overload)
+            # An op that decomposes above autograd (CompositeImplicitAutograd) never reaches Inductor.
+            if op not in lowerings and not torch._C._dispatch_has_kernel_for_dispatch_key(
+                    op.name(), "CompositeImplicitAutograd"):
+                # The constraint Inductor picks for a custom op it meets (torch/_inductor/graph.py).
+                tag = get_layout_constraint_tag(op, with_default=True)
+                make_fallback(op, layout_constraint=tag_to_layout_constraint(tag))
+                registered += 1
+    return registered
+
+
 def make_backend(patterns: list[Pattern], lower: str, on_capture: Callable[[CapturedGraph], None],
                  cuda_graphs: bool = False) -> Callable[[fx.GraphModule, list], Any]:
     """A torch.compile backend that rewrites with ``patterns`` and reports each graph to ``on_capture``.
@@ -75,19 +141,26 @@ def make_backend(patterns: list[Pattern], lower: str, on_capture: Callable[[Capt
         raise ValueError(f"lower must be 'auto', 'eager' or 'inductor', not {lower!r}")
     if cuda_graphs and lower == "eager":
         raise ValueError("cuda_graphs needs Inductor's lowering: use lower='auto' or 'inductor', not 'eager'")
+    lowered_joins = [p.lowered_join for p in patterns if p.lowered_join is not None]
 
     def backend(gm: fx.GraphModule, example_inputs: list) -> CapturedGraph:
         key = graph_key(gm)
         check_dropped_marks(gm)
         result = rewrite_graph_module(gm, patterns)
         how = resolve_lowering(lower, example_inputs)
+        joins: Counter = Counter()
         if how == "inductor":
             from torch._inductor.compile_fx import compile_fx
 
-            lowered = compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": cuda_graphs})
+            register_inductor_fallbacks()
+            patches: dict[str, Any] = {"triton.cudagraphs": cuda_graphs}
+            if lowered_joins:
+                patches["post_grad_custom_post_pass"] = lowered_joins_pass(lowered_joins, joins)
+            lowered = compile_fx(gm, example_inputs, config_patches=patches)
         else:
             lowered = gm.forward
         captured = CapturedGraph(gm, lowered, result, key)
+        captured.lowered_joins = joins
         on_capture(captured)
         return captured
 

@@ -1,6 +1,7 @@
 """What a pattern is: its math as an expression, a constraint check, and the op that replaces it."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
@@ -55,6 +56,9 @@ class Pattern:
     # The fused op is cheap next to keeping its output for the backward (a norm, whose input is
     # kept anyway): AOT autograd's partitioner is asked to recompute it in the backward instead.
     recompute: bool = False
+    # Joins with the glue beside the fused op, made in the graphs Inductor lowers (after autograd,
+    # forward and backward): edits the graph in place and counts its joins by kind.
+    lowered_join: Callable[[Any], "Counter[str]"] | None = None
 
     def is_anchor(self, node: Any) -> bool:
         return self.anchor_filter is None or self.anchor_filter(node)

@@ -38,6 +38,7 @@ from fastft.kernels.rms_norm import SUPPORTED_DTYPES, rms_norm_reference
 from fastft.passes.canonical import canonical, dtype_of, same_size, tensor_meta
 from fastft.passes.matcher import Cast, Lit, Match, Op, Var
 from fastft.passes.pattern import Pattern, Replacement
+from fastft.patterns.norm_add import join_norm_adds
 
 
 def _last_dim_only(dims, canon) -> bool:
@@ -177,6 +178,7 @@ RMS_NORM = Pattern(
     # The normed output feeds linears that keep it for their backward, beside the norm's own
     # input: recomputing it there (one cheap kernel) keeps one tensor per norm instead of two.
     recompute=True,
+    lowered_join=join_norm_adds,
 )
 
 

@@ -94,7 +94,11 @@ def test_cuda_graphs_reach_inductor_and_refuse_eager_lowering(monkeypatch):
     for flag in (True, False):
         model = fastft.optimize(Plain("tensor"), cuda_graphs=flag, lower="inductor")
         model(torch.randn(3, 6))
-        assert seen.pop() == {"triton.cudagraphs": flag}
+        patches = seen.pop()
+        assert patches["triton.cudagraphs"] is flag
+        # The norm's joins with the adds beside it run in each graph Inductor lowers.
+        assert type(patches["post_grad_custom_post_pass"]).__name__ == "LoweredJoins"
+        assert set(patches) == {"triton.cudagraphs", "post_grad_custom_post_pass"}
         assert fastft.report(model).counts() == {"rms_norm": 1}
 
 

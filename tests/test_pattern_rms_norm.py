@@ -377,7 +377,7 @@ def _saved_bytes(model, x) -> int:
     return total
 
 
-def test_lowered_norm_is_recomputed_in_the_backward_not_saved(monkeypatch):
+def test_lowered_norm_is_recomputed_in_the_backward_not_saved():
     """Under AOT autograd (Inductor lowering) the norm's output is not kept for the next linear's
     backward: the norm runs again there from its input, which its own backward keeps anyway."""
     import dataclasses
@@ -388,14 +388,13 @@ def test_lowered_norm_is_recomputed_in_the_backward_not_saved(monkeypatch):
     x = torch.randn(4, 8, 48, device=DEVICE)
     saved, models = {}, {}
     # The compile caches' keys do not include the partitioner's recompute hints: compile afresh.
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
     for recompute in (True, False):
         torch.manual_seed(1)
         model = NormBetweenLinears().to(DEVICE)
         models[recompute] = model
         fastft.optimize(model, lower="inductor", patterns=[dataclasses.replace(RMS_NORM, recompute=recompute)])
-        _saved_bytes(model, x)  # the first call captures and compiles
+        with _compiled_afresh():
+            _saved_bytes(model, x)  # the first call captures and compiles
         saved[recompute] = _saved_bytes(model, x)
         assert fastft.report(model).counts() == {"rms_norm": 1}
     assert saved[False] - saved[True] == x.numel() * x.element_size(), saved
@@ -490,3 +489,82 @@ def test_pytorch_rms_norm_op_with_a_weight_of_another_dtype_is_a_near_miss():
     report = _optimise_and_run(model, x)
     assert report.counts() == {}
     assert any("unfused path" in m.reason for m in report.near_misses), report.near_misses
+
+
+class ResidualBlocks(nn.Module):
+    """Pre-norm residual blocks, x = x + linear(norm(x)), and a norm of the last sum: each norm
+    but the first reads a residual add, and each sum but the last has two gradients."""
+
+    def __init__(self, width: int = 48, blocks: int = 3, broadcast_bias: bool = False) -> None:
+        super().__init__()
+        self.norms = nn.ModuleList(CastBeforeWeight(width) for _ in range(blocks))
+        self.linears = nn.ModuleList(nn.Linear(width, width) for _ in range(blocks))
+        self.final = CastBeforeWeight(width)
+        # x + bias broadcasts a [width] vector: not an add the joined kernel can read.
+        self.bias = nn.Parameter(torch.randn(width)) if broadcast_bias else None
+
+    def forward(self, x):
+        for norm, linear in zip(self.norms, self.linears):
+            x = x + linear(norm(x))
+        if self.bias is not None:
+            x = x + self.bias
+        return self.final(x).float().square().mean()
+
+
+def _compiled_afresh():
+    """Compile without Inductor's caches (config.patch: pytest's monkeypatch, undone, deletes
+    the config entry)."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
+    stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
+    return stack
+
+
+def _train_once(dtype, join: bool, norms_trained: bool, **kwargs):
+    import dataclasses
+
+    from fastft.patterns import RMS_NORM
+
+    torch.manual_seed(0)
+    model = ResidualBlocks(**kwargs).to(device=DEVICE, dtype=dtype)
+    for norm in [*model.norms, model.final]:
+        norm.weight.requires_grad_(norms_trained)
+    pattern = RMS_NORM if join else dataclasses.replace(RMS_NORM, lowered_join=None)
+    fastft.optimize(model, lower="inductor", patterns=[pattern])
+    torch.manual_seed(1)
+    x = torch.randn(4, 8, 48, device=DEVICE, dtype=dtype, requires_grad=True)
+    loss = model(x)
+    loss.backward()
+    grads = [x.grad] + [p.grad for p in model.parameters()]
+    return loss, grads, fastft.report(model)
+
+
+@pytest.mark.parametrize("dtype,norms_trained", [(torch.bfloat16, False), (torch.float32, True)], ids=str)
+def test_lowered_residual_adds_join_the_norms_bit_for_bit(dtype, norms_trained):
+    """Under Inductor, each residual add a norm reads joins it (fastft::add_rms_norm), and each
+    sum of a residual stream's two gradients joins the norm's backward; the loss and every
+    gradient stay bit-equal to the same lowering without the joins."""
+    with _compiled_afresh():
+        loss, grads, report = _train_once(dtype, True, norms_trained)
+        loss_apart, grads_apart, report_apart = _train_once(dtype, False, norms_trained)
+    assert report.counts() == report_apart.counts() == {"rms_norm": 4}
+    # 3 norms read a sum (not the first); 3 sums have two gradients (the input and the first two sums).
+    assert report.lowered_joins == {"residual add + rms_norm": 3, "rms_norm backward + gradient add": 3}
+    assert report_apart.lowered_joins == {}
+    assert "residual add + rms_norm: 3" in str(report)
+    assert torch.equal(loss, loss_apart)
+    for g, g_apart in zip(grads, grads_apart):
+        assert (g is None) == (g_apart is None)
+        assert g is None or torch.equal(g, g_apart)
+
+
+def test_a_broadcasting_add_is_not_joined():
+    with _compiled_afresh():
+        loss, grads, report = _train_once(torch.float32, True, True, broadcast_bias=True)
+        loss_apart, grads_apart, _ = _train_once(torch.float32, False, True, broadcast_bias=True)
+    # The last norm reads x + bias: no join there, and the bias add's gradient is no residual sum.
+    assert report.lowered_joins == {"residual add + rms_norm": 2, "rms_norm backward + gradient add": 3}
+    assert torch.equal(loss, loss_apart)
+    assert all(torch.equal(g, h) for g, h in zip(grads, grads_apart))
