@@ -76,9 +76,12 @@ def resolve_lowering(lower: str, example_inputs: list) -> str:
 
 def lowered_joins_pass(joins: list[Callable[[fx.Graph], Counter]], counts: Counter) -> Any:
     """The pass Inductor runs on each graph it lowers, after its own (``post_grad_custom_post_pass``):
-    the patterns' joins, counted into ``counts``. A graph Inductor serves from its cache was joined
-    when it was compiled, but is not counted again."""
-    return _lowered_joins_class()(joins, counts)
+    the patterns' joins, counted into ``counts``, after the pass the user had configured there, if
+    any. A graph Inductor serves from its cache was joined when it was compiled, but is not
+    counted again."""
+    from torch._inductor import config
+
+    return _lowered_joins_class()(joins, counts, config.post_grad_custom_post_pass)
 
 
 @functools.cache
@@ -88,16 +91,24 @@ def _lowered_joins_class() -> type:
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
     class LoweredJoins(CustomGraphPass):
-        def __init__(self, joins: list[Callable[[fx.Graph], Counter]], counts: Counter) -> None:
-            self.joins, self.counts = joins, counts
+        def __init__(self, joins: list[Callable[[fx.Graph], Counter]], counts: Counter,
+                     previous: Callable[[fx.Graph], None] | None) -> None:
+            self.joins, self.counts, self.previous = joins, counts, previous
 
         def __call__(self, graph: fx.Graph) -> None:
+            if self.previous is not None:
+                self.previous(graph)
             for join in self.joins:
                 self.counts.update(join(graph))
 
         def uuid(self) -> Any:
-            # Inductor's caches key on this: a change to the joins' code compiles afresh.
-            return get_hash_for_files(tuple(sorted({inspect.getsourcefile(j) for j in self.joins})))
+            # Inductor's caches key on this: a change to the joins' code compiles afresh. A
+            # configured pass without a uuid makes Inductor skip its caches, as it would alone.
+            ours = get_hash_for_files(tuple(sorted({inspect.getsourcefile(j) for j in self.joins})))
+            if self.previous is None:
+                return ours
+            theirs = self.previous.uuid() if isinstance(self.previous, CustomGraphPass) else None
+            return None if theirs is None else (theirs, ours)
 
     return LoweredJoins
 

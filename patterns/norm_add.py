@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 import torch
 import torch.fx as fx
+from torch._prims_common import is_contiguous_or_false
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 import fastft.kernels.rms_norm  # noqa: F401  (registers fastft::add_rms_norm)
 
@@ -60,15 +62,18 @@ def _val(node: Any) -> Optional[torch.Tensor]:
 
 def _plain_add(node: fx.Node) -> Optional[tuple[fx.Node, fx.Node]]:
     """The two operands of ``a + b`` of one shape and dtype, contiguous, without broadcasting or
-    type promotion (the kernels read both as rows of the sum's layout)."""
+    type promotion (the kernels read both as rows of the sum's layout). Symbolic sizes count as
+    equal only where they are known to be, without adding a guard to a compiled graph."""
     if node.target is not _ADD or node.kwargs or len(node.args) != 2:
         return None
     out = _val(node)
-    if out is None or not out.is_contiguous():
+    if out is None or not is_contiguous_or_false(out):
         return None
     for arg in node.args:
         val = _val(arg)
-        if val is None or val.shape != out.shape or val.dtype != out.dtype or not val.is_contiguous():
+        if val is None or val.dtype != out.dtype or not is_contiguous_or_false(val) or val.dim() != out.dim():
+            return None
+        if not all(statically_known_true(a == b) for a, b in zip(val.shape, out.shape)):
             return None
     return node.args[0], node.args[1]
 
@@ -114,8 +119,6 @@ def _join_backward(graph: fx.Graph, add: fx.Node, order: dict) -> bool:
             continue
         args = _backward_args(backward)
         if args is None or not args["compute_dx"] or args["grad_add"] is not None:
-            continue
-        if _val(dx) is None or _val(dx).dtype != _val(add).dtype:
             continue
         outputs = [u for u in backward.users if u is not dx]
         if order[other] < order[backward]:

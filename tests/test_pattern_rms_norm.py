@@ -568,3 +568,46 @@ def test_a_broadcasting_add_is_not_joined():
     assert report.lowered_joins == {"residual add + rms_norm": 2, "rms_norm backward + gradient add": 3}
     assert torch.equal(loss, loss_apart)
     assert all(torch.equal(g, h) for g, h in zip(grads, grads_apart))
+
+
+def test_joins_hold_for_dynamic_shapes():
+    """A second sequence length recompiles with symbolic sizes: the joins still apply there
+    (sizes known equal without a guard), and the loss stays the unoptimised model's."""
+    torch.manual_seed(0)
+    model = ResidualBlocks().to(DEVICE)
+    fastft.optimize(model, lower="inductor")
+    from fastft.optimize import state_of
+
+    state = state_of(model)
+    with _compiled_afresh():
+        for seq in (8, 12, 16):
+            x = torch.randn(4, seq, 48, device=DEVICE, requires_grad=True)
+            loss = model(x)
+            loss.backward()
+            with state.original():
+                torch.testing.assert_close(loss, model(x), rtol=1e-5, atol=1e-6)
+            assert fastft.report(model).lowered_joins == {"residual add + rms_norm": 3,
+                                                          "rms_norm backward + gradient add": 3}, seq
+    assert fastft.report(model).graphs_captured == 2  # 8, then one symbolic graph for 12 and 16
+
+
+def test_a_configured_post_grad_pass_still_runs_before_the_joins():
+    """fastft's joins take Inductor's post-grad hook; a pass the user had set there runs first."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    seen = []
+
+    class CountAdds(CustomGraphPass):
+        def __call__(self, graph):
+            seen.append(sum(n.target is torch.ops.aten.add.Tensor for n in graph.nodes))
+
+        def uuid(self):
+            return "count-adds"
+
+    torch.manual_seed(0)
+    model = ResidualBlocks().to(DEVICE)
+    fastft.optimize(model, lower="inductor")
+    with _compiled_afresh(), torch._inductor.config.patch(post_grad_custom_post_pass=CountAdds()):
+        model(torch.randn(4, 8, 48, device=DEVICE, requires_grad=True)).backward()
+    assert len(seen) == 2 and all(count >= 3 for count in seen), seen  # forward and backward, adds unjoined
+    assert fastft.report(model).lowered_joins == {"residual add + rms_norm": 3, "rms_norm backward + gradient add": 3}
