@@ -8,7 +8,9 @@ than as a pattern of the captured graph because only here is the split between f
 backward settled: a fused add + norm in the captured graph would have its output recomputed
 from the add's inputs, keeping one more tensor per norm for the backward.
 
-Each join is exact: the kernels round the sum and the summed gradient as the adds did.
+Each join is exact: the kernels round the sum and the summed gradient as the adds did. The glue
+Inductor generates around a join may still change (a reduction over the summed gradient, such as
+a bias's, can sum in another order).
 """
 from __future__ import annotations
 

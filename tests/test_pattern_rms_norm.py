@@ -567,7 +567,10 @@ def test_a_broadcasting_add_is_not_joined():
     # The last norm reads x + bias: no join there, and the bias add's gradient is no residual sum.
     assert report.lowered_joins == {"residual add + rms_norm": 2, "rms_norm backward + gradient add": 3}
     assert torch.equal(loss, loss_apart)
-    assert all(torch.equal(g, h) for g, h in zip(grads, grads_apart))
+    # Not bit for bit: the bias's gradient is a sum over rows that Inductor generates next to a
+    # joined add, and may order differently once the add is gone (seen on an H200, not on a CPU).
+    for g, g_apart in zip(grads, grads_apart):
+        torch.testing.assert_close(g, g_apart, rtol=1e-5, atol=1e-6)
 
 
 def test_joins_hold_for_dynamic_shapes():
