@@ -231,6 +231,14 @@ def _check_inputs(
 _check_block_rows = functools.partial(check_block_rows, "fastft::rms_norm")
 
 
+def _check_like_x(op: str, name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    """A tensor read as rows of x's layout (an addend, a gradient to add) must have x's shape,
+    dtype and device: no broadcasting, no type promotion."""
+    if t.shape != x.shape or t.dtype != x.dtype or t.device != x.device:
+        raise ValueError(f"{op}: {name} {tuple(t.shape)} {t.dtype} on {t.device} must match "
+                         f"x {tuple(x.shape)} {x.dtype} on {x.device}")
+
+
 # Launch shapes below come from an exploratory H100 sweep (not committed; bench/kernels.py is the
 # measurement of record) of bf16 rows of N = 128 .. 16384. Rows whose N is not a multiple of 16
 # cannot use vector loads and are slower whatever the shape.
@@ -280,10 +288,7 @@ def add_rms_norm_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + residual, the RMSNorm of that sum) from one kernel: the sum rounded to x's dtype as
     the add would round it, and normalised as rounded."""
-    _check_dtype("residual", residual.dtype)
-    if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
-        raise ValueError(f"fastft::add_rms_norm: residual {tuple(residual.shape)} {residual.dtype} on "
-                         f"{residual.device} must match x {tuple(x.shape)} {x.dtype} on {x.device}")
+    _check_like_x("fastft::add_rms_norm", "residual", residual, x)
     h, y = _forward(x, residual, weight, eps, weight_offset, norm_dtype, out_dtype, block_rows, sum_of_squares)
     return h, y
 
@@ -346,9 +351,7 @@ def rms_norm_backward(
     if dy.shape != x.shape:
         raise ValueError(f"fastft::rms_norm: dy shape {tuple(dy.shape)} != x shape {tuple(x.shape)}")
     if grad_add is not None:
-        if grad_add.shape != x.shape or grad_add.dtype != x.dtype or grad_add.device != x.device:
-            raise ValueError(f"fastft::rms_norm: grad_add {tuple(grad_add.shape)} {grad_add.dtype} on "
-                             f"{grad_add.device} must match x {tuple(x.shape)} {x.dtype} on {x.device}")
+        _check_like_x("fastft::rms_norm", "grad_add", grad_add, x)
         if not compute_dx:
             raise ValueError("fastft::rms_norm: grad_add is added to dx, so it needs compute_dx")
     compute_dw = compute_dw and weight is not None
@@ -510,9 +513,7 @@ def add_rms_norm(
 @add_rms_norm.register_fake
 def _add_rms_norm_fake(x, residual, weight, eps, weight_offset, norm_dtype, out_dtype, sum_of_squares=False):
     _check_inputs(x, weight, norm_dtype, out_dtype)
-    if residual.shape != x.shape or residual.dtype != x.dtype:
-        raise ValueError(f"fastft::add_rms_norm: residual {tuple(residual.shape)} {residual.dtype} must match "
-                         f"x {tuple(x.shape)} {x.dtype}")
+    _check_like_x("fastft::add_rms_norm", "residual", residual, x)
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape, dtype=out_dtype)
 
 
