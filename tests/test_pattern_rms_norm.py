@@ -614,3 +614,42 @@ def test_a_configured_post_grad_pass_still_runs_before_the_joins():
         model(torch.randn(4, 8, 48, device=DEVICE, requires_grad=True)).backward()
     assert len(seen) == 2 and all(count >= 3 for count in seen), seen  # forward and backward, adds unjoined
     assert fastft.report(model).lowered_joins == {"residual add + rms_norm": 3, "rms_norm backward + gradient add": 3}
+
+
+class CheckpointedResidualBlocks(ResidualBlocks):
+    """The same blocks, each under non-reentrant activation checkpointing: the backward graph
+    recomputes the forward's adds and norms, and the joins apply there too."""
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        for norm, linear in zip(self.norms, self.linears):
+            x = checkpoint(lambda h, norm=norm, linear=linear: h + linear(norm(h)), x, use_reentrant=False)
+        return self.final(x).float().square().mean()
+
+
+def test_joins_inside_checkpointed_blocks():
+    torch.manual_seed(0)
+    models = {join: CheckpointedResidualBlocks().to(DEVICE) for join in (True, False)}
+    models[False].load_state_dict(models[True].state_dict())
+    import dataclasses
+
+    from fastft.patterns import RMS_NORM
+
+    results = {}
+    with _compiled_afresh():
+        for join, model in models.items():
+            pattern = RMS_NORM if join else dataclasses.replace(RMS_NORM, lowered_join=None)
+            fastft.optimize(model, lower="inductor", patterns=[pattern])
+            x = torch.randn(4, 8, 48, generator=torch.Generator().manual_seed(1)).to(DEVICE).requires_grad_()
+            loss = model(x)
+            loss.backward()
+            results[join] = (loss, [x.grad] + [p.grad for p in model.parameters()], fastft.report(model))
+    (loss, grads, report), (loss_apart, grads_apart, _) = results[True], results[False]
+    assert report.counts() == {"rms_norm": 4}
+    # Counted over the forward's and the backward's compiles (the backward recomputes the blocks).
+    joins = report.lowered_joins
+    assert joins.get("residual add + rms_norm", 0) >= 3 and joins.get("rms_norm backward + gradient add", 0) >= 3, joins
+    torch.testing.assert_close(loss, loss_apart, rtol=0, atol=0)
+    for g, g_apart in zip(grads, grads_apart):
+        torch.testing.assert_close(g, g_apart, rtol=1e-5, atol=1e-6)
