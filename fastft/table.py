@@ -19,7 +19,8 @@ def format_report(report: Report) -> str:
             rows.append((pattern, str(len(where)), kernel, _summarise(where)))
         lines += _table(rows)
     if report.lowered_joins:
-        lines += ["", "joined after autograd (Inductor's lowered graphs):"]
+        lines += ["", "joined after autograd (in the graphs Inductor compiled in this process; one it took from its "
+                  "cache is not counted):"]
         lines += [f"  {kind}: {count}" for kind, count in report.lowered_joins.items()]
     lines += ["", "near misses:"]
     lines += [f"  {m.pattern} at {m.region}: {m.reason}" for m in report.near_misses] or ["  (none)"]
