@@ -294,6 +294,7 @@ def add_rms_norm_forward(
 
 
 def _forward(x, residual, weight, eps, weight_offset, norm_dtype, out_dtype, block_rows, sum_of_squares):
+    """(x + residual or None without a residual, the norm); one launch either way."""
     if out_dtype is None:
         out_dtype = x.dtype
     _check_inputs(x, weight, norm_dtype, out_dtype)
