@@ -190,3 +190,42 @@ def test_library_trees_that_cannot_be_recorded_keep_the_commit_and_say_why(monke
     info = provenance.git_info()
     assert info["commit"] and "library" not in info and "CalledProcessError" in info["library_error"]
     assert "could not be recorded" in provenance.describe(info)
+
+
+def test_rounds_alternate_the_order_and_summarise_each_round(monkeypatch, tmp_path):
+    """--rounds 3 runs a, b; b, a; a, b, each worker under its own tag, and the table gives every
+    round's row, each system's median per round and the ratio of the two in each round."""
+    _package()
+    import train_step.compare as compare
+    from train_step import report, runner
+    from train_step.cli import parser
+
+    ran = []
+    steps_ms = {("fastft-cg", 1): 96.0, ("unsloth", 1): 112.0, ("unsloth", 2): 110.0, ("fastft-cg", 2): 95.0,
+                ("fastft-cg", 3): 97.0, ("unsloth", 3): 107.0}
+
+    def fake_run(spec, tag, timeout_s, workdir, logdir, device):
+        if spec["kind"] == "prepare":
+            return {"status": "ok", "wall_s": 0.1, "device": "cuda", "device_name": "fake"}
+        ran.append((spec["system"], tag, spec["profile"]))
+        step = steps_ms[(spec["system"], len(ran) // 2 + len(ran) % 2)] / 1e3
+        return {"status": "ok", "wall_s": 1.0, "step_s": step, "tokens_per_s": 8192 / step,
+                "step_times_s": [step] * 4}
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    monkeypatch.setattr(report, "meta", lambda args, prep, systems: {})
+    args = parser().parse_args(["--shape", "tiny", "--systems", "fastft-cg,unsloth", "--rounds", "3", "--profile",
+                                "--logs", str(tmp_path)])
+    data = compare.run_compare(args, ["fastft-cg", "unsloth"])
+    assert [(system, tag) for system, tag, _ in ran] == [
+        ("fastft-cg", "tiny_lora_fastft-cg_r1"), ("unsloth", "tiny_lora_unsloth_r1"),
+        ("unsloth", "tiny_lora_unsloth_r2"), ("fastft-cg", "tiny_lora_fastft-cg_r2"),
+        ("fastft-cg", "tiny_lora_fastft-cg_r3"), ("unsloth", "tiny_lora_unsloth_r3")]
+    assert len({profile for _, _, profile in ran}) == 6  # one profile file per run, none overwritten
+    assert [r["round"] for r in data["results"]] == [1, 1, 2, 2, 3, 3] and data["settings"]["rounds"] == 3
+    summary = report.rounds_summary(data["results"])
+    assert "- fastft-cg: step ms by round 96.0, 95.0, 97.0; median 96.0" in summary
+    assert "- unsloth: step ms by round 112.0, 110.0, 107.0; median 110.0" in summary
+    assert "- unsloth step / fastft-cg step, by round: 1.167, 1.158, 1.103; median 1.158" in summary
+    assert report.label(data["results"][2]) == "unsloth #2"
+    assert report.rounds_summary([{**r, "round": 1} for r in data["results"][:2]]) == []  # one round: nothing

@@ -36,6 +36,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpointing", choices=["none", "layer"], help="gradient checkpointing, same for every system")
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--seed", type=int, default=0, help="weights, adapters and data")
+    g.add_argument("--rounds", type=int, default=1, help="run the systems this many times each, in alternating "
+                   "order (a, b; b, a; ...), to show how much one system's step moves between processes")
     r = ap.add_argument_group("limits")
     r.add_argument("--timeout-s", type=int, help="one system's process (one probe's with --max-context)")
     r.add_argument("--prepare-timeout-s", type=int, help="building and saving the random-weight model")

@@ -54,15 +54,17 @@ class Session:
               + (f": {self.prep.get('error')}" if self.prep["status"] != "ok" else ""), flush=True)
         return self.prep
 
-    def train_spec(self, system: str, batch: int, seq: int, warmup: int, steps: int) -> dict[str, Any]:
+    def train_spec(self, system: str, batch: int, seq: int, warmup: int, steps: int,
+                   tag: str | None = None) -> dict[str, Any]:
+        """One worker's spec; ``tag`` names its profile files (default: shape, mode and system)."""
+        tag = tag or f"{self.args.shape}_{self.args.mode}_{system}"
         return {"kind": "train", "system": system, "shape": self.args.shape, "mode": self.args.mode,
                 "model_dir": str(self.model_dir), "device": self.device, "batch": batch, "seq": seq,
                 "warmup": warmup, "steps": steps, "checkpointing": self.st["checkpointing"], "lr": self.st["lr"],
                 "seed": self.st["seed"], "vocab": CONFIGS[self.args.shape][1]["vocab_size"],
                 "memory_cap_gib": self.args.memory_cap_gib,
-                "profile": str(self.logs / f"{self.args.shape}_{self.args.mode}_{system}.profile.txt")
-                if getattr(self.args, "profile", False) else None,
-                "memory_profile": str(self.logs / f"{self.args.shape}_{self.args.mode}_{system}.memory.txt")
+                "profile": str(self.logs / f"{tag}.profile.txt") if getattr(self.args, "profile", False) else None,
+                "memory_profile": str(self.logs / f"{tag}.memory.txt")
                 if getattr(self.args, "memory_profile", False) else None}
 
 
@@ -70,30 +72,39 @@ def run_compare(args: Any, systems: list[str]) -> dict[str, Any]:
     st = settings(args)
     s = Session(args, st)
     prep = s.prepare()
+    rounds = max(1, getattr(args, "rounds", 1) or 1)
     results = []
-    for system in systems:
-        if prep["status"] != "ok":
-            results.append({"system": system, "status": "skipped", "error": f"model preparation {prep['status']}: "
-                            f"{prep.get('error', '')}"})
-            continue
-        timeout = s.budget.timeout(st["timeout_s"])
-        if s.budget.timeout(20) < 20:
-            results.append({"system": system, "status": "skipped", "error": "the time budget (--budget-s) was spent"})
-            continue
-        print(f"[train_step] {system}: {st['warmup']} + {st['steps']} steps of {st['batch']} x {st['seq']} "
-              f"(timeout {timeout:.0f} s) ...", flush=True)
-        t0 = time.monotonic()
-        r = runner.run(s.train_spec(system, st["batch"], st["seq"], st["warmup"], st["steps"]),
-                       f"{args.shape}_{args.mode}_{system}", timeout, s.work, s.logs, s.device)
-        r["system"] = system
-        results.append(r)
-        tps = r.get("tokens_per_s")
-        print(f"[train_step]   {report.status_text(r)} in {time.monotonic() - t0:.0f} s"
-              + (f": {tps:,.0f} tokens/s, step {r['step_s'] * 1e3:.1f} ms" if tps else "")
-              + (f", peak {r['peak_allocated_bytes'] / report.GIB:.2f} GiB" if r.get("peak_allocated_bytes") else "")
-              + (f": {r.get('error', '')[:300]}" if r.get("status") != "ok" else ""), flush=True)
+    for i in range(rounds):
+        # Alternating order (a, b; b, a; ...): a system does not always run first on a cold machine.
+        for system in (systems if i % 2 == 0 else systems[::-1]):
+            r = _run_system(s, st, system, f"{args.shape}_{args.mode}_{system}" + (f"_r{i + 1}" if rounds > 1 else ""),
+                            prep)
+            if rounds > 1:
+                r["round"] = i + 1
+            results.append(r)
     data = {"benchmark": "train_step", "shape": args.shape, "mode": args.mode, "systems": systems,
-            **report.meta(args, prep, systems), "settings": st,
+            **report.meta(args, prep, systems), "settings": {**st, "rounds": rounds},
             "config": CONFIGS[args.shape][1], "model": {k: prep.get(k) for k in ("model_dir", "parameters", "reused", "build_s")},
             "logs": str(s.logs), "results": results}
     return data
+
+
+def _run_system(s: Session, st: dict[str, Any], system: str, tag: str, prep: dict[str, Any]) -> dict[str, Any]:
+    if prep["status"] != "ok":
+        return {"system": system, "status": "skipped", "error": f"model preparation {prep['status']}: "
+                f"{prep.get('error', '')}"}
+    timeout = s.budget.timeout(st["timeout_s"])
+    if s.budget.timeout(20) < 20:
+        return {"system": system, "status": "skipped", "error": "the time budget (--budget-s) was spent"}
+    print(f"[train_step] {system}: {st['warmup']} + {st['steps']} steps of {st['batch']} x {st['seq']} "
+          f"(timeout {timeout:.0f} s) ...", flush=True)
+    t0 = time.monotonic()
+    r = runner.run(s.train_spec(system, st["batch"], st["seq"], st["warmup"], st["steps"], tag),
+                   tag, timeout, s.work, s.logs, s.device)
+    r["system"] = system
+    tps = r.get("tokens_per_s")
+    print(f"[train_step]   {report.status_text(r)} in {time.monotonic() - t0:.0f} s"
+          + (f": {tps:,.0f} tokens/s, step {r['step_s'] * 1e3:.1f} ms" if tps else "")
+          + (f", peak {r['peak_allocated_bytes'] / report.GIB:.2f} GiB" if r.get("peak_allocated_bytes") else "")
+          + (f": {r.get('error', '')[:300]}" if r.get("status") != "ok" else ""), flush=True)
+    return r

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .report import label
+
 GIB = 2**30
 
 
@@ -17,7 +19,7 @@ def plot(json_path: Path, out_dir: Path | None = None) -> Path:
     data = json.loads(json_path.read_text())
     png = (out_dir or json_path.parent) / (json_path.stem + ".png")
     rows = data["results"]
-    names = [r["system"] for r in rows]
+    names = [label(r) for r in rows]
     title = f"{data['shape']}, {data['mode']} on {data.get('device')}"
     if data.get("benchmark") == "train_step_max_context":
         fig, ax = plt.subplots(figsize=(7, 4))

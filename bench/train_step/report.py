@@ -111,13 +111,42 @@ def compare_markdown(data: dict[str, Any]) -> str:
         l1 = _num(losses[0], ".4f") if losses else "-"
         lk = _num(losses[k_last - 1], ".4f") if len(losses) >= k_last else "-"
         step_ms = r["step_s"] * 1e3 if isinstance(r.get("step_s"), (int, float)) else None
-        lines.append(f"| {r['system']} | {_num(tps, ',.0f')} | {rel} | {_num(step_ms, '.1f')} | "
+        lines.append(f"| {label(r)} | {_num(tps, ',.0f')} | {rel} | {_num(step_ms, '.1f')} | "
                      f"{_gib(r.get('peak_allocated_bytes'))} | {_gib(r.get('peak_allocated_steady_bytes'))} | "
                      f"{_gib(r.get('peak_reserved_bytes'))} | {_num(r.get('first_step_s'), '.2f')} | {l1} | {lk} | {status_text(r)} |")
         notes += _notes(r)
     if notes:
         lines += ["", "Notes:", ""] + notes
+    lines += rounds_summary(data["results"])
     return "\n".join(lines) + "\n"
+
+
+def label(r: dict[str, Any]) -> str:
+    """A result's row name: the system, and its round where the systems ran several rounds."""
+    return f"{r['system']} #{r['round']}" if "round" in r else r["system"]
+
+
+def rounds_summary(results: list[dict[str, Any]]) -> list[str]:
+    """With several rounds: each system's median step per round and their median, and each
+    round's step-time ratio of every system to the first (rows of one round ran back to back)."""
+    rounds = sorted({r["round"] for r in results if "round" in r})
+    if len(rounds) < 2:
+        return []
+    systems = list(dict.fromkeys(r["system"] for r in results))
+    ms = {(r["system"], r["round"]): r["step_s"] * 1e3 for r in results
+          if r.get("status") == "ok" and isinstance(r.get("step_s"), (int, float)) and "round" in r}
+    lines = ["", f"Rounds ({len(rounds)}, the order of the systems alternating):", ""]
+    for system in systems:
+        got = [ms[(system, i)] for i in rounds if (system, i) in ms]
+        each = ", ".join(_num(ms.get((system, i)), ".1f") for i in rounds)
+        lines.append(f"- {system}: step ms by round {each}" + (f"; median {statistics.median(got):.1f}" if got else ""))
+    first = systems[0]
+    for system in systems[1:]:
+        ratios = [ms[(system, i)] / ms[(first, i)] for i in rounds if (system, i) in ms and (first, i) in ms]
+        if ratios:
+            lines.append(f"- {system} step / {first} step, by round: "
+                         + ", ".join(f"{x:.3f}" for x in ratios) + f"; median {statistics.median(ratios):.3f}")
+    return lines
 
 
 def step_spread(times_s: list[float]) -> str | None:
@@ -133,26 +162,27 @@ def step_spread(times_s: list[float]) -> str | None:
 
 def _notes(r: dict[str, Any]) -> list[str]:
     out = []
+    name = label(r)
     spread = step_spread(r.get("step_times_s") or [])
     if spread:
-        out.append(f"- {r['system']}: {spread}")
+        out.append(f"- {name}: {spread}")
     if r.get("error"):
-        out.append(f"- {r['system']}: {r['status']}: {r['error'].splitlines()[0][:400]}")
+        out.append(f"- {name}: {r['status']}: {r['error'].splitlines()[0][:400]}")
     if r.get("run_date_utc"):  # a table combined from several runs: say which run this row is from
-        out.append(f"- {r['system']}: from the run of {r['run_date_utc']}")
+        out.append(f"- {name}: from the run of {r['run_date_utc']}")
     rep = r.get("fastft_report")
     if rep:
         if "report_error" in rep:
-            out.append(f"- {r['system']}: report unavailable ({rep['report_error']})")
+            out.append(f"- {name}: report unavailable ({rep['report_error']})")
         else:
-            out.append(f"- {r['system']} rewrote {rep['rewrites'] or 'nothing'} in {rep['graphs_captured']} captured graph(s); "
+            out.append(f"- {name} rewrote {rep['rewrites'] or 'nothing'} in {rep['graphs_captured']} captured graph(s); "
                        f"{rep['graph_breaks']} graph break(s), {rep['near_misses']} near miss(es)"
                        + (f"; capture failed: {'; '.join(rep['capture_failures'])}" if rep["capture_failures"] else "")
                        + (f"; {rep['cudagraph_skips']} graph(s) Inductor did not record as CUDA graphs"
                           if rep.get("cudagraph_skips") else ""))
     info = r.get("info", {})
     if r.get("trainable_parameters"):
-        out.append(f"- {r['system']}: {r['trainable_parameters']:,} trainable parameters ({', '.join(r['trainable_dtypes'])}); "
+        out.append(f"- {name}: {r['trainable_parameters']:,} trainable parameters ({', '.join(r['trainable_dtypes'])}); "
                    f"{info.get('linears_4bit', 0)} 4-bit linears; {info.get('checkpointed_layers', 0)} layers with HF "
                    "gradient checkpointing" + (f", Unsloth use_gradient_checkpointing={info['unsloth_checkpointing']}"
                                                if "unsloth_checkpointing" in info else "")
