@@ -38,7 +38,7 @@ class CapturedGraph:
     """
 
     def __init__(self, gm: fx.GraphModule, lowered: Callable[..., Any], result: RewriteResult,
-                 key: str) -> None:
+                 key: str, lowered_joins: Counter | None = None) -> None:
         self.gm = gm
         self.lowered = lowered
         self.result = result
@@ -47,7 +47,7 @@ class CapturedGraph:
         self.observer: GraphObserver | None = None
         # Joins made in the lowered graphs by kind (``Pattern.lowered_join``), counted as Inductor
         # compiles them: the forward's with the capture, the backward's at the first backward.
-        self.lowered_joins: Counter = Counter()
+        self.lowered_joins: Counter = lowered_joins if lowered_joins is not None else Counter()
 
     def __call__(self, *args: Any) -> Any:
         if self.observer is not None:
@@ -170,8 +170,7 @@ def make_backend(patterns: list[Pattern], lower: str, on_capture: Callable[[Capt
             lowered = compile_fx(gm, example_inputs, config_patches=patches)
         else:
             lowered = gm.forward
-        captured = CapturedGraph(gm, lowered, result, key)
-        captured.lowered_joins = joins
+        captured = CapturedGraph(gm, lowered, result, key, joins)
         on_capture(captured)
         return captured
 

@@ -72,7 +72,7 @@ def run_compare(args: Any, systems: list[str]) -> dict[str, Any]:
     st = settings(args)
     s = Session(args, st)
     prep = s.prepare()
-    rounds = max(1, getattr(args, "rounds", 1) or 1)
+    rounds = max(1, args.rounds)
     results = []
     for i in range(rounds):
         # Alternating order (a, b; b, a; ...): a system does not always run first on a cold machine.

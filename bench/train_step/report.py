@@ -12,7 +12,6 @@ from typing import Any
 from .provenance import describe, git_info
 from .systems import package_versions
 
-ROOT = Path(__file__).resolve().parents[2]
 GIB = 2**30
 MODE_TEXT = {
     "lora": "LoRA r16 alpha16 dropout 0 on q,k,v,o,gate,up,down (peft; bf16 base, peft's adapter dtype)",
