@@ -42,6 +42,9 @@ def test_smoke_hf_and_fastft_train_the_same_tiny_lora(tmp_path):
         assert len(r["step_times_s"]) == 2 and all(math.isfinite(t) and t > 0 for t in r["step_times_s"])
         assert math.isfinite(r["step_s"]) and r["step_s"] > 0 and r["tokens_per_s"] > 0
         assert r["first_step_s"] > 0 and len(r["losses"]) == 2
+        # the timed batches once more, back to back: two more steps, their losses still finite
+        assert math.isfinite(r["back_to_back_step_s"]) and r["back_to_back_step_s"] > 0
+        assert len(r["back_to_back_losses"]) == 2 and all(map(math.isfinite, r["back_to_back_losses"]))
     for step, (a, b) in enumerate(zip(results["hf"]["losses"], results["fastft"]["losses"]), 1):
         assert math.isfinite(a) and abs(a - b) <= 1e-3 * abs(a), f"step {step}: hf {a} vs fastft {b}"
     assert data["settings"]["checkpointing"] == "none" and data["versions"]["torch"]
@@ -210,7 +213,7 @@ def test_rounds_alternate_the_order_and_summarise_each_round(monkeypatch, tmp_pa
         ran.append((spec["system"], tag, spec["profile"]))
         step = steps_ms[(spec["system"], len(ran) // 2 + len(ran) % 2)] / 1e3
         return {"status": "ok", "wall_s": 1.0, "step_s": step, "tokens_per_s": 8192 / step,
-                "step_times_s": [step] * 4}
+                "step_times_s": [step] * 4, "back_to_back_step_s": step - 0.005 * (spec["system"] == "unsloth")}
 
     monkeypatch.setattr(runner, "run", fake_run)
     monkeypatch.setattr(report, "meta", lambda args, prep, systems: {})
@@ -227,5 +230,10 @@ def test_rounds_alternate_the_order_and_summarise_each_round(monkeypatch, tmp_pa
     assert "- fastft-cg: step ms by round 96.0, 95.0, 97.0; median 96.0" in summary
     assert "- unsloth: step ms by round 112.0, 110.0, 107.0; median 110.0" in summary
     assert "- unsloth step / fastft-cg step, by round: 1.167, 1.158, 1.103; median 1.158" in summary
+    assert "- unsloth: back-to-back step ms by round 107.0, 105.0, 102.0; median 105.0" in summary
+    assert ("- unsloth back-to-back step / fastft-cg back-to-back step, by round: 1.115, 1.105, 1.052; median 1.105"
+            in summary)
+    table = report.compare_markdown({**data, "date_utc": "-", "command": "-", "versions": {}, "device": "-"})
+    assert "| unsloth #2 | 74,473 | - | 110.0 | 105.0 |" in table
     assert report.label(data["results"][2]) == "unsloth #2"
     assert report.rounds_summary([{**r, "round": 1} for r in data["results"][:2]]) == []  # one round: nothing

@@ -105,6 +105,7 @@ def _run_system(s: Session, st: dict[str, Any], system: str, tag: str, prep: dic
     tps = r.get("tokens_per_s")
     print(f"[train_step]   {report.status_text(r)} in {time.monotonic() - t0:.0f} s"
           + (f": {tps:,.0f} tokens/s, step {r['step_s'] * 1e3:.1f} ms" if tps else "")
+          + (f", back to back {r['back_to_back_step_s'] * 1e3:.1f} ms" if r.get("back_to_back_step_s") else "")
           + (f", peak {r['peak_allocated_bytes'] / report.GIB:.2f} GiB" if r.get("peak_allocated_bytes") else "")
           + (f": {r.get('error', '')[:300]}" if r.get("status") != "ok" else ""), flush=True)
     return r

@@ -91,15 +91,16 @@ def compare_markdown(data: dict[str, Any]) -> str:
         f"bf16 weights, SDPA attention (Unsloth: its own); torch.optim.AdamW lr {st['lr']:g} over the trainable "
         f"parameters; random token ids (seed {st['seed']}), labels = input_ids; gradient checkpointing: {ckpt}",
         f"- {st['warmup']} warm-up + {st['steps']} timed steps, each system in its own process; step ms: median of the "
-        "timed steps, the device synchronised before and after each; tokens/s = tokens per step / median step time",
+        "timed steps, the device synchronised before and after each; tokens/s = tokens per step / median step time; "
+        "back-to-back ms: the timed steps' batches run once more with no synchronisation between steps (as a "
+        "training loop runs them), the block's wall time per step",
         "- peak: torch.cuda.max_memory_allocated / max_memory_reserved from before step 1 (stats reset after loading) "
         "to the last step; steady peak: the same over steps 2 on (without capture and compilation); first step: from the model ready on the device through the end of step 1 (capture and "
         f"compilation included); loss @1: before any update (the same function for every system), @{k_last}: last step",
         "",
-        f"| system | tokens/s | x vs hf | step ms | peak alloc GiB | steady peak GiB | peak reserved GiB | first step s "
-        f"| loss @1 "
-        f"| loss @{k_last} | status |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        f"| system | tokens/s | x vs hf | step ms | back-to-back ms | peak alloc GiB | steady peak GiB "
+        f"| peak reserved GiB | first step s | loss @1 | loss @{k_last} | status |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     base = next((r.get("tokens_per_s") for r in data["results"] if r["system"] == "hf"), None)
     notes = []
@@ -109,8 +110,9 @@ def compare_markdown(data: dict[str, Any]) -> str:
         losses = r.get("losses") or []
         l1 = _num(losses[0], ".4f") if losses else "-"
         lk = _num(losses[k_last - 1], ".4f") if len(losses) >= k_last else "-"
-        step_ms = r["step_s"] * 1e3 if isinstance(r.get("step_s"), (int, float)) else None
-        lines.append(f"| {label(r)} | {_num(tps, ',.0f')} | {rel} | {_num(step_ms, '.1f')} | "
+        step_ms, b2b_ms = (r[k] * 1e3 if isinstance(r.get(k), (int, float)) else None
+                           for k in ("step_s", "back_to_back_step_s"))
+        lines.append(f"| {label(r)} | {_num(tps, ',.0f')} | {rel} | {_num(step_ms, '.1f')} | {_num(b2b_ms, '.1f')} | "
                      f"{_gib(r.get('peak_allocated_bytes'))} | {_gib(r.get('peak_allocated_steady_bytes'))} | "
                      f"{_gib(r.get('peak_reserved_bytes'))} | {_num(r.get('first_step_s'), '.2f')} | {l1} | {lk} | {status_text(r)} |")
         notes += _notes(r)
@@ -126,25 +128,30 @@ def label(r: dict[str, Any]) -> str:
 
 
 def rounds_summary(results: list[dict[str, Any]]) -> list[str]:
-    """With several rounds: each system's median step per round and their median, and each
-    round's step-time ratio of every system to the first (rows of one round ran back to back)."""
+    """With several rounds: each system's median step (and back-to-back step) per round and their
+    median, and each round's ratio of every system's to the first's (rows of one round ran one
+    after the other)."""
     rounds = sorted({r["round"] for r in results if "round" in r})
     if len(rounds) < 2:
         return []
     systems = list(dict.fromkeys(r["system"] for r in results))
-    ms = {(r["system"], r["round"]): r["step_s"] * 1e3 for r in results
-          if r.get("status") == "ok" and isinstance(r.get("step_s"), (int, float)) and "round" in r}
     lines = ["", f"Rounds ({len(rounds)}, the order of the systems alternating):", ""]
-    for system in systems:
-        got = [ms[(system, i)] for i in rounds if (system, i) in ms]
-        each = ", ".join(_num(ms.get((system, i)), ".1f") for i in rounds)
-        lines.append(f"- {system}: step ms by round {each}" + (f"; median {statistics.median(got):.1f}" if got else ""))
-    first = systems[0]
-    for system in systems[1:]:
-        ratios = [ms[(system, i)] / ms[(first, i)] for i in rounds if (system, i) in ms and (first, i) in ms]
-        if ratios:
-            lines.append(f"- {system} step / {first} step, by round: "
-                         + ", ".join(f"{x:.3f}" for x in ratios) + f"; median {statistics.median(ratios):.3f}")
+    for key, what in (("step_s", "step"), ("back_to_back_step_s", "back-to-back step")):
+        ms = {(r["system"], r["round"]): r[key] * 1e3 for r in results
+              if r.get("status") == "ok" and isinstance(r.get(key), (int, float)) and "round" in r}
+        if not ms:
+            continue
+        for system in systems:
+            got = [ms[(system, i)] for i in rounds if (system, i) in ms]
+            each = ", ".join(_num(ms.get((system, i)), ".1f") for i in rounds)
+            lines.append(f"- {system}: {what} ms by round {each}"
+                         + (f"; median {statistics.median(got):.1f}" if got else ""))
+        first = systems[0]
+        for system in systems[1:]:
+            ratios = [ms[(system, i)] / ms[(first, i)] for i in rounds if (system, i) in ms and (first, i) in ms]
+            if ratios:
+                lines.append(f"- {system} {what} / {first} {what}, by round: "
+                             + ", ".join(f"{x:.3f}" for x in ratios) + f"; median {statistics.median(ratios):.3f}")
     return lines
 
 
