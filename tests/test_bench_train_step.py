@@ -60,6 +60,7 @@ def test_max_context_search_doubles_then_bisects(monkeypatch):
     def fake_run(spec, tag, timeout_s, workdir, logdir, device):
         seen.append(spec["seq"])
         assert spec["batch"] == 1 and spec["warmup"] == 0 and spec["steps"] == 1
+        assert not spec["back_to_back"]  # a probe is one step: its memory, not a second one's
         ok = spec["seq"] <= limit
         return {"status": "ok" if ok else "oom", "wall_s": 0.1, "peak_allocated_bytes": spec["seq"] * 1000,
                 "error": None if ok else "OutOfMemoryError: CUDA out of memory"}
@@ -72,8 +73,9 @@ def test_max_context_search_doubles_then_bisects(monkeypatch):
         work = logs = Path(tempfile.gettempdir())
         device = "cuda"
 
-        def train_spec(self, system, batch, seq, warmup, steps):
-            return {"system": system, "batch": batch, "seq": seq, "warmup": warmup, "steps": steps}
+        def train_spec(self, system, batch, seq, warmup, steps, back_to_back=True):
+            return {"system": system, "batch": batch, "seq": seq, "warmup": warmup, "steps": steps,
+                    "back_to_back": back_to_back}
 
     st = {"ctx_min": 1024, "ctx_max": 65536, "ctx_step": 1024, "probe_timeout_s": 100}
     out = mc._search(S(), "hf", runner.Budget(600), st)

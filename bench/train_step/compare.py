@@ -55,12 +55,14 @@ class Session:
         return self.prep
 
     def train_spec(self, system: str, batch: int, seq: int, warmup: int, steps: int,
-                   tag: str | None = None) -> dict[str, Any]:
-        """One worker's spec; ``tag`` names its profile files (default: shape, mode and system)."""
+                   tag: str | None = None, back_to_back: bool = True) -> dict[str, Any]:
+        """One worker's spec; ``tag`` names its profile files (default: shape, mode and system).
+        ``back_to_back``: time the timed steps' batches once more without synchronising between
+        steps (worker._back_to_back)."""
         tag = tag or f"{self.args.shape}_{self.args.mode}_{system}"
         return {"kind": "train", "system": system, "shape": self.args.shape, "mode": self.args.mode,
                 "model_dir": str(self.model_dir), "device": self.device, "batch": batch, "seq": seq,
-                "warmup": warmup, "steps": steps, "checkpointing": self.st["checkpointing"], "lr": self.st["lr"],
+                "warmup": warmup, "steps": steps, "back_to_back": back_to_back, "checkpointing": self.st["checkpointing"], "lr": self.st["lr"],
                 "seed": self.st["seed"], "vocab": CONFIGS[self.args.shape][1]["vocab_size"],
                 "memory_cap_gib": self.args.memory_cap_gib,
                 "profile": str(self.logs / f"{tag}.profile.txt") if getattr(self.args, "profile", False) else None,

@@ -49,8 +49,9 @@ def _search(s: Session, system: str, budget: runner.Budget, st: dict[str, Any]) 
         if timeout < 15:
             return None
         print(f"[train_step] {system}: seq {seq} (timeout {timeout:.0f} s) ...", flush=True)
-        r = runner.run(s.train_spec(system, 1, seq, 0, 1), f"{s.args.shape}_{s.args.mode}_{system}_ctx{seq}",
-                       timeout, s.work, s.logs, s.device)
+        # One step per probe, as before: a probe measures its memory, not a second step's.
+        r = runner.run(s.train_spec(system, 1, seq, 0, 1, back_to_back=False),
+                       f"{s.args.shape}_{s.args.mode}_{system}_ctx{seq}", timeout, s.work, s.logs, s.device)
         out["probes"].append({"seq": seq, "status": r.get("status"), "wall_s": r.get("wall_s"),
                               "peak_allocated_bytes": r.get("peak_allocated_bytes"),
                               "peak_reserved_bytes": r.get("peak_reserved_bytes"),

@@ -142,7 +142,7 @@ def _train(spec: dict[str, Any], out: dict[str, Any], save) -> None:
             if i >= spec["warmup"]:
                 times.append(t1 - t0)
             save()
-        if times:
+        if times and spec.get("back_to_back"):
             _back_to_back(out, step_model, optimizer, batches[spec["warmup"]:], cuda)
             save()
     finally:
