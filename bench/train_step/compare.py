@@ -62,7 +62,8 @@ class Session:
         tag = tag or f"{self.args.shape}_{self.args.mode}_{system}"
         return {"kind": "train", "system": system, "shape": self.args.shape, "mode": self.args.mode,
                 "model_dir": str(self.model_dir), "device": self.device, "batch": batch, "seq": seq,
-                "warmup": warmup, "steps": steps, "back_to_back": back_to_back, "checkpointing": self.st["checkpointing"], "lr": self.st["lr"],
+                "warmup": warmup, "steps": steps, "back_to_back": back_to_back,
+                "checkpointing": self.st["checkpointing"], "lr": self.st["lr"],
                 "seed": self.st["seed"], "vocab": CONFIGS[self.args.shape][1]["vocab_size"],
                 "memory_cap_gib": self.args.memory_cap_gib,
                 "profile": str(self.logs / f"{tag}.profile.txt") if getattr(self.args, "profile", False) else None,
