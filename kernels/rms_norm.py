@@ -289,8 +289,7 @@ def add_rms_norm_forward(
     """(x + residual, the RMSNorm of that sum) from one kernel: the sum rounded to x's dtype as
     the add would round it, and normalised as rounded."""
     _check_like_x("fastft::add_rms_norm", "residual", residual, x)
-    h, y = _forward(x, residual, weight, eps, weight_offset, norm_dtype, out_dtype, block_rows, sum_of_squares)
-    return h, y
+    return _forward(x, residual, weight, eps, weight_offset, norm_dtype, out_dtype, block_rows, sum_of_squares)
 
 
 def _forward(x, residual, weight, eps, weight_offset, norm_dtype, out_dtype, block_rows, sum_of_squares):

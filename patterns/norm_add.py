@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -24,6 +24,7 @@ from torch._prims_common import is_contiguous_or_false
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 import fastft.kernels.rms_norm  # noqa: F401  (registers fastft::add_rms_norm)
+from fastft.passes.canonical import tensor_meta
 
 _ADD = torch.ops.aten.add.Tensor
 _NORM = torch.ops.fastft.rms_norm.default
@@ -57,22 +58,17 @@ def _positions(graph: fx.Graph) -> dict:
     return {node: i for i, node in enumerate(graph.nodes)}
 
 
-def _val(node: Any) -> Optional[torch.Tensor]:
-    value = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return value if isinstance(value, torch.Tensor) else None
-
-
 def _plain_add(node: fx.Node) -> Optional[tuple[fx.Node, fx.Node]]:
     """The two operands of ``a + b`` of one shape and dtype, contiguous, without broadcasting or
     type promotion (the kernels read both as rows of the sum's layout). Symbolic sizes count as
     equal only where they are known to be, without adding a guard to a compiled graph."""
     if node.target is not _ADD or node.kwargs or len(node.args) != 2:
         return None
-    out = _val(node)
+    out = tensor_meta(node)
     if out is None or not is_contiguous_or_false(out):
         return None
     for arg in node.args:
-        val = _val(arg)
+        val = tensor_meta(arg)
         if val is None or val.dtype != out.dtype or not is_contiguous_or_false(val) or val.dim() != out.dim():
             return None
         if not all(statically_known_true(a == b) for a, b in zip(val.shape, out.shape)):
@@ -91,13 +87,13 @@ def _join_forward(graph: fx.Graph, norm: fx.Node, order: dict) -> bool:
         return False
     with graph.inserting_after(add):
         joined = graph.call_function(_ADD_NORM, (*add.args, *norm.args[1:]), dict(norm.kwargs))
-        joined.meta["val"] = (_val(add), _val(norm))
+        joined.meta["val"] = (tensor_meta(add), tensor_meta(norm))
     with graph.inserting_after(joined):
         normed = graph.call_function(_getitem, (joined, 1))
-        normed.meta["val"] = _val(norm)
+        normed.meta["val"] = tensor_meta(norm)
     with graph.inserting_after(joined):
         total = graph.call_function(_getitem, (joined, 0))
-        total.meta["val"] = _val(add)
+        total.meta["val"] = tensor_meta(add)
     add.replace_all_uses_with(total)
     norm.replace_all_uses_with(normed)
     graph.erase_node(norm)
@@ -134,7 +130,7 @@ def _join_backward(graph: fx.Graph, add: fx.Node, order: dict) -> bool:
             joined = graph.call_function(_NORM_BACKWARD, tuple(args.values()))
             joined.meta["val"] = backward.meta.get("val")
             total = graph.call_function(_getitem, (joined, 0))
-            total.meta["val"] = _val(add)
+            total.meta["val"] = tensor_meta(add)
         for user in outputs:  # dW: moved to the joined node, or unread and dropped
             if where is add:
                 graph.erase_node(user)
@@ -149,22 +145,19 @@ def _join_backward(graph: fx.Graph, add: fx.Node, order: dict) -> bool:
     return False
 
 
-_BACKWARD_PARAMS = ("dy", "x", "weight", "eps", "weight_offset", "norm_dtype", "compute_dx", "compute_dw",
-                    "sum_of_squares", "grad_add")
-_BACKWARD_DEFAULTS = {"sum_of_squares": False, "grad_add": None}
-
-
 def _backward_args(node: fx.Node) -> Optional[dict]:
-    """The backward call's arguments by name, defaults filled in."""
-    if len(node.args) > len(_BACKWARD_PARAMS):
+    """The backward call's arguments by name, in the op's order, defaults filled in."""
+    params = _NORM_BACKWARD._schema.arguments
+    if len(node.args) > len(params):
         return None
-    args = dict(zip(_BACKWARD_PARAMS, node.args))
+    args = dict(zip((p.name for p in params), node.args))
     args.update(node.kwargs)
-    for name, default in _BACKWARD_DEFAULTS.items():
-        args.setdefault(name, default)
-    if set(args) != set(_BACKWARD_PARAMS):
+    for p in params:
+        if p.name not in args and p.has_default_value():
+            args[p.name] = p.default_value
+    if set(args) != {p.name for p in params}:
         return None
-    return {name: args[name] for name in _BACKWARD_PARAMS}
+    return {p.name: args[p.name] for p in params}
 
 
 _getitem = operator.getitem
