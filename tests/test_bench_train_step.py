@@ -136,6 +136,24 @@ def test_timeline_finds_idle_gaps_and_the_phase_that_ended_them():
     assert "GPU busy 0.10 ms" in text and "idle in gaps of 5 us or more 0.10 ms" in text
 
 
+def test_host_waits_counts_long_synchronising_calls_by_phase():
+    _package()
+    timeline = importlib.import_module("train_step.timeline")
+    S = timeline.Span
+    phases = [S(0, 1000, "step.forward"), S(1000, 3000, "step.backward"),
+              S(3000, 4000, "step.forward"), S(4000, 6000, "step.backward")]
+    host = [S(100, 900, "cudaStreamSynchronize"), S(3100, 3500, "cudaStreamSynchronize"),  # 1.2 ms in 2 steps
+            S(1500, 1510, "cudaMemcpyAsync"),  # 10 us: below the threshold, it did not wait
+            S(4500, 4700, "cudaMemcpyAsync"),
+            S(2000, 2900, "cudaLaunchKernel")]  # long, but not a call that waits
+    text = timeline.host_waits(host, phases, steps=2)
+    assert "cudaStreamSynchronize in step.forward: 1.0 calls, 0.60 ms (longest 0.80 ms)" in text
+    assert "cudaMemcpyAsync in step.backward: 0.5 calls, 0.10 ms (longest 0.20 ms)" in text
+    assert "cudaLaunchKernel" not in text
+    assert text.index("cudaStreamSynchronize") < text.index("cudaMemcpyAsync")  # the larger total first
+    assert "none" in timeline.host_waits(host[2:3], phases, steps=2)
+
+
 def test_step_spread_shows_a_median_among_slow_early_steps():
     _package()
     report = importlib.import_module("train_step.report")

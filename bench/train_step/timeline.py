@@ -103,8 +103,34 @@ def summary(kernels: list[Span], phases: list[Span], host_ops: list[Span], steps
     return "\n".join(lines) + "\n"
 
 
+# Runtime calls that can hold the host until the GPU has caught up (a copy to pageable host memory
+# returns only when the data is there). In steps run back to back, one of these in a phase keeps
+# the host from running ahead, and the GPU then waits on the host's next launches.
+WAIT_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+              "cudaMemcpyAsync", "cudaStreamQuery")
+
+
+def host_waits(host_ops: list[Span], phases: list[Span], steps: int, min_us: float = 50.0) -> str:
+    """Host calls in WAIT_CALLS that lasted ``min_us`` or more (shorter ones did not wait on
+    anything), by call and by the phase they ran in: count and host time per step."""
+    rows: dict[tuple[str, str], list[float]] = {}
+    for op in host_ops:
+        length = op.end_us - op.start_us
+        if op.name in WAIT_CALLS and length >= min_us:
+            phase = _innermost(phases, op.start_us)
+            rows.setdefault((op.name, phase.name if phase else "outside"), []).append(length)
+    if not rows:
+        return f"host calls that waited on the GPU ({min_us:.0f} us or more): none\n"
+    lines = [f"host calls that waited on the GPU ({min_us:.0f} us or more), per step:"]
+    for (name, phase), lengths in sorted(rows.items(), key=lambda kv: -sum(kv[1])):
+        lines.append(f"  {name} in {phase}: {len(lengths) / steps:.1f} calls, {sum(lengths) / steps / 1e3:.2f} ms "
+                     f"(longest {max(lengths) / 1e3:.2f} ms)")
+    return "\n".join(lines) + "\n"
+
+
 def from_profiler(prof, steps: int) -> str:
-    """summary() over a finished torch.profiler run whose steps were marked with PHASES."""
+    """summary() and host_waits() over a finished torch.profiler run whose steps were marked with
+    PHASES."""
     from torch.autograd import DeviceType
 
     kernels, phases, host = [], [], []
@@ -119,4 +145,4 @@ def from_profiler(prof, steps: int) -> str:
             phases.append(span)
         elif e.time_range.end > e.time_range.start:
             host.append(span)
-    return summary(kernels, phases, host, steps)
+    return summary(kernels, phases, host, steps) + host_waits(host, phases, steps)

@@ -148,7 +148,7 @@ def _train(spec: dict[str, Any], out: dict[str, Any], save) -> None:
     finally:
         sync_and_record()
     if spec.get("profile") and cuda:
-        _profile(spec["profile"], lambda b, mark: _step(step_model, optimizer, b, mark), batches[-2:])
+        _profile(spec["profile"], lambda b, mark: _step(step_model, optimizer, b, mark), batches[-2:], batches[-4:])
     if spec.get("memory_profile") and cuda:
         from .memory import profile_memory
 
@@ -194,9 +194,10 @@ def _step(step_model, optimizer, batch, mark=None):
     return loss
 
 
-def _profile(path: str, step, batches: list) -> None:
+def _profile(path: str, step, batches: list, back_to_back_batches: list) -> None:
     """GPU kernels of a few more steps, by total GPU time, and where the GPU sat idle (not part of
-    the timed result)."""
+    the timed result); then where it sat idle in steps run back to back, and which host calls
+    waited on it there."""
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -212,8 +213,16 @@ def _profile(path: str, step, batches: list) -> None:
     shapes = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total",
                                                                  max_name_column_width=40, row_limit=60)
     idle = from_profiler(prof, len(batches))
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for batch in back_to_back_batches:  # as _back_to_back runs them: one synchronisation, at the end
+            step(batch, record_function)
+        with record_function("step.sync"):
+            torch.cuda.synchronize()
+    idle_b2b = from_profiler(prof, len(back_to_back_batches))
     host = _host_forward(step, batches[-1])
-    Path(path).write_text(f"{len(batches)} steps\n{idle}\n{host}\n{table}\nBy input shapes:\n{shapes}")
+    Path(path).write_text(f"{len(batches)} steps\n{idle}\n"
+                          f"{len(back_to_back_batches)} steps back to back (the first starts on an idle GPU)\n"
+                          f"{idle_b2b}\n{host}\n{table}\nBy input shapes:\n{shapes}")
 
 
 def _host_forward(step, batch) -> str:
