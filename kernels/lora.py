@@ -39,6 +39,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .adapter_grads import adapter_grads, adapter_grads_pays
 from .concat import cast_parts, concat_columns
 from .glu import glu_backward_and_output, glu_forward, glu_reference
 from .lora_glu import lora_glu_forward
@@ -232,7 +233,8 @@ def _group_backward(dys: Sequence[Optional[torch.Tensor]], x2: torch.Tensor, xa:
         ops = ops if ops is not None else _operands(group, dtype)
     else:
         ops = None
-    dyb = _adapter_rows(dys, group, ops) if ops is not None else None
+    dyb, fused_dbs = _adapter_rows(dys, group, ops, xa, [n.dlora_b for n in needs]) if ops is not None \
+        else (None, [None] * len(group))
     if need_dx and dyb is not None:
         dx = _group_dx(dys, dyb, group, ops, dx)
     da_dtype = group[0].lora_a.dtype
@@ -240,7 +242,7 @@ def _group_backward(dys: Sequence[Optional[torch.Tensor]], x2: torch.Tensor, xa:
         da_dtype = dtype  # cast per adapter below
     da_all = _mm_as(dyb.t(), x2, da_dtype) if any_da else None
     grads = []
-    for lin, dy, need, columns in zip(group, dys, needs, _rank_columns(group)):
+    for lin, dy, need, columns, fused_db in zip(group, dys, needs, _rank_columns(group), fused_dbs):
         if dy is None:
             grads.append((None, None, None, None))
             continue
@@ -249,22 +251,37 @@ def _group_backward(dys: Sequence[Optional[torch.Tensor]], x2: torch.Tensor, xa:
         # A fresh tensor each (copy): an op's outputs must not alias one another.
         da = (da_all if len(group) == 1 else da_all[columns]).to(lin.lora_a.dtype, copy=len(group) > 1) \
             if need.dlora_a else None
-        db = _b_grad(dy, xa[:, columns], lin) if need.dlora_b else None
+        db = fused_db if fused_db is not None else _b_grad(dy, xa[:, columns], lin) if need.dlora_b else None
         grads.append((dw, dbias, da, db))
     return dx, grads
 
 
-def _adapter_rows(dys: Sequence[Optional[torch.Tensor]], group: Sequence[Adapted], ops: Operands) -> torch.Tensor:
+def _adapter_rows(dys: Sequence[Optional[torch.Tensor]], group: Sequence[Adapted], ops: Operands,
+                  xa: Optional[torch.Tensor] = None, want_db: Optional[Sequence[bool]] = None
+                  ) -> tuple[torch.Tensor, list[Optional[torch.Tensor]]]:
     """[s_i dY_i B_i]_i side by side ([rows, sum of ranks], zeros for a linear with no dY): the
-    rank-r factor of every adapter's dX share and dA."""
-    parts = []
-    for lin, dy, b in zip(group, dys, ops.b):
+    rank-r factor of every adapter's dX share and dA; and, per linear, dB where it came out of the
+    same pass over dY (``kernels/adapter_grads.py``: a large dY, given ``xa`` and ``want_db``),
+    None where the caller still computes it."""
+    dbs: list[Optional[torch.Tensor]] = [None] * len(group)
+    fused = [xa is not None and dy is not None and adapter_grads_pays(dy, lin.lora_a.shape[0])
+             for lin, dy in zip(group, dys)]
+    like = next(d for d in dys if d is not None)
+    if not any(fused):
+        parts = [torch.mm(dy, b) if dy is not None else like.new_zeros((like.shape[0], lin.lora_a.shape[0]))
+                 for lin, dy, b in zip(group, dys, ops.b)]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)), dbs
+    want_db = want_db or [False] * len(group)
+    dyb = like.new_empty((like.shape[0], sum(lin.lora_a.shape[0] for lin in group)))
+    for i, (lin, dy, b, columns) in enumerate(zip(group, dys, ops.b, _rank_columns(group))):
         if dy is None:
-            like = next(d for d in dys if d is not None)
-            parts.append(like.new_zeros((like.shape[0], lin.lora_a.shape[0])))
-            continue
-        parts.append(torch.mm(dy, b))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            dyb[:, columns].zero_()
+        elif fused[i]:
+            _, dbs[i] = adapter_grads(dy, b, xa[:, columns], lin.scale, dyb_out=dyb[:, columns],
+                                      db_dtype=lin.lora_b.dtype, need_db=want_db[i])
+        else:
+            dyb[:, columns] = torch.mm(dy, b)
+    return dyb, dbs
 
 
 def _group_dx(dys: Sequence[Optional[torch.Tensor]], dyb: torch.Tensor, group: Sequence[Adapted],
@@ -554,7 +571,8 @@ def _lora_glu_mlp_backward_op(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor
     grads: list[Optional[torch.Tensor]] = [None] * 7
     dy2 = _rows(dy).to(down_w.dtype)
     down_ops = _operands([down], down_w.dtype) if need_dh or need_down_a else None
-    dyb = _adapter_rows([dy2], [down], down_ops) if down_ops is not None else None
+    dyb, (fused_db,) = _adapter_rows([dy2], [down], down_ops, xa_down, [need_down_b]) if down_ops is not None \
+        else (None, (None,))
     h = None
     if need_dh:
         dh = _group_dx([dy2], dyb, [down], down_ops)
@@ -566,7 +584,7 @@ def _lora_glu_mlp_backward_op(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor
         h = glu_forward(g, u, activation, round_dtype, x.dtype)
     grads[5] = _mm_as(dyb.t(), h, down_a.dtype) if need_down_a else None
     del h
-    grads[6] = _b_grad(dy2, xa_down, down) if need_down_b else None
+    grads[6] = fused_db if fused_db is not None else _b_grad(dy2, xa_down, down) if need_down_b else None
     if need_dh:
         dx, [(_, _, grads[1], grads[2]), (_, _, grads[3], grads[4])] = _group_backward(
             [dg, du], _rows(x), xa_gate_up, [gate, up], need_dx,

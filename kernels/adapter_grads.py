@@ -1,0 +1,174 @@
+"""The two products of a LoRA linear's backward that read its output gradient, in one pass:
+
+    dyb = dY (s B)          [rows, r]    the rank-r factor of the adapter's share of dX and of dA
+    dB  = s dY^T (X A^T)    [out, r]     B's gradient (X A^T: kept from the forward)
+
+As two GEMMs, each reads dY [rows, out], the largest tensor either touches: for a gated MLP's
+gate and up at 8,192 tokens that is [8192, 8192], read twice per projection by GEMMs of rank
+width that cuBLAS runs below the memory bandwidth. Here one kernel reads each tile of dY once and
+feeds it to both products (tensor-core dots with the rank as one side).
+
+Programs tile dY as (column block, row segment). Every product over the columns (dyb) has one
+fp32 partial per column block, every product over the rows (dB) one per row segment; a second
+kernel sums each set in a fixed order and rounds once, so the result is deterministic and has the
+rounding of one fp32-accumulating GEMM: dyb rounded once to dY's dtype, dB in fp32, scaled in
+fp32, then in B's dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import cdiv, device_sm_count, next_power_of_2
+from .rounding import TL_DTYPE, round_fp32
+
+__all__ = ["adapter_grads", "adapter_grads_pays", "adapter_grads_reference"]
+
+# Below this many elements of dY, the two GEMMs' second read costs less than the partials and the
+# extra launches (a [8192, 512] key projection's gradient is 4M; a gate's at 8,192 tokens 64M).
+FUSED_MIN_ELEMENTS: int = 1 << 24
+# Ranks up to this go through the fused pass (its dots hold a [rows, rank] block in registers).
+FUSED_MAX_RANK: int = 64
+
+
+def adapter_grads_reference(dy: torch.Tensor, b_scaled: torch.Tensor, xa: torch.Tensor, scale: float,
+                            db_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two GEMMs this replaces: (dY (s B) in dY's dtype, s dY^T (X A^T) in ``db_dtype``),
+    each accumulated in fp32."""
+    dyb = (dy.float() @ b_scaled.float()).to(dy.dtype)
+    db = (dy.float().t() @ xa.float()) * scale
+    return dyb, db.to(db_dtype)
+
+
+def adapter_grads_pays(dy: torch.Tensor, rank: int) -> bool:
+    """Whether the fused pass is used for this dY (2-D, unit column stride) and rank."""
+    return (dy.dim() == 2 and dy.stride(1) == 1 and dy.numel() >= FUSED_MIN_ELEMENTS
+            and 0 < rank <= FUSED_MAX_RANK and dy.dtype in TL_DTYPE)
+
+
+@triton.jit
+def _adapter_grads_kernel(dy_ptr, b_ptr, xa_ptr, dyb_parts_ptr, db_parts_ptr, n_rows, N, R, segment_rows,
+                          stride_dy, stride_b, stride_xa,
+                          IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_R: tl.constexpr):
+    """Program (j, s): columns [j BLOCK_N, (j + 1) BLOCK_N) of rows [s segment_rows, (s + 1)
+    segment_rows). Writes dyb's partial over these columns for each of the rows
+    (dyb_parts[j, row, :]) and dB's partial over these rows for each of the columns
+    (db_parts[s, col, :]), both fp32."""
+    j = tl.program_id(0)
+    s = tl.program_id(1)
+    cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_R)
+    col_ok = cols < N
+    rk_ok = rk < R
+    b = tl.load(b_ptr + cols[:, None] * stride_b + rk[None, :], mask=col_ok[:, None] & rk_ok[None, :], other=0.0)
+    if UPCAST:
+        b = b.to(tl.float32)
+    db = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    first = s * segment_rows
+    for m in range(0, segment_rows, BLOCK_M):
+        rows = (first + m + tl.arange(0, BLOCK_M)).to(tl.int64)
+        row_ok = (rows < n_rows) & (m + tl.arange(0, BLOCK_M) < segment_rows)
+        tile = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                       other=0.0)
+        xa = tl.load(xa_ptr + rows[:, None] * stride_xa + rk[None, :], mask=row_ok[:, None] & rk_ok[None, :],
+                     other=0.0)
+        if UPCAST:  # the interpreter's dot cannot take 16-bit floats; their fp32 products are exact
+            tile, xa = tile.to(tl.float32), xa.to(tl.float32)
+        if IEEE:  # fp32 operands: full-precision dots, as torch.mm computes fp32 (no TF32)
+            part = tl.dot(tile, b, input_precision="ieee")
+            db += tl.dot(tl.trans(tile), xa, input_precision="ieee")
+        else:
+            part = tl.dot(tile, b)
+            db += tl.dot(tl.trans(tile), xa)
+        tl.store(dyb_parts_ptr + (j.to(tl.int64) * n_rows + rows[:, None]) * BLOCK_R + rk[None, :], part, mask=row_ok[:, None])
+    tl.store(db_parts_ptr + (s.to(tl.int64) * N + cols[:, None]) * BLOCK_R + rk[None, :], db, mask=col_ok[:, None])
+
+
+@triton.jit
+def _sum_parts_kernel(parts_ptr, out_ptr, n_parts, n_lines, R, stride_out, scale,
+                      OUT_DTYPE: tl.constexpr, BLOCK_LINES: tl.constexpr, BLOCK_R: tl.constexpr):
+    """out[line, :R] = scale * sum over p of parts[p, line, :R] (fp32, p in order), rounded once."""
+    lines = (tl.program_id(0) * BLOCK_LINES + tl.arange(0, BLOCK_LINES)).to(tl.int64)
+    rk = tl.arange(0, BLOCK_R)
+    line_ok = lines < n_lines
+    offs = lines[:, None] * BLOCK_R + rk[None, :]
+    part_stride = n_lines.to(tl.int64) * BLOCK_R  # parts can pass 2^31 elements (a vocabulary-wide dY)
+    acc = tl.zeros((BLOCK_LINES, BLOCK_R), dtype=tl.float32)
+    for p in range(0, n_parts):
+        acc += tl.load(parts_ptr + p * part_stride + offs, mask=line_ok[:, None], other=0.0)
+    acc = round_fp32(acc * scale, OUT_DTYPE)
+    tl.store(out_ptr + lines[:, None] * stride_out + rk[None, :], acc.to(OUT_DTYPE),
+             mask=line_ok[:, None] & (rk < R)[None, :])
+
+
+def _config(device: torch.device, n_rows: int, n: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, row segments): enough programs to fill the GPU, with few dyb partials
+    (one per column block: wide blocks) and few dB partials (one per row segment)."""
+    if device.type != "cuda":  # the interpreter: programs run one by one, large tiles are fast
+        block_n = min(next_power_of_2(max(n, 16)), 256)
+        return 64, block_n, max(1, min(4, cdiv(n_rows, 256)))
+    block_m, block_n = 64, 256
+    col_blocks = cdiv(n, block_n)
+    segments = max(1, min(cdiv(2 * device_sm_count(device), col_blocks), cdiv(n_rows, 4 * block_m)))
+    return block_m, block_n, segments
+
+
+def adapter_grads(dy: torch.Tensor, b_scaled: torch.Tensor, xa: torch.Tensor, scale: float,
+                  dyb_out: Optional[torch.Tensor] = None, db_dtype: Optional[torch.dtype] = None,
+                  need_db: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(dyb, dB) of one LoRA linear, reading ``dy`` [rows, out] once.
+
+    ``b_scaled`` [out, r] is s B in dY's dtype, ``xa`` [rows, r] is X A^T in dY's dtype and
+    ``scale`` the s that dB gets. ``dyb_out`` (optional, [rows, r], any row stride, dY's dtype)
+    receives dyb: a column slice of a wider buffer. dB comes back in ``db_dtype`` (default:
+    ``b_scaled``'s), or None without ``need_db``."""
+    n_rows, n = dy.shape
+    rank = b_scaled.shape[1]
+    if dy.stride(1) != 1 or b_scaled.stride(1) != 1 or xa.stride(1) != 1:
+        raise ValueError("adapter_grads: dy, b_scaled and xa need unit column stride")
+    if tuple(b_scaled.shape) != (n, rank) or tuple(xa.shape) != (n_rows, rank):
+        raise ValueError(f"adapter_grads: b_scaled {tuple(b_scaled.shape)} and xa {tuple(xa.shape)} do not fit "
+                         f"dy {tuple(dy.shape)} (expected [{n}, r] and [{n_rows}, r])")
+    if not (dy.dtype == b_scaled.dtype == xa.dtype) or dy.dtype not in TL_DTYPE:
+        raise ValueError(f"adapter_grads: dy, b_scaled and xa must share one of {list(TL_DTYPE)}, got "
+                         f"{dy.dtype}, {b_scaled.dtype} and {xa.dtype}")
+    if rank > FUSED_MAX_RANK:
+        raise ValueError(f"adapter_grads: rank {rank} is above {FUSED_MAX_RANK}")
+    dyb = dyb_out if dyb_out is not None else dy.new_empty((n_rows, rank))
+    if tuple(dyb.shape) != (n_rows, rank) or dyb.dtype != dy.dtype or dyb.stride(1) != 1:
+        raise ValueError(f"adapter_grads: dyb_out must be [{n_rows}, {rank}] {dy.dtype} with unit column stride")
+    db_dtype = db_dtype or b_scaled.dtype
+    db = dy.new_empty((n, rank), dtype=db_dtype) if need_db else None
+    if n_rows == 0 or n == 0:
+        dyb.zero_()
+        if db is not None:
+            db.zero_()
+        return dyb, db
+    block_m, block_n, segments = _config(dy.device, n_rows, n)
+    block_r = max(16, next_power_of_2(rank))  # a dot's side is at least 16
+    col_blocks = cdiv(n, block_n)
+    segment_rows = cdiv(cdiv(n_rows, segments), block_m) * block_m
+    segments = cdiv(n_rows, segment_rows)
+    dyb_parts = torch.empty((col_blocks, n_rows, block_r), dtype=torch.float32, device=dy.device)
+    db_parts = torch.empty((segments, n, block_r), dtype=torch.float32, device=dy.device)
+    _adapter_grads_kernel[(col_blocks, segments)](
+        dy, b_scaled, xa, dyb_parts, db_parts, n_rows, n, rank, segment_rows,
+        dy.stride(0), b_scaled.stride(0), xa.stride(0),
+        IEEE=dy.dtype == torch.float32 or not dy.is_cuda, UPCAST=not dy.is_cuda, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+        num_warps=8 if dy.is_cuda else 4, num_stages=3 if dy.is_cuda else 1)
+    _sum_parts(dyb_parts, dyb, 1.0)
+    if db is not None:
+        _sum_parts(db_parts, db, scale)
+    return dyb, db
+
+
+def _sum_parts(parts: torch.Tensor, out: torch.Tensor, scale: float) -> None:
+    n_parts, n_lines, block_r = parts.shape
+    block_lines = max(1, 4096 // block_r) if parts.is_cuda else next_power_of_2(n_lines)
+    _sum_parts_kernel[(cdiv(n_lines, block_lines),)](
+        parts, out, n_parts, n_lines, out.shape[1], out.stride(0), float(scale),
+        OUT_DTYPE=TL_DTYPE[out.dtype], BLOCK_LINES=block_lines, BLOCK_R=block_r, num_warps=4)
