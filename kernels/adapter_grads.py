@@ -16,7 +16,7 @@ fp32, then in B's dtype.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -25,7 +25,7 @@ import triton.language as tl
 from .launch import cdiv, device_sm_count, next_power_of_2
 from .rounding import TL_DTYPE, round_fp32
 
-__all__ = ["adapter_grads", "adapter_grads_pays", "adapter_grads_reference"]
+__all__ = ["Tiles", "adapter_grads", "adapter_grads_pays", "adapter_grads_reference"]
 
 # Below this many elements of dY, the two GEMMs' second read costs less than the partials and the
 # extra launches (a [8192, 512] key projection's gradient is 4M; a gate's at 8,192 tokens 64M).
@@ -105,27 +105,47 @@ def _sum_parts_kernel(parts_ptr, out_ptr, n_parts, n_lines, R, stride_out, scale
              mask=line_ok[:, None] & (rk < R)[None, :])
 
 
-def _config(device: torch.device, n_rows: int, n: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, row segments): enough programs to fill the GPU, with few dyb partials
-    (one per column block: wide blocks) and few dB partials (one per row segment)."""
-    if device.type != "cuda":  # the interpreter: programs run one by one, large tiles are fast
-        block_n = min(next_power_of_2(max(n, 16)), 256)
-        return 64, block_n, max(1, min(4, cdiv(n_rows, 256)))
-    block_m, block_n = 64, 256
-    col_blocks = cdiv(n, block_n)
-    segments = max(1, min(cdiv(2 * device_sm_count(device), col_blocks), cdiv(n_rows, 4 * block_m)))
-    return block_m, block_n, segments
+class Tiles(NamedTuple):
+    """A launch configuration of the fused pass. ``per_sm``: programs of this configuration one
+    SM holds at once (its shared memory decides: stages x (tile + operands)); the grid is sized
+    to whole waves of them, because a partly filled last wave costs as much as a full one."""
+
+    block_m: int = 64
+    block_n: int = 256
+    num_warps: int = 8
+    num_stages: int = 3
+    per_sm: int = 2
+
+
+# Not yet measured on a GPU: the first version (same tiles, grids of 1.1 waves) ran 111-122 us
+# against the two GEMMs' 87 us on an H200 for dY [8192, 8192] bf16, r16. bench/adapter_grads.py
+# compares configurations. These tiles take 108 KiB of shared memory (3 stages of a [64, 256]
+# tile of dY and a [64, r] one of X A^T, and s B): two programs an SM.
+GPU_TILES = Tiles()
+INTERPRETER_TILES = Tiles(block_m=64, block_n=256, num_warps=4, num_stages=1, per_sm=1)
+
+
+def _grid(device: torch.device, n_rows: int, n: int, tiles: Tiles) -> tuple[int, int]:
+    """(column blocks, row segments): as many segments as fill whole waves with the column
+    blocks (few dB partials, one per segment; the dyb partials are one per column block)."""
+    col_blocks = cdiv(n, tiles.block_n)
+    if device.type != "cuda":  # the interpreter runs programs one by one: a few segments
+        return col_blocks, max(1, min(4, cdiv(n_rows, 4 * tiles.block_m)))
+    wave = tiles.per_sm * device_sm_count(device)
+    segments = max(1, wave // col_blocks) if col_blocks <= wave else 1
+    return col_blocks, max(1, min(segments, cdiv(n_rows, tiles.block_m)))
 
 
 def adapter_grads(dy: torch.Tensor, b_scaled: torch.Tensor, xa: torch.Tensor, scale: float,
                   dyb_out: Optional[torch.Tensor] = None, db_dtype: Optional[torch.dtype] = None,
-                  need_db: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                  need_db: bool = True, tiles: Optional[Tiles] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(dyb, dB) of one LoRA linear, reading ``dy`` [rows, out] once.
 
     ``b_scaled`` [out, r] is s B in dY's dtype, ``xa`` [rows, r] is X A^T in dY's dtype and
     ``scale`` the s that dB gets. ``dyb_out`` (optional, [rows, r], any row stride, dY's dtype)
     receives dyb: a column slice of a wider buffer. dB comes back in ``db_dtype`` (default:
-    ``b_scaled``'s), or None without ``need_db``."""
+    ``b_scaled``'s), or None without ``need_db``. ``tiles``: the launch configuration (default:
+    GPU_TILES on a GPU, INTERPRETER_TILES off it)."""
     n_rows, n = dy.shape
     rank = b_scaled.shape[1]
     if dy.stride(1) != 1 or b_scaled.stride(1) != 1 or xa.stride(1) != 1:
@@ -148,18 +168,19 @@ def adapter_grads(dy: torch.Tensor, b_scaled: torch.Tensor, xa: torch.Tensor, sc
         if db is not None:
             db.zero_()
         return dyb, db
-    block_m, block_n, segments = _config(dy.device, n_rows, n)
+    if tiles is None:  # off the GPU, a narrow dY gets a narrower tile: the interpreter computes whole tiles
+        tiles = GPU_TILES if dy.is_cuda else INTERPRETER_TILES._replace(block_n=min(next_power_of_2(max(n, 16)), 256))
+    col_blocks, segments = _grid(dy.device, n_rows, n, tiles)
     block_r = max(16, next_power_of_2(rank))  # a dot's side is at least 16
-    col_blocks = cdiv(n, block_n)
-    segment_rows = cdiv(cdiv(n_rows, segments), block_m) * block_m
+    segment_rows = cdiv(cdiv(n_rows, segments), tiles.block_m) * tiles.block_m
     segments = cdiv(n_rows, segment_rows)
     dyb_parts = torch.empty((col_blocks, n_rows, block_r), dtype=torch.float32, device=dy.device)
     db_parts = torch.empty((segments, n, block_r), dtype=torch.float32, device=dy.device)
     _adapter_grads_kernel[(col_blocks, segments)](
         dy, b_scaled, xa, dyb_parts, db_parts, n_rows, n, rank, segment_rows,
         dy.stride(0), b_scaled.stride(0), xa.stride(0),
-        IEEE=dy.dtype == torch.float32 or not dy.is_cuda, UPCAST=not dy.is_cuda, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
-        num_warps=8 if dy.is_cuda else 4, num_stages=3 if dy.is_cuda else 1)
+        IEEE=dy.dtype == torch.float32 or not dy.is_cuda, UPCAST=not dy.is_cuda, BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n, BLOCK_R=block_r, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     _sum_parts(dyb_parts, dyb, 1.0)
     if db is not None:
         _sum_parts(db_parts, db, scale)
@@ -168,7 +189,10 @@ def adapter_grads(dy: torch.Tensor, b_scaled: torch.Tensor, xa: torch.Tensor, sc
 
 def _sum_parts(parts: torch.Tensor, out: torch.Tensor, scale: float) -> None:
     n_parts, n_lines, block_r = parts.shape
-    block_lines = max(1, 4096 // block_r) if parts.is_cuda else next_power_of_2(n_lines)
+    if parts.is_cuda:  # about two programs per SM, each summing [lines, r] blocks part by part
+        block_lines = min(256, max(16, next_power_of_2(cdiv(n_lines, 2 * device_sm_count(parts.device)))))
+    else:
+        block_lines = next_power_of_2(n_lines)
     _sum_parts_kernel[(cdiv(n_lines, block_lines),)](
         parts, out, n_parts, n_lines, out.shape[1], out.stride(0), float(scale),
         OUT_DTYPE=TL_DTYPE[out.dtype], BLOCK_LINES=block_lines, BLOCK_R=block_r, num_warps=4)

@@ -171,3 +171,22 @@ def test_lora_linear_backward_with_the_fused_pass_and_a_bf16_adapter(monkeypatch
                                          [x, a, b])
     assert calls == 1
     _assert_close_grads(want, have, torch.bfloat16)
+
+
+@pytest.mark.parametrize("tiles", [ag.Tiles(16, 32, 4, 1, 1), ag.Tiles(32, 16, 4, 1, 1), ag.Tiles(128, 64, 4, 1, 1)])
+def test_other_tiles_give_the_same_products(tiles):
+    dy, b, xa = _inputs(150, 90, 16, torch.float32, seed=5)
+    dyb, db = ag.adapter_grads(dy, b, xa, 1.5, db_dtype=torch.float32, tiles=tiles)
+    _check(dy, b, xa, 1.5, dyb, db, torch.float32)
+
+
+def test_gpu_grids_fill_whole_waves(monkeypatch):
+    """Column blocks x row segments stay within one wave of resident programs (132 SMs, two
+    programs each) where the column blocks allow, and the segments cover the rows."""
+    monkeypatch.setattr(ag, "device_sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    assert ag._grid(cuda, 8192, 8192, ag.GPU_TILES) == (32, 8)
+    assert ag._grid(cuda, 8192, 2048, ag.GPU_TILES) == (8, 33)
+    assert ag._grid(cuda, 2048, 14336, ag.GPU_TILES) == (56, 4)
+    assert ag._grid(cuda, 100, 512, ag.GPU_TILES) == (2, 2)  # no more segments than row blocks
+    assert ag._grid(cuda, 8192, 128256, ag.GPU_TILES) == (501, 1)  # wider than a wave: one segment
