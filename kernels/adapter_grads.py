@@ -53,11 +53,12 @@ def adapter_grads_pays(dy: torch.Tensor, rank: int) -> bool:
 def _adapter_grads_kernel(dy_ptr, b_ptr, xa_ptr, dyb_parts_ptr, db_parts_ptr, n_rows, N, R, segment_rows,
                           stride_dy, stride_b, stride_xa,
                           IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_R: tl.constexpr):
+                          BLOCK_R: tl.constexpr, DB_T: tl.constexpr):
     """Program (j, s): columns [j BLOCK_N, (j + 1) BLOCK_N) of rows [s segment_rows, (s + 1)
     segment_rows). Writes dyb's partial over these columns for each of the rows
     (dyb_parts[j, row, :]) and dB's partial over these rows for each of the columns
-    (db_parts[s, col, :]), both fp32."""
+    (db_parts[s, col, :]), both fp32. DB_T: dB's partial as (X A^T)^T dY ([r, columns]: the dY tile
+    is the dot's right operand as it lies) instead of dY^T (X A^T) (the tile transposed)."""
     j = tl.program_id(0)
     s = tl.program_id(1)
     cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -67,7 +68,10 @@ def _adapter_grads_kernel(dy_ptr, b_ptr, xa_ptr, dyb_parts_ptr, db_parts_ptr, n_
     b = tl.load(b_ptr + cols[:, None] * stride_b + rk[None, :], mask=col_ok[:, None] & rk_ok[None, :], other=0.0)
     if UPCAST:
         b = b.to(tl.float32)
-    db = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    if DB_T:
+        db = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    else:
+        db = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
     first = s * segment_rows
     for m in range(0, segment_rows, BLOCK_M):
         rows = (first + m + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -80,12 +84,21 @@ def _adapter_grads_kernel(dy_ptr, b_ptr, xa_ptr, dyb_parts_ptr, db_parts_ptr, n_
             tile, xa = tile.to(tl.float32), xa.to(tl.float32)
         if IEEE:  # fp32 operands: full-precision dots, as torch.mm computes fp32 (no TF32)
             part = tl.dot(tile, b, input_precision="ieee")
-            db += tl.dot(tl.trans(tile), xa, input_precision="ieee")
+            if DB_T:
+                db += tl.dot(tl.trans(xa), tile, input_precision="ieee")
+            else:
+                db += tl.dot(tl.trans(tile), xa, input_precision="ieee")
         else:
             part = tl.dot(tile, b)
-            db += tl.dot(tl.trans(tile), xa)
+            if DB_T:
+                db += tl.dot(tl.trans(xa), tile)
+            else:
+                db += tl.dot(tl.trans(tile), xa)
         tl.store(dyb_parts_ptr + (j.to(tl.int64) * n_rows + rows[:, None]) * BLOCK_R + rk[None, :], part, mask=row_ok[:, None])
-    tl.store(db_parts_ptr + (s.to(tl.int64) * N + cols[:, None]) * BLOCK_R + rk[None, :], db, mask=col_ok[:, None])
+    if DB_T:
+        tl.store(db_parts_ptr + (s.to(tl.int64) * N + cols[None, :]) * BLOCK_R + rk[:, None], db, mask=col_ok[None, :])
+    else:
+        tl.store(db_parts_ptr + (s.to(tl.int64) * N + cols[:, None]) * BLOCK_R + rk[None, :], db, mask=col_ok[:, None])
 
 
 @triton.jit
@@ -115,6 +128,7 @@ class Tiles(NamedTuple):
     num_warps: int = 8
     num_stages: int = 3
     per_sm: int = 2
+    db_transposed: bool = False  # the kernel's DB_T
 
 
 # Not yet measured on a GPU: the first version (same tiles, grids of 1.1 waves) ran 111-122 us
@@ -180,7 +194,8 @@ def adapter_grads(dy: torch.Tensor, b_scaled: torch.Tensor, xa: torch.Tensor, sc
         dy, b_scaled, xa, dyb_parts, db_parts, n_rows, n, rank, segment_rows,
         dy.stride(0), b_scaled.stride(0), xa.stride(0),
         IEEE=dy.dtype == torch.float32 or not dy.is_cuda, UPCAST=not dy.is_cuda, BLOCK_M=tiles.block_m,
-        BLOCK_N=tiles.block_n, BLOCK_R=block_r, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        BLOCK_N=tiles.block_n, BLOCK_R=block_r, DB_T=tiles.db_transposed, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages)
     _sum_parts(dyb_parts, dyb, 1.0)
     if db is not None:
         _sum_parts(db_parts, db, scale)

@@ -173,7 +173,8 @@ def test_lora_linear_backward_with_the_fused_pass_and_a_bf16_adapter(monkeypatch
     _assert_close_grads(want, have, torch.bfloat16)
 
 
-@pytest.mark.parametrize("tiles", [ag.Tiles(16, 32, 4, 1, 1), ag.Tiles(32, 16, 4, 1, 1), ag.Tiles(128, 64, 4, 1, 1)])
+@pytest.mark.parametrize("tiles", [ag.Tiles(16, 32, 4, 1, 1), ag.Tiles(32, 16, 4, 1, 1), ag.Tiles(128, 64, 4, 1, 1),
+                                   ag.Tiles(32, 64, 4, 1, 1, True)])
 def test_other_tiles_give_the_same_products(tiles):
     dy, b, xa = _inputs(150, 90, 16, torch.float32, seed=5)
     dyb, db = ag.adapter_grads(dy, b, xa, 1.5, db_dtype=torch.float32, tiles=tiles)
