@@ -25,11 +25,11 @@ import triton.language as tl
 from .launch import cdiv, device_sm_count, next_power_of_2
 from .rounding import TL_DTYPE, round_fp32
 
-__all__ = ["Tiles", "adapter_grads", "adapter_grads_pays", "adapter_grads_reference"]
+__all__ = ["Tiles", "adapter_grads", "adapter_grads_pays", "adapter_grads_reference", "gpu_tiles"]
 
 # Below this many elements of dY, the two GEMMs' second read costs less than the partials and the
-# extra launches (a [8192, 512] key projection's gradient is 4M; a gate's at 8,192 tokens 64M).
-FUSED_MIN_ELEMENTS: int = 1 << 24
+# extra launches: the smallest dY measured faster fused is a [8192, 512] key projection's (4M).
+FUSED_MIN_ELEMENTS: int = 1 << 22
 # Ranks up to this go through the fused pass (its dots hold a [rows, rank] block in registers).
 FUSED_MAX_RANK: int = 64
 
@@ -131,12 +131,20 @@ class Tiles(NamedTuple):
     db_transposed: bool = False  # the kernel's DB_T
 
 
-# Not yet measured on a GPU: the first version (same tiles, grids of 1.1 waves) ran 111-122 us
-# against the two GEMMs' 87 us on an H200 for dY [8192, 8192] bf16, r16. bench/adapter_grads.py
-# compares configurations. These tiles take 108 KiB of shared memory (3 stages of a [64, 256]
-# tile of dY and a [64, r] one of X A^T, and s B): two programs an SM.
-GPU_TILES = Tiles()
+# Measured on an H200 (2026-11-30, bench/adapter_grads.py, bf16, r16, in CUDA graphs; the two
+# GEMMs in brackets): dY [8192, 8192] 55.2 us (74.2), [8192, 2048] 17.1 (24.2), [2048, 14336]
+# 34.4 (35.2), [2048, 4096] 12.0 (16.6) with WIDE_TILES; [8192, 512] 10.9 (13.5) with
+# NARROW_TILES, where WIDE_TILES took 15.1. WIDE_TILES take 76 KiB of shared memory at r16 (3
+# stages of a [64, 256] tile of dY and a [64, r] one of X A^T, and s B): two programs an SM.
+WIDE_TILES = Tiles(block_m=64, block_n=256, num_warps=4, num_stages=3, per_sm=2, db_transposed=True)
+NARROW_TILES = Tiles(block_m=64, block_n=128, num_warps=4, num_stages=3, per_sm=3)
+NARROW_MAX_COLUMNS = 1024
 INTERPRETER_TILES = Tiles(block_m=64, block_n=256, num_warps=4, num_stages=1, per_sm=1)
+
+
+def gpu_tiles(n: int) -> Tiles:
+    """The launch configuration for a dY of ``n`` columns on a GPU."""
+    return NARROW_TILES if n <= NARROW_MAX_COLUMNS else WIDE_TILES
 
 
 def _grid(device: torch.device, n_rows: int, n: int, tiles: Tiles) -> tuple[int, int]:
@@ -159,7 +167,7 @@ def adapter_grads(dy: torch.Tensor, b_scaled: torch.Tensor, xa: torch.Tensor, sc
     ``scale`` the s that dB gets. ``dyb_out`` (optional, [rows, r], any row stride, dY's dtype)
     receives dyb: a column slice of a wider buffer. dB comes back in ``db_dtype`` (default:
     ``b_scaled``'s), or None without ``need_db``. ``tiles``: the launch configuration (default:
-    GPU_TILES on a GPU, INTERPRETER_TILES off it)."""
+    gpu_tiles(out) on a GPU, INTERPRETER_TILES off it)."""
     n_rows, n = dy.shape
     rank = b_scaled.shape[1]
     if dy.stride(1) != 1 or b_scaled.stride(1) != 1 or xa.stride(1) != 1:
@@ -183,7 +191,7 @@ def adapter_grads(dy: torch.Tensor, b_scaled: torch.Tensor, xa: torch.Tensor, sc
             db.zero_()
         return dyb, db
     if tiles is None:  # off the GPU, a narrow dY gets a narrower tile: the interpreter computes whole tiles
-        tiles = GPU_TILES if dy.is_cuda else INTERPRETER_TILES._replace(block_n=min(next_power_of_2(max(n, 16)), 256))
+        tiles = gpu_tiles(n) if dy.is_cuda else INTERPRETER_TILES._replace(block_n=min(next_power_of_2(max(n, 16)), 256))
     col_blocks, segments = _grid(dy.device, n_rows, n, tiles)
     block_r = max(16, next_power_of_2(rank))  # a dot's side is at least 16
     segment_rows = cdiv(cdiv(n_rows, segments), tiles.block_m) * tiles.block_m

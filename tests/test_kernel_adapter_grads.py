@@ -182,12 +182,15 @@ def test_other_tiles_give_the_same_products(tiles):
 
 
 def test_gpu_grids_fill_whole_waves(monkeypatch):
-    """Column blocks x row segments stay within one wave of resident programs (132 SMs, two
+    """Column blocks x row segments stay within one wave of resident programs (132 SMs, per_sm
     programs each) where the column blocks allow, and the segments cover the rows."""
     monkeypatch.setattr(ag, "device_sm_count", lambda device: 132)
     cuda = torch.device("cuda")
-    assert ag._grid(cuda, 8192, 8192, ag.GPU_TILES) == (32, 8)
-    assert ag._grid(cuda, 8192, 2048, ag.GPU_TILES) == (8, 33)
-    assert ag._grid(cuda, 2048, 14336, ag.GPU_TILES) == (56, 4)
-    assert ag._grid(cuda, 100, 512, ag.GPU_TILES) == (2, 2)  # no more segments than row blocks
-    assert ag._grid(cuda, 8192, 128256, ag.GPU_TILES) == (501, 1)  # wider than a wave: one segment
+    wide, narrow = ag.gpu_tiles(8192), ag.gpu_tiles(512)
+    assert wide.block_n == 256 and narrow.block_n == 128 and ag.gpu_tiles(ag.NARROW_MAX_COLUMNS + 1) == wide
+    assert ag._grid(cuda, 8192, 8192, wide) == (32, 8)
+    assert ag._grid(cuda, 8192, 2048, wide) == (8, 33)
+    assert ag._grid(cuda, 2048, 14336, wide) == (56, 4)
+    assert ag._grid(cuda, 8192, 512, narrow) == (4, 99)  # three programs an SM
+    assert ag._grid(cuda, 100, 512, narrow) == (4, 2)  # no more segments than row blocks
+    assert ag._grid(cuda, 8192, 128256, wide) == (501, 1)  # wider than a wave: one segment
