@@ -102,17 +102,21 @@ def _adapter_grads_kernel(dy_ptr, b_ptr, xa_ptr, dyb_parts_ptr, db_parts_ptr, n_
 
 
 @triton.jit
-def _sum_parts_kernel(parts_ptr, out_ptr, n_parts, n_lines, R, stride_out, scale,
+def _sum_parts_kernel(parts_ptr, out_ptr, n_parts, n_lines, part_stride, R, stride_out, scale,
                       OUT_DTYPE: tl.constexpr, BLOCK_LINES: tl.constexpr, BLOCK_R: tl.constexpr):
-    """out[line, :R] = scale * sum over p of parts[p, line, :R] (fp32, p in order), rounded once."""
+    """out[line, :R] = scale * sum over p of parts[p, line, :R] (fp32, p in order), rounded once.
+    ``part_stride`` is n_lines BLOCK_R, from the host: the GPU compiler takes an argument equal to
+    1 (n_lines) as a Python int, which has no .to() for a 64-bit product."""
     lines = (tl.program_id(0) * BLOCK_LINES + tl.arange(0, BLOCK_LINES)).to(tl.int64)
     rk = tl.arange(0, BLOCK_R)
     line_ok = lines < n_lines
-    offs = lines[:, None] * BLOCK_R + rk[None, :]
-    part_stride = n_lines.to(tl.int64) * BLOCK_R  # parts can pass 2^31 elements (a vocabulary-wide dY)
+    # The pointers step one part at a time: parts can pass 2^31 elements (a vocabulary-wide dY),
+    # and a 64-bit pointer plus a 32-bit stride does not overflow where p times the stride would.
+    ptrs = parts_ptr + lines[:, None] * BLOCK_R + rk[None, :]
     acc = tl.zeros((BLOCK_LINES, BLOCK_R), dtype=tl.float32)
-    for p in range(0, n_parts):
-        acc += tl.load(parts_ptr + p * part_stride + offs, mask=line_ok[:, None], other=0.0)
+    for _part in range(0, n_parts):
+        acc += tl.load(ptrs, mask=line_ok[:, None], other=0.0)
+        ptrs += part_stride
     acc = round_fp32(acc * scale, OUT_DTYPE)
     tl.store(out_ptr + lines[:, None] * stride_out + rk[None, :], acc.to(OUT_DTYPE),
              mask=line_ok[:, None] & (rk < R)[None, :])
@@ -217,5 +221,5 @@ def _sum_parts(parts: torch.Tensor, out: torch.Tensor, scale: float) -> None:
     else:
         block_lines = next_power_of_2(n_lines)
     _sum_parts_kernel[(cdiv(n_lines, block_lines),)](
-        parts, out, n_parts, n_lines, out.shape[1], out.stride(0), float(scale),
+        parts, out, n_parts, n_lines, parts.stride(0), out.shape[1], out.stride(0), float(scale),
         OUT_DTYPE=TL_DTYPE[out.dtype], BLOCK_LINES=block_lines, BLOCK_R=block_r, num_warps=4)

@@ -194,3 +194,57 @@ def test_gpu_grids_fill_whole_waves(monkeypatch):
     assert ag._grid(cuda, 8192, 512, narrow) == (4, 99)  # three programs an SM
     assert ag._grid(cuda, 100, 512, narrow) == (4, 2)  # no more segments than row blocks
     assert ag._grid(cuda, 8192, 128256, wide) == (501, 1)  # wider than a wave: one segment
+
+
+# --- compiled for a Hopper GPU, here without one -------------------------------------------
+# The interpreter runs every integer argument as a tensor; the GPU compiler turns an argument
+# equal to 1 into a Python int, and a kernel that calls .to() on it fails to compile, on the GPU
+# only (found there: rows = n = 1). This compiles both kernels for sm_90 with every integer
+# argument 1, in a process that does not use the interpreter.
+_COMPILE_FOR_SM90 = r'''
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import fastft  # noqa: F401
+from fastft.kernels import adapter_grads as ag
+
+def compile_with_ones(fn, pointers, floats, constants, num_warps):
+    signature, values = {}, dict(constants)
+    for name in fn.arg_names:
+        if name in pointers:
+            signature[name] = pointers[name]
+        elif name in floats:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "constexpr"
+            values.setdefault(name, 1)
+    triton.compile(ASTSource(fn, signature, constexprs=values), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": num_warps})
+
+for tiles in (ag.WIDE_TILES, ag.NARROW_TILES):
+    compile_with_ones(ag._adapter_grads_kernel, dict(dy_ptr="*bf16", b_ptr="*bf16", xa_ptr="*bf16",
+                      dyb_parts_ptr="*fp32", db_parts_ptr="*fp32"), (),
+                      dict(IEEE=False, UPCAST=False, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_R=16,
+                           DB_T=tiles.db_transposed), tiles.num_warps)
+compile_with_ones(ag._sum_parts_kernel, dict(parts_ptr="*fp32", out_ptr="*bf16"), ("scale",),
+                  dict(OUT_DTYPE=tl.bfloat16, BLOCK_LINES=16, BLOCK_R=16), 4)
+print("compiled")
+'''
+
+
+def test_kernels_compile_for_sm90_with_size_one_arguments():
+    import os
+    import subprocess
+    import sys
+
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton build has no CUDA backend")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
