@@ -287,3 +287,39 @@ def test_grouped_query_model_takes_unrepeated_keys_and_values():
         assert len(calls) == model.config.num_hidden_layers
         assert all(c.args[1].meta["example_value"].shape[1] == kv_heads and c.args[4] is True for c in calls)
     assert not isinstance(calls[0].args[1].meta["example_value"].shape[2], int)  # the symbolic graph
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN's attention runs on a GPU only")
+@pytest.mark.parametrize("masked", [False, True])
+def test_cudnn_attention_gradients_with_a_query_laid_out_unlike_keys_and_values(masked):
+    """On an H200 (torch 2.11, 2026-11-30) fastft.check of a tiny bf16 grouped-query model
+    failed the causal-attention regions' gradients (rel_l2 1.1-1.5) when cuDNN's attention was
+    allowed, and passed with only the flash, memory-efficient or math kernels. The regions got q
+    as [B, S, H, D] transposed and k, v as contiguous [B, H, S, D]. This asks, for that layout,
+    whether the rewritten op (is_causal, masked=False) or the masked original (masked=True) is
+    the one cuDNN gets wrong, against the math kernel in fp32."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from fastft.patterns.attention import causal_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 9, 4, 16, device="cuda", generator=g).to(torch.bfloat16).transpose(1, 2)
+    k, v = (torch.randn(2, 2, 9, 16, device="cuda", generator=g).to(torch.bfloat16) for _ in range(2))
+    grad_out = torch.randn(2, 4, 9, 16, device="cuda", generator=g).to(torch.bfloat16)
+    causal = torch.ones(9, 9, dtype=torch.bool, device="cuda").tril()
+
+    def grads(backend, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        with sdpa_kernel([backend]):
+            out = (F.scaled_dot_product_attention(*leaves, attn_mask=causal, enable_gqa=True) if masked
+                   else causal_attention(*leaves, None, True))
+        return torch.autograd.grad(out, leaves, grad_out.to(dtype))
+
+    want = grads(SDPBackend.MATH, torch.float32)
+    try:
+        have = grads(SDPBackend.CUDNN_ATTENTION, torch.bfloat16)
+    except RuntimeError as e:  # this torch or cuDNN does not take these inputs: nothing to compare
+        pytest.skip(f"cuDNN attention unavailable for these inputs: {e}")
+    for name, a, b in zip("qkv", have, want):
+        rel = ((a.double() - b.double()).norm() / b.double().norm()).item()
+        assert rel <= 2e-2, f"d{name}: rel_l2 {rel:.3g} against the math kernel"
