@@ -107,12 +107,12 @@ def summary(kernels: list[Span], phases: list[Span], host_ops: list[Span], steps
 # returns only when the data is there). In steps run back to back, one of these in a phase keeps
 # the host from running ahead, and the GPU then waits on the host's next launches.
 WAIT_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
-              "cudaMemcpyAsync", "cudaStreamQuery")
+              "cudaMemcpyAsync")
 
 
 def host_waits(host_ops: list[Span], phases: list[Span], steps: int, min_us: float = 50.0) -> str:
-    """Host calls in WAIT_CALLS that lasted ``min_us`` or more (shorter ones did not wait on
-    anything), by call and by the phase they ran in: count and host time per step."""
+    """Host calls in WAIT_CALLS that lasted ``min_us`` or more (shorter ones are taken as not
+    having waited), by call and by the phase they ran in: count and host time per step."""
     rows: dict[tuple[str, str], list[float]] = {}
     for op in host_ops:
         length = op.end_us - op.start_us
