@@ -290,14 +290,15 @@ def test_grouped_query_model_takes_unrepeated_keys_and_values():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN's attention runs on a GPU only")
-@pytest.mark.parametrize("masked", [False, True])
-def test_cudnn_attention_gradients_with_a_query_laid_out_unlike_keys_and_values(masked):
+@pytest.mark.parametrize("form", ["rewritten", "masked", "masked_repeated"])
+def test_cudnn_attention_gradients_with_a_query_laid_out_unlike_keys_and_values(form):
     """On an H200 (torch 2.11, 2026-11-30) fastft.check of a tiny bf16 grouped-query model
     failed the causal-attention regions' gradients (rel_l2 1.1-1.5) when cuDNN's attention was
     allowed, and passed with only the flash, memory-efficient or math kernels. The regions got q
-    as [B, S, H, D] transposed and k, v as contiguous [B, H, S, D]. This asks, for that layout,
-    whether the rewritten op (is_causal, masked=False) or the masked original (masked=True) is
-    the one cuDNN gets wrong, against the math kernel in fp32."""
+    as [B, S, H, D] transposed and k, v as contiguous [B, H, S, D]. This asks which side cuDNN
+    gets wrong for that layout, against the math kernel in fp32: the rewritten op (is_causal,
+    grouped heads), the same with the mask, or the original as the check runs it (the mask, and
+    keys and values repeated to every head: contiguous)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from fastft.patterns.attention import causal_attention
@@ -311,8 +312,13 @@ def test_cudnn_attention_gradients_with_a_query_laid_out_unlike_keys_and_values(
     def grads(backend, dtype):
         leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
         with sdpa_kernel([backend]):
-            out = (F.scaled_dot_product_attention(*leaves, attn_mask=causal, enable_gqa=True) if masked
-                   else causal_attention(*leaves, None, True))
+            if form == "rewritten":
+                out = causal_attention(*leaves, None, True)
+            elif form == "masked":
+                out = F.scaled_dot_product_attention(*leaves, attn_mask=causal, enable_gqa=True)
+            else:
+                repeated = [t.repeat_interleave(2, dim=1) for t in leaves[1:]]
+                out = F.scaled_dot_product_attention(leaves[0], *repeated, attn_mask=causal)
         return torch.autograd.grad(out, leaves, grad_out.to(dtype))
 
     want = grads(SDPBackend.MATH, torch.float32)
