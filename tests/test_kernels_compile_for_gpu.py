@@ -2,9 +2,10 @@
 machine, with the arguments its launchers pass.
 
 The interpreter that runs the other tests takes each argument as it comes; the GPU compiler
-specialises them first (an integer equal to 1 becomes a constant, integers and pointers that are
+specialises them first (an integer equal to 1 becomes a constant, integers and addresses that are
 multiples of 16 are marked so). A kernel can therefore pass every test here and fail to compile on
-the GPU: the adapter gradients' partial sums did, for a dY of one row (found on the H200).
+the GPU: the adapter gradients' partial sums did, for a dY of one row (found on the H200). Pointers
+are compiled here as 16-byte aligned, as fresh allocations are.
 
 Here tiny workloads run through the interpreter while a hook records each launch (the kernel, the
 type of each argument, which integers are 1 or multiples of 16, the constexpr values, warps and
