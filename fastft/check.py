@@ -199,8 +199,12 @@ class _RegionRunner(fx.Interpreter):
                          for k in differentiable]
             want = [x for x in leaves_ref if isinstance(x, torch.Tensor) and x.requires_grad]
             have = [x for x in leaves_new if isinstance(x, torch.Tensor) and x.requires_grad]
-            g_ref = torch.autograd.grad([ref[k] for k in differentiable], want, grad_outs, allow_unused=True)
-            g_new = torch.autograd.grad([new[k] for k in differentiable], have, grad_outs, allow_unused=True)
+            g_ref = torch.autograd.grad([ref[k] for k in differentiable], want,
+                                        [_laid_out_like(g, ref[k]) for g, k in zip(grad_outs, differentiable)],
+                                        allow_unused=True)
+            g_new = torch.autograd.grad([new[k] for k in differentiable], have,
+                                        [_laid_out_like(g, new[k]) for g, k in zip(grad_outs, differentiable)],
+                                        allow_unused=True)
         for k, (a, b) in enumerate(zip(g_new, g_ref)):
             if a is None or b is None:
                 if (a is None) != (b is None):
@@ -209,6 +213,14 @@ class _RegionRunner(fx.Interpreter):
             # The same floor: a float32 parameter's gradient is a product of the 16-bit values
             # that flowed through the region (an adapter kept in float32 on a bfloat16 model).
             self.result.regions.append(_compare(f"{where} grad[{k}]", a, b, elementwise=False, floor=floor))
+
+
+def _laid_out_like(grad: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """``grad``'s values in ``output``'s memory layout, as a model's backward usually hands a
+    gradient over. cuDNN's attention backward (torch 2.11, cuDNN 9.19, H200) caches its plans
+    without the gradient's strides: a gradient in a layout the plan was not built for gets a
+    plan built for another and wrong results (rel_l2 ~1.3)."""
+    return torch.empty_like(output).copy_(grad)
 
 
 def _float64_outputs(applied: AppliedRewrite, leaves: list) -> tuple:
