@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, device_sm_count, next_power_of_2
+from .launch import cdiv, device_sm_count, dot_precision, next_power_of_2
 from .rounding import TL_DTYPE, round_fp32
 
 __all__ = ["Tiles", "adapter_grads", "adapter_grads_pays", "adapter_grads_reference", "gpu_tiles"]
@@ -52,7 +52,7 @@ def adapter_grads_pays(dy: torch.Tensor, rank: int) -> bool:
 @triton.jit
 def _adapter_grads_kernel(dy_ptr, b_ptr, xa_ptr, dyb_parts_ptr, db_parts_ptr, n_rows, N, R, segment_rows,
                           stride_dy, stride_b, stride_xa,
-                          IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_R: tl.constexpr, DB_T: tl.constexpr):
     """Program (j, s): columns [j BLOCK_N, (j + 1) BLOCK_N) of rows [s segment_rows, (s + 1)
     segment_rows). Writes dyb's partial over these columns for each of the rows
@@ -82,18 +82,11 @@ def _adapter_grads_kernel(dy_ptr, b_ptr, xa_ptr, dyb_parts_ptr, db_parts_ptr, n_
                      other=0.0)
         if UPCAST:  # the interpreter's dot cannot take 16-bit floats; their fp32 products are exact
             tile, xa = tile.to(tl.float32), xa.to(tl.float32)
-        if IEEE:  # fp32 operands: full-precision dots, as torch.mm computes fp32 (no TF32)
-            part = tl.dot(tile, b, input_precision="ieee")
-            if DB_T:
-                db += tl.dot(tl.trans(xa), tile, input_precision="ieee")
-            else:
-                db += tl.dot(tl.trans(tile), xa, input_precision="ieee")
+        part = tl.dot(tile, b, input_precision=PRECISION)
+        if DB_T:
+            db += tl.dot(tl.trans(xa), tile, input_precision=PRECISION)
         else:
-            part = tl.dot(tile, b)
-            if DB_T:
-                db += tl.dot(tl.trans(xa), tile)
-            else:
-                db += tl.dot(tl.trans(tile), xa)
+            db += tl.dot(tl.trans(tile), xa, input_precision=PRECISION)
         tl.store(dyb_parts_ptr + (j.to(tl.int64) * n_rows + rows[:, None]) * BLOCK_R + rk[None, :], part, mask=row_ok[:, None])
     if DB_T:
         tl.store(db_parts_ptr + (s.to(tl.int64) * N + cols[None, :]) * BLOCK_R + rk[:, None], db, mask=col_ok[None, :])
@@ -205,9 +198,10 @@ def adapter_grads(dy: torch.Tensor, b_scaled: torch.Tensor, xa: torch.Tensor, sc
     _adapter_grads_kernel[(col_blocks, segments)](
         dy, b_scaled, xa, dyb_parts, db_parts, n_rows, n, rank, segment_rows,
         dy.stride(0), b_scaled.stride(0), xa.stride(0),
-        IEEE=dy.dtype == torch.float32 or not dy.is_cuda, UPCAST=not dy.is_cuda, BLOCK_M=tiles.block_m,
-        BLOCK_N=tiles.block_n, BLOCK_R=block_r, DB_T=tiles.db_transposed, num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages)
+        # Off the GPU the operands arrive upcast to fp32, whose products are then exact.
+        PRECISION=dot_precision(dy.dtype if dy.is_cuda else torch.float32), UPCAST=not dy.is_cuda,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_R=block_r, DB_T=tiles.db_transposed,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     _sum_parts(dyb_parts, dyb, 1.0)
     if db is not None:
         _sum_parts(db_parts, db, scale)

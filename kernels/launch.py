@@ -47,6 +47,13 @@ def device_sm_count(device: torch.device) -> int:
     return sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input_precision for operands of ``dtype``: fp32 tensors get fp32 products, as
+    cuBLAS gives them by default (no TF32); for 16-bit operands the setting is moot (the default
+    is named)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def num_partial_programs(device: torch.device, n_blocks: int, block_n: int) -> int:
     """How many programs share a row reduction (each writes one fp32 partial row)."""
     if device.type == "cuda":

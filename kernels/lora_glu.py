@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .glu import check_activation, elementwise_tile, glu_reference, glu_tile, round_tl
-from .launch import cdiv, check_dtype, next_power_of_2
+from .launch import cdiv, check_dtype, dot_precision, next_power_of_2
 from .rounding import TL_DTYPE, round_fp32
 
 __all__ = ["lora_glu_forward", "lora_glu_reference"]
@@ -136,12 +136,6 @@ def _config(rank: int, on_gpu: bool, tiles: Optional[dict]) -> dict:
     return dict(dict(BLOCK_ROWS=64, BLOCK_N=256), **(tiles or {}), BLOCK_R=block_r, UPCAST=True)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 tensors get fp32 products, as cuBLAS gives them by default (no TF32); for 16-bit
-    # operands the setting is moot (the default is named).
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def lora_glu_forward(gate_base: torch.Tensor, up_base: torch.Tensor, xa_gate: torch.Tensor, xa_up: torch.Tensor,
                      b_gate: torch.Tensor, b_up: torch.Tensor, scale_gate: float, scale_up: float, activation: str,
                      round_dtype: Optional[torch.dtype], out_dtype: torch.dtype, tiles: Optional[dict] = None
@@ -163,5 +157,5 @@ def lora_glu_forward(gate_base: torch.Tensor, up_base: torch.Tensor, xa_gate: to
         gate_base.stride(0), up_base.stride(0), xa_gate.stride(0), xa_up.stride(0), out.stride(0),
         float(scale_gate), float(scale_up),
         ACT=act, ROUND_DTYPE=round_tl(round_dtype), OUT_DTYPE=TL_DTYPE[out_dtype],
-        PRECISION=_precision(gate_base.dtype), **cfg)
+        PRECISION=dot_precision(gate_base.dtype), **cfg)
     return out
