@@ -154,6 +154,22 @@ def test_host_waits_counts_long_synchronising_calls_by_phase():
     assert "none" in timeline.host_waits(host[2:3], phases, steps=2)
 
 
+def test_small_kernels_names_what_ran_before_frequent_short_kernels():
+    _package()
+    timeline = importlib.import_module("train_step.timeline")
+    S = timeline.Span
+    kernels = []
+    for step in range(2):  # per step: gemm, memset 1 us later, gemm, 10 us later a long kernel
+        t = step * 1000.0
+        kernels += [S(t, t + 50, "gemm"), S(t + 51, t + 52, "Memset"), S(t + 52, t + 100, "gemm"),
+                    S(t + 110, t + 400, "attention")]
+    text = timeline.small_kernels(kernels, steps=2, min_per_step=1)
+    assert "kernels a step: 4" in text
+    assert "gaps under 5 us: 0.00 ms" in text  # 1 us a step: 0.001 ms; the 10 us gap does not count
+    assert "Memset: 1 a step, 1.00 us mean; after gemm (1)" in text
+    assert "attention:" not in text and "gemm:" not in text  # long on average
+
+
 def test_step_spread_shows_a_median_among_slow_early_steps():
     _package()
     report = importlib.import_module("train_step.report")
