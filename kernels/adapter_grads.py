@@ -16,7 +16,8 @@ fp32, then in B's dtype.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import itertools
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import triton
@@ -25,7 +26,8 @@ import triton.language as tl
 from .launch import cdiv, device_sm_count, dot_precision, next_power_of_2
 from .rounding import TL_DTYPE, round_fp32
 
-__all__ = ["Tiles", "adapter_grads", "adapter_grads_pays", "adapter_grads_reference", "gpu_tiles"]
+__all__ = ["PartialSum", "Tiles", "adapter_grads", "adapter_grads_pays", "adapter_grads_reference", "gpu_tiles",
+           "sum_partials"]
 
 # Below this many elements of dY, the two GEMMs' second read costs less than the partials and the
 # extra launches: the smallest dY measured faster fused is a [8192, 512] key projection's (4M).
@@ -95,12 +97,12 @@ def _adapter_grads_kernel(dy_ptr, b_ptr, xa_ptr, dyb_parts_ptr, db_parts_ptr, n_
 
 
 @triton.jit
-def _sum_parts_kernel(parts_ptr, out_ptr, n_parts, n_lines, part_stride, R, stride_out, scale,
-                      OUT_DTYPE: tl.constexpr, BLOCK_LINES: tl.constexpr, BLOCK_R: tl.constexpr):
-    """out[line, :R] = scale * sum over p of parts[p, line, :R] (fp32, p in order), rounded once.
-    ``part_stride`` is n_lines BLOCK_R, from the host: the GPU compiler takes an argument equal to
-    1 (n_lines) as a Python int, which has no .to() for a 64-bit product."""
-    lines = (tl.program_id(0) * BLOCK_LINES + tl.arange(0, BLOCK_LINES)).to(tl.int64)
+def _sum_job(parts_ptr, out_ptr, block, n_parts, n_lines, part_stride, R, stride_out, scale,
+             OUT_DTYPE: tl.constexpr, BLOCK_LINES: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Block ``block`` of out[line, :R] = scale * sum over p of parts[p, line, :R] (fp32, p in
+    order), rounded once. ``part_stride`` is n_lines BLOCK_R, from the host: the GPU compiler
+    takes an argument equal to 1 (n_lines) as a Python int, which has no .to() for a 64-bit product."""
+    lines = (block * BLOCK_LINES + tl.arange(0, BLOCK_LINES)).to(tl.int64)
     rk = tl.arange(0, BLOCK_R)
     line_ok = lines < n_lines
     # The pointers step one part at a time: parts can pass 2^31 elements (a vocabulary-wide dY),
@@ -113,6 +115,31 @@ def _sum_parts_kernel(parts_ptr, out_ptr, n_parts, n_lines, part_stride, R, stri
     acc = round_fp32(acc * scale, OUT_DTYPE)
     tl.store(out_ptr + lines[:, None] * stride_out + rk[None, :], acc.to(OUT_DTYPE),
              mask=line_ok[:, None] & (rk < R)[None, :])
+
+
+@triton.jit
+def _sum_parts_kernel(p0, o0, np0, nl0, ps0, r0, so0, c0, p1, o1, np1, nl1, ps1, r1, so1, c1,
+                      p2, o2, np2, nl2, ps2, r2, so2, c2, p3, o3, np3, nl3, ps3, r3, so3, c3,
+                      p4, o4, np4, nl4, ps4, r4, so4, c4, p5, o5, np5, nl5, ps5, r5, so5, c5, t1, t2, t3, t4, t5,
+                      D0: tl.constexpr, R0: tl.constexpr, D1: tl.constexpr, R1: tl.constexpr,
+                      D2: tl.constexpr, R2: tl.constexpr, D3: tl.constexpr, R3: tl.constexpr,
+                      D4: tl.constexpr, R4: tl.constexpr, D5: tl.constexpr, R5: tl.constexpr,
+                      BLOCK_LINES: tl.constexpr):
+    """Up to SUM_JOBS sums in one launch: programs [0, t1) sum job 0, [t1, t2) job 1, ... and
+    [t5, end) job 5 (job i: parts p_i into o_i, in dtype D_i, the parts R_i wide)."""
+    pid = tl.program_id(0)
+    if pid < t1:
+        _sum_job(p0, o0, pid, np0, nl0, ps0, r0, so0, c0, D0, BLOCK_LINES, R0)
+    elif pid < t2:
+        _sum_job(p1, o1, pid - t1, np1, nl1, ps1, r1, so1, c1, D1, BLOCK_LINES, R1)
+    elif pid < t3:
+        _sum_job(p2, o2, pid - t2, np2, nl2, ps2, r2, so2, c2, D2, BLOCK_LINES, R2)
+    elif pid < t4:
+        _sum_job(p3, o3, pid - t3, np3, nl3, ps3, r3, so3, c3, D3, BLOCK_LINES, R3)
+    elif pid < t5:
+        _sum_job(p4, o4, pid - t4, np4, nl4, ps4, r4, so4, c4, D4, BLOCK_LINES, R4)
+    else:
+        _sum_job(p5, o5, pid - t5, np5, nl5, ps5, r5, so5, c5, D5, BLOCK_LINES, R5)
 
 
 class Tiles(NamedTuple):
@@ -155,16 +182,27 @@ def _grid(device: torch.device, n_rows: int, n: int, tiles: Tiles) -> tuple[int,
     return col_blocks, max(1, min(segments, cdiv(n_rows, tiles.block_m)))
 
 
+class PartialSum(NamedTuple):
+    """A sum the fused pass leaves to its caller: out = scale * parts.sum(0), rounded once."""
+
+    parts: torch.Tensor  # [n_parts, lines, BLOCK_R] fp32
+    out: torch.Tensor  # [lines, r], any row stride
+    scale: float
+
+
 def adapter_grads(dy: torch.Tensor, b_scaled: torch.Tensor, xa: torch.Tensor, scale: float,
                   dyb_out: Optional[torch.Tensor] = None, db_dtype: Optional[torch.dtype] = None,
-                  need_db: bool = True, tiles: Optional[Tiles] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                  need_db: bool = True, tiles: Optional[Tiles] = None,
+                  pending: Optional[list[PartialSum]] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(dyb, dB) of one LoRA linear, reading ``dy`` [rows, out] once.
 
     ``b_scaled`` [out, r] is s B in dY's dtype, ``xa`` [rows, r] is X A^T in dY's dtype and
     ``scale`` the s that dB gets. ``dyb_out`` (optional, [rows, r], any row stride, dY's dtype)
     receives dyb: a column slice of a wider buffer. dB comes back in ``db_dtype`` (default:
     ``b_scaled``'s), or None without ``need_db``. ``tiles``: the launch configuration (default:
-    gpu_tiles(out) on a GPU, INTERPRETER_TILES off it)."""
+    gpu_tiles(out) on a GPU, INTERPRETER_TILES off it). ``pending``: where given, the two final
+    sums are appended to it instead of launched, and dyb and dB hold their values only after the
+    caller's ``sum_partials`` (one launch for the sums of several linears)."""
     n_rows, n = dy.shape
     rank = b_scaled.shape[1]
     if dy.stride(1) != 1 or b_scaled.stride(1) != 1 or xa.stride(1) != 1:
@@ -202,18 +240,39 @@ def adapter_grads(dy: torch.Tensor, b_scaled: torch.Tensor, xa: torch.Tensor, sc
         PRECISION=dot_precision(dy.dtype if dy.is_cuda else torch.float32), UPCAST=not dy.is_cuda,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_R=block_r, DB_T=tiles.db_transposed,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    _sum_parts(dyb_parts, dyb, 1.0)
-    if db is not None:
-        _sum_parts(db_parts, db, scale)
+    sums = [PartialSum(dyb_parts, dyb, 1.0)] + ([PartialSum(db_parts, db, scale)] if db is not None else [])
+    if pending is not None:
+        pending.extend(sums)
+    else:
+        sum_partials(sums)
     return dyb, db
 
 
-def _sum_parts(parts: torch.Tensor, out: torch.Tensor, scale: float) -> None:
-    n_parts, n_lines, block_r = parts.shape
-    if parts.is_cuda:  # about two programs per SM, each summing [lines, r] blocks part by part
-        block_lines = min(256, max(16, next_power_of_2(cdiv(n_lines, 2 * device_sm_count(parts.device)))))
-    else:
-        block_lines = next_power_of_2(n_lines)
-    _sum_parts_kernel[(cdiv(n_lines, block_lines),)](
-        parts, out, n_parts, n_lines, parts.stride(0), out.shape[1], out.stride(0), float(scale),
-        OUT_DTYPE=TL_DTYPE[out.dtype], BLOCK_LINES=block_lines, BLOCK_R=block_r, num_warps=4)
+# Sums one launch takes: a group of three linears (q, k, v) leaves six. One launch per sum was
+# 224 kernels of about 4 us in the 1B LoRA step, most of it launch and tail.
+SUM_JOBS = 6
+
+
+def sum_partials(sums: Sequence[PartialSum]) -> None:
+    """Every sum that ``adapter_grads`` left pending, SUM_JOBS to a launch."""
+    for first in range(0, len(sums), SUM_JOBS):
+        _sum_launch(sums[first:first + SUM_JOBS])
+
+
+def _sum_launch(jobs: Sequence[PartialSum]) -> None:
+    lines = [job.parts.shape[1] for job in jobs]
+    device = jobs[0].parts.device
+    if device.type == "cuda":  # about two programs per SM, each summing [lines, r] blocks part by part
+        block_lines = min(256, max(16, next_power_of_2(cdiv(sum(lines), 2 * device_sm_count(device)))))
+    else:  # the interpreter: one program per job
+        block_lines = next_power_of_2(max(lines))
+    ends = list(itertools.accumulate(cdiv(n, block_lines) for n in lines))
+    padded = list(jobs) + [jobs[0]] * (SUM_JOBS - len(jobs))  # padding jobs get no programs
+    ends += [ends[-1]] * (SUM_JOBS - len(jobs))
+    args, constexprs = [], {}
+    for i, job in enumerate(padded):
+        n_parts, n_lines, block_r = job.parts.shape
+        args += [job.parts, job.out, n_parts, n_lines, job.parts.stride(0), job.out.shape[1], job.out.stride(0),
+                 float(job.scale)]
+        constexprs[f"D{i}"], constexprs[f"R{i}"] = TL_DTYPE[job.out.dtype], block_r
+    _sum_parts_kernel[(ends[-1],)](*args, *ends[:-1], BLOCK_LINES=block_lines, num_warps=4, **constexprs)

@@ -39,7 +39,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .adapter_grads import adapter_grads, adapter_grads_pays
+from .adapter_grads import PartialSum, adapter_grads, adapter_grads_pays, sum_partials
 from .concat import cast_parts, concat_columns
 from .glu import glu_backward_and_output, glu_forward, glu_reference
 from .lora_glu import lora_glu_forward
@@ -138,19 +138,57 @@ class Operands(NamedTuple):
     b: list[torch.Tensor]  # s_i B_i per linear, [out_i, r_i], scaled in fp32 before the one rounding
 
 
+def _as_they_are(groups: Sequence[Sequence[Adapted]], dtype: torch.dtype) -> bool:
+    """Whether the adapters are their groups' Operands already: one linear per group, in
+    ``dtype``, scale 1."""
+    return all(len(group) == 1 and group[0].scale == 1.0 and group[0].lora_a.dtype == group[0].lora_b.dtype == dtype
+               for group in groups)
+
+
+def _cast_adapters(groups: Sequence[Sequence[Adapted]], dtype: torch.dtype) -> torch.Tensor:
+    """Every group's Operands in one flat tensor (``_operands_in`` views it): each group's A
+    matrices, then its s B's, group after group, cast (peft keeps adapters in fp32) and scaled by
+    one ``cast_parts`` launch per six matrices, instead of a cast, a scale and a concatenation
+    each. An empty tensor where ``_as_they_are``. The forward ops return it, so that their
+    backward reuses it instead of casting again."""
+    lead = groups[0][0].lora_a
+    if _as_they_are(groups, dtype):
+        return lead.new_empty(0, dtype=dtype)
+    parts, scales = [], []
+    for group in groups:
+        parts += [lin.lora_a for lin in group] + [lin.lora_b for lin in group]
+        scales += [1.0] * len(group) + [lin.scale for lin in group]
+    return cast_parts(parts, dtype, scales)
+
+
+def _cast_size(groups: Sequence[Sequence[Adapted]], dtype: torch.dtype) -> int:
+    """The number of elements of ``_cast_adapters``' tensor (for the ops' fakes)."""
+    if _as_they_are(groups, dtype):
+        return 0
+    return sum(lin.lora_a.numel() + lin.lora_b.numel() for group in groups for lin in group)
+
+
+def _operands_in(groups: Sequence[Sequence[Adapted]], flat: torch.Tensor, dtype: torch.dtype) -> list[Operands]:
+    """Each group's Operands in ``dtype``: views of ``flat`` from ``_cast_adapters``; where that
+    is empty, the adapters as they are, or cast here if they are not Operands as they are."""
+    if flat.numel() == 0:
+        if _as_they_are(groups, dtype):
+            return [Operands(group[0].lora_a, [group[0].lora_b]) for group in groups]
+        flat = _cast_adapters(groups, dtype)
+    out, start = [], 0
+    for group in groups:
+        ranks, inner = sum(lin.lora_a.shape[0] for lin in group), group[0].lora_a.shape[1]
+        a, start, bs = flat[start:start + ranks * inner].view(ranks, inner), start + ranks * inner, []
+        for lin in group:
+            bs.append(flat[start:start + lin.lora_b.numel()].view(lin.lora_b.shape))
+            start += lin.lora_b.numel()
+        out.append(Operands(a, bs))
+    return out
+
+
 def _operands(group: Sequence[Adapted], dtype: torch.dtype) -> Operands:
-    """The group's Operands, cast (peft keeps adapters in fp32), stacked and scaled by one kernel
-    launch (``cast_parts``) instead of a cast, a scale and a concatenation each."""
-    if len(group) == 1 and group[0].scale == 1.0 and group[0].lora_a.dtype == group[0].lora_b.dtype == dtype:
-        return Operands(group[0].lora_a, [group[0].lora_b])  # nothing to do
-    flat = cast_parts([lin.lora_a for lin in group] + [lin.lora_b for lin in group], dtype,
-                      [1.0] * len(group) + [lin.scale for lin in group])
-    ranks, inner = sum(lin.lora_a.shape[0] for lin in group), group[0].lora_a.shape[1]
-    a, start, bs = flat[:ranks * inner].view(ranks, inner), ranks * inner, []
-    for lin in group:
-        bs.append(flat[start:start + lin.lora_b.numel()].view(lin.lora_b.shape))
-        start += lin.lora_b.numel()
-    return Operands(a, bs)
+    """The group's Operands, cast here."""
+    return _operands_in([group], _cast_adapters([group], dtype), dtype)[0]
 
 
 def _mm_as(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -273,14 +311,16 @@ def _adapter_rows(dys: Sequence[Optional[torch.Tensor]], group: Sequence[Adapted
         return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)), dbs
     want_db = want_db or [False] * len(group)
     dyb = like.new_empty((like.shape[0], sum(lin.lora_a.shape[0] for lin in group)))
+    pending: list[PartialSum] = []  # the fused passes' final sums: one launch for the group
     for i, (lin, dy, b, columns) in enumerate(zip(group, dys, ops.b, _rank_columns(group))):
         if dy is None:
             dyb[:, columns].zero_()
         elif fused[i]:
             _, dbs[i] = adapter_grads(dy, b, xa[:, columns], lin.scale, dyb_out=dyb[:, columns],
-                                      db_dtype=lin.lora_b.dtype, need_db=want_db[i])
+                                      db_dtype=lin.lora_b.dtype, need_db=want_db[i], pending=pending)
         else:
             dyb[:, columns] = torch.mm(dy, b)
+    sum_partials(pending)
     return dyb, dbs
 
 
@@ -313,13 +353,15 @@ def _b_grad(dy: torch.Tensor, xa: torch.Tensor, lin: Adapted) -> torch.Tensor:
 @torch.library.custom_op("fastft::lora_group_backward", mutates_args=())
 def _lora_group_backward_op(dys: list[Optional[torch.Tensor]], x: torch.Tensor, xa: torch.Tensor,
                             weights: list[torch.Tensor], lora_as: list[torch.Tensor], lora_bs: list[torch.Tensor],
-                            scales: list[float], need_dx: bool, needs: list[bool]) -> list[torch.Tensor]:
+                            scales: list[float], adapters: torch.Tensor, need_dx: bool, needs: list[bool]
+                            ) -> list[torch.Tensor]:
     """[dX] + [dW, dbias, dA, dB] per linear; ``needs`` holds those four flags per linear, and
-    what is not needed (or whose linear's dY is None) comes back as an empty tensor."""
+    what is not needed (or whose linear's dY is None) comes back as an empty tensor.
+    ``adapters``: the forward's ``_cast_adapters`` of the group."""
     group = [Adapted(w, None, a, b, s) for w, a, b, s in zip(weights, lora_as, lora_bs, scales)]
     flags = [Needed(*needs[4 * i:4 * i + 4]) for i in range(len(group))]
     dx, per_linear = _group_backward([_rows(dy) if dy is not None else None for dy in dys], _rows(x), xa, group,
-                                     need_dx, flags)
+                                     need_dx, flags, ops=_operands_in([group], adapters, x.dtype)[0])
     out = [empty_or(dx.reshape(x.shape) if dx is not None else None, x)]
     for lin, grads in zip(group, per_linear):
         likes = (lin.weight, lin.weight, lin.lora_a, lin.lora_b)  # dbias: in the weight's dtype
@@ -328,7 +370,7 @@ def _lora_group_backward_op(dys: list[Optional[torch.Tensor]], x: torch.Tensor, 
 
 
 @_lora_group_backward_op.register_fake
-def _lora_group_backward_fake(dys, x, xa, weights, lora_as, lora_bs, scales, need_dx, needs):
+def _lora_group_backward_fake(dys, x, xa, weights, lora_as, lora_bs, scales, adapters, need_dx, needs):
     out = [x.new_empty(x.shape) if need_dx and any(dy is not None for dy in dys) else x.new_empty(0)]
     for i, (w, a, b, dy) in enumerate(zip(weights, lora_as, lora_bs, dys)):
         shapes = (w, w.new_empty(w.shape[0]), a, b)
@@ -338,14 +380,14 @@ def _lora_group_backward_fake(dys, x, xa, weights, lora_as, lora_bs, scales, nee
 
 
 def _group_backward_call(dys: Sequence[Optional[torch.Tensor]], x: torch.Tensor, xa: torch.Tensor,
-                         group: Sequence[Adapted], need_dx: bool, needs: Sequence[Needed]
+                         group: Sequence[Adapted], adapters: torch.Tensor, need_dx: bool, needs: Sequence[Needed]
                          ) -> tuple[Optional[torch.Tensor], list[tuple[Optional[torch.Tensor], ...]]]:
     """``_group_backward`` through the op: dX (x's shape) and per linear (dW, dbias, dA, dB),
-    None where not needed."""
+    None where not needed. ``adapters``: the forward's ``_cast_adapters`` of the group."""
     flat = [bool(f) for n in needs for f in n]
     out = torch.ops.fastft.lora_group_backward(list(dys), x, xa, [lin.weight for lin in group],
                                                [lin.lora_a for lin in group], [lin.lora_b for lin in group],
-                                               [float(lin.scale) for lin in group], bool(need_dx), flat)
+                                               [float(lin.scale) for lin in group], adapters, bool(need_dx), flat)
     live = any(dy is not None for dy in dys)
     dx = out[0] if need_dx and live else None
     per_linear = []
@@ -358,15 +400,18 @@ def _group_backward_call(dys: Sequence[Optional[torch.Tensor]], x: torch.Tensor,
 # --------------------------------------------------------------------------------------------
 # fastft::lora_linear
 # --------------------------------------------------------------------------------------------
-# The forward ops return x A^T beside the result: setup_context can only save what an op takes
-# or returns. ``lora_linear`` and ``lora_linear_x3`` below are the functions to call.
+# The forward ops return x A^T and the cast adapters (``_cast_adapters``) beside the result:
+# setup_context can only save what an op takes or returns. ``lora_linear`` and ``lora_linear_x3``
+# below are the functions to call.
 @torch.library.custom_op("fastft::lora_linear_forward", mutates_args=())
 def _lora_linear_forward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                             lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, out_dtype: torch.dtype
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check("fastft::lora_linear", x, weight, bias, lora_a, lora_b)
-    (y,), xa = _group_forward(_rows(x), [Adapted(weight, bias, lora_a, lora_b, scale)])
-    return y.reshape(*x.shape[:-1], weight.shape[0]).to(out_dtype), xa
+    group = [Adapted(weight, bias, lora_a, lora_b, scale)]
+    adapters = _cast_adapters([group], x.dtype)
+    (y,), xa = _group_forward(_rows(x), group, _operands_in([group], adapters, x.dtype)[0])
+    return y.reshape(*x.shape[:-1], weight.shape[0]).to(out_dtype), xa, adapters
 
 
 @_lora_linear_forward_op.register_fake
@@ -374,8 +419,9 @@ def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scale, out_dtype):
     _check("fastft::lora_linear", x, weight, bias, lora_a, lora_b)
     check_dtype("fastft::lora_linear", "out_dtype", out_dtype)
     rows = x.numel() // x.shape[-1]
+    size = _cast_size([[Adapted(weight, bias, lora_a, lora_b, scale)]], x.dtype)
     return (x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=out_dtype),
-            x.new_empty((rows, lora_a.shape[0]), dtype=weight.dtype))
+            x.new_empty((rows, lora_a.shape[0]), dtype=weight.dtype), x.new_empty(size))
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
@@ -386,19 +432,19 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 def _lora_linear_setup_context(ctx, inputs, output) -> None:
     x, weight, bias, lora_a, lora_b, scale, _out_dtype = inputs
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1])
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], output[2])
     ctx.scale = scale
     ctx.set_materialize_grads(False)
 
 
-def _lora_linear_backward(ctx, dy: Optional[torch.Tensor], _dxa):
-    x, weight, lora_a, lora_b, xa = ctx.saved_tensors
+def _lora_linear_backward(ctx, dy: Optional[torch.Tensor], _dxa, _dadapters):
+    x, weight, lora_a, lora_b, xa, adapters = ctx.saved_tensors
     need_dx, need_dw, need_dbias, need_da, need_db = ctx.needs_input_grad[:5]
     if dy is None or not any((need_dx, need_dw, need_dbias, need_da, need_db)):
         return None, None, None, None, None, None, None
     dx, [(dw, dbias, da, db)] = _group_backward_call(
-        [dy], x, xa, [Adapted(weight, None, lora_a, lora_b, ctx.scale)], need_dx,
+        [dy], x, xa, [Adapted(weight, None, lora_a, lora_b, ctx.scale)], adapters, need_dx,
         [Needed(need_dw, need_dbias, need_da, need_db)])
     return dx, dw, dbias, da, db, None, None
 
@@ -415,10 +461,12 @@ def _lora_linear_x3_forward_op(x: torch.Tensor,
                                w1: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor, s1: float,
                                w2: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor, s2: float,
                                out_dtype: torch.dtype
-                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     group = _x3_group(x, w0, a0, b0, s0, w1, a1, b1, s1, w2, a2, b2, s2)
-    outs, xa = _group_forward(_rows(x), group)
-    return (*(y.reshape(*x.shape[:-1], lin.weight.shape[0]).to(out_dtype) for y, lin in zip(outs, group)), xa)
+    adapters = _cast_adapters([group], x.dtype)
+    outs, xa = _group_forward(_rows(x), group, _operands_in([group], adapters, x.dtype)[0])
+    return (*(y.reshape(*x.shape[:-1], lin.weight.shape[0]).to(out_dtype) for y, lin in zip(outs, group)), xa,
+            adapters)
 
 
 def _x3_group(x, w0, a0, b0, s0, w1, a1, b1, s1, w2, a2, b2, s2) -> list[Adapted]:
@@ -433,7 +481,7 @@ def _lora_linear_x3_fake(x, w0, a0, b0, s0, w1, a1, b1, s1, w2, a2, b2, s2, out_
     group = _x3_group(x, w0, a0, b0, s0, w1, a1, b1, s1, w2, a2, b2, s2)
     rows, rank = x.numel() // x.shape[-1], sum(lin.lora_a.shape[0] for lin in group)
     return (*(x.new_empty((*x.shape[:-1], lin.weight.shape[0]), dtype=out_dtype) for lin in group),
-            x.new_empty((rows, rank), dtype=w0.dtype))
+            x.new_empty((rows, rank), dtype=w0.dtype), x.new_empty(_cast_size([group], x.dtype)))
 
 
 def lora_linear_x3(x: torch.Tensor,
@@ -450,14 +498,14 @@ def lora_linear_x3(x: torch.Tensor,
 
 def _lora_linear_x3_setup_context(ctx, inputs, output) -> None:
     x, w0, a0, b0, s0, w1, a1, b1, s1, w2, a2, b2, s2, _out_dtype = inputs
-    ctx.mark_non_differentiable(output[3])
-    ctx.save_for_backward(x, output[3], w0, a0, b0, w1, a1, b1, w2, a2, b2)
+    ctx.mark_non_differentiable(output[3], output[4])
+    ctx.save_for_backward(x, output[3], output[4], w0, a0, b0, w1, a1, b1, w2, a2, b2)
     ctx.scales = (s0, s1, s2)
     ctx.set_materialize_grads(False)
 
 
-def _lora_linear_x3_backward(ctx, dy0, dy1, dy2, _dxa):
-    x, xa, *saved = ctx.saved_tensors
+def _lora_linear_x3_backward(ctx, dy0, dy1, dy2, _dxa, _dadapters):
+    x, xa, adapters, *saved = ctx.saved_tensors
     grads: list[Optional[torch.Tensor]] = [None] * 14
     dys = [dy0, dy1, dy2]
     if all(dy is None for dy in dys):
@@ -465,7 +513,7 @@ def _lora_linear_x3_backward(ctx, dy0, dy1, dy2, _dxa):
     group = [Adapted(saved[3 * i], None, saved[3 * i + 1], saved[3 * i + 2], ctx.scales[i]) for i in range(3)]
     needs = [Needed(dlora_a=ctx.needs_input_grad[2 + 4 * i], dlora_b=ctx.needs_input_grad[3 + 4 * i])
              for i in range(3)]
-    grads[0], per_linear = _group_backward_call(dys, x, xa, group, ctx.needs_input_grad[0], needs)
+    grads[0], per_linear = _group_backward_call(dys, x, xa, group, adapters, ctx.needs_input_grad[0], needs)
     for i, (_dw, _dbias, da, db) in enumerate(per_linear):
         grads[2 + 4 * i], grads[3 + 4 * i] = da, db
     return tuple(grads)
@@ -501,11 +549,14 @@ def _lora_glu_mlp_forward_op(x: torch.Tensor,
                              up_w: torch.Tensor, up_a: torch.Tensor, up_b: torch.Tensor, up_scale: float,
                              down_w: torch.Tensor, down_a: torch.Tensor, down_b: torch.Tensor, down_scale: float,
                              activation: str, round_dtype: Optional[torch.dtype]
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                        torch.Tensor]:
     _check_mlp(x, gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down_a, down_b)
     gate, up = Adapted(gate_w, None, gate_a, gate_b, gate_scale), Adapted(up_w, None, up_a, up_b, up_scale)
+    down = Adapted(down_w, None, down_a, down_b, down_scale)
     x2 = _rows(x)
-    ops = _operands([gate, up], x.dtype)
+    adapters = _cast_adapters([[gate, up], [down]], x.dtype)  # all six matrices in one launch
+    ops, down_ops = _operands_in([[gate, up], [down]], adapters, x.dtype)
     if depth_concat_pays(*x2.shape, gate_w.shape[0], weights=2):
         g, u, xa_gate_up = _gate_up_through_depth(x2, gate, up, ops)
         h = glu_forward(g, u, activation, round_dtype, x.dtype)
@@ -516,9 +567,8 @@ def _lora_glu_mlp_forward_op(x: torch.Tensor,
         rank = gate_a.shape[0]  # the B's come scaled: the kernel's scales are 1
         h = lora_glu_forward(g, u, xa_gate_up[:, :rank], xa_gate_up[:, rank:], *ops.b, 1.0, 1.0, activation,
                              round_dtype, x.dtype)
-    down = Adapted(down_w, None, down_a, down_b, down_scale)
-    (y,), xa_down = _group_forward(h, [down], _operands([down], x.dtype))
-    return y.reshape(*x.shape[:-1], down_w.shape[0]), g, u, xa_gate_up, xa_down
+    (y,), xa_down = _group_forward(h, [down], down_ops)
+    return y.reshape(*x.shape[:-1], down_w.shape[0]), g, u, xa_gate_up, xa_down, adapters
 
 
 def _gate_up_through_depth(x2: torch.Tensor, gate: Adapted, up: Adapted, ops: Operands
@@ -539,8 +589,11 @@ def _lora_glu_mlp_forward_fake(x, gate_w, gate_a, gate_b, gate_scale, up_w, up_a
     _check_mlp(x, gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down_a, down_b)
     rows = x.numel() // x.shape[-1]
     width = gate_w.shape[0]
+    groups = [[Adapted(gate_w, None, gate_a, gate_b, gate_scale), Adapted(up_w, None, up_a, up_b, up_scale)],
+              [Adapted(down_w, None, down_a, down_b, down_scale)]]
     return (x.new_empty((*x.shape[:-1], down_w.shape[0])), x.new_empty((rows, width)), x.new_empty((rows, width)),
-            x.new_empty((rows, gate_a.shape[0] + up_a.shape[0])), x.new_empty((rows, down_a.shape[0])))
+            x.new_empty((rows, gate_a.shape[0] + up_a.shape[0])), x.new_empty((rows, down_a.shape[0])),
+            x.new_empty(_cast_size(groups, x.dtype)))
 
 
 def lora_glu_mlp(x: torch.Tensor,
@@ -558,7 +611,7 @@ def lora_glu_mlp(x: torch.Tensor,
 # The backward is an op of its own, so that AOT autograd traces it through its fake.
 @torch.library.custom_op("fastft::lora_glu_mlp_backward", mutates_args=())
 def _lora_glu_mlp_backward_op(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
-                              xa_gate_up: torch.Tensor, xa_down: torch.Tensor,
+                              xa_gate_up: torch.Tensor, xa_down: torch.Tensor, adapters: torch.Tensor,
                               gate_w: torch.Tensor, gate_a: torch.Tensor, gate_b: torch.Tensor, gate_scale: float,
                               up_w: torch.Tensor, up_a: torch.Tensor, up_b: torch.Tensor, up_scale: float,
                               down_w: torch.Tensor, down_a: torch.Tensor, down_b: torch.Tensor, down_scale: float,
@@ -570,8 +623,8 @@ def _lora_glu_mlp_backward_op(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor
     need_dh = need_dx or need_gate_a or need_gate_b or need_up_a or need_up_b
     grads: list[Optional[torch.Tensor]] = [None] * 7
     dy2 = _rows(dy).to(down_w.dtype)
-    down_ops = _operands([down], down_w.dtype) if need_dh or need_down_a else None
-    dyb, (fused_db,) = _adapter_rows([dy2], [down], down_ops, xa_down, [need_down_b]) if down_ops is not None \
+    gate_up_ops, down_ops = _operands_in([[gate, up], [down]], adapters, down_w.dtype)
+    dyb, (fused_db,) = _adapter_rows([dy2], [down], down_ops, xa_down, [need_down_b]) if need_dh or need_down_a \
         else (None, (None,))
     h = None
     if need_dh:
@@ -588,7 +641,8 @@ def _lora_glu_mlp_backward_op(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor
     if need_dh:
         dx, [(_, _, grads[1], grads[2]), (_, _, grads[3], grads[4])] = _group_backward(
             [dg, du], _rows(x), xa_gate_up, [gate, up], need_dx,
-            [Needed(dlora_a=need_gate_a, dlora_b=need_gate_b), Needed(dlora_a=need_up_a, dlora_b=need_up_b)])
+            [Needed(dlora_a=need_gate_a, dlora_b=need_gate_b), Needed(dlora_a=need_up_a, dlora_b=need_up_b)],
+            ops=gate_up_ops)
         if need_dx:
             grads[0] = dx.reshape(x.shape)
     like = (x, gate_a, gate_b, up_a, up_b, down_a, down_b)
@@ -596,7 +650,7 @@ def _lora_glu_mlp_backward_op(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor
 
 
 @_lora_glu_mlp_backward_op.register_fake
-def _lora_glu_mlp_backward_fake(dy, x, g, u, xa_gate_up, xa_down, gate_w, gate_a, gate_b, gate_scale, up_w, up_a,
+def _lora_glu_mlp_backward_fake(dy, x, g, u, xa_gate_up, xa_down, adapters, gate_w, gate_a, gate_b, gate_scale, up_w, up_a,
                                 up_b, up_scale, down_w, down_a, down_b, down_scale, activation, round_dtype, need):
     like = (x, gate_a, gate_b, up_a, up_b, down_a, down_b)
     return [ref.new_empty(ref.shape) if n else ref.new_empty(0) for n, ref in zip(need, like)]
@@ -609,12 +663,12 @@ _MLP_GRAD_INPUTS = (0, 2, 3, 6, 7, 10, 11)
 def _lora_glu_mlp_setup_context(ctx, inputs, output) -> None:
     (x, gate_w, gate_a, gate_b, gate_scale, up_w, up_a, up_b, up_scale,
      down_w, down_a, down_b, down_scale, activation, round_dtype) = inputs
-    _y, g, u, xa_gate_up, xa_down = output
-    ctx.mark_non_differentiable(g, u, xa_gate_up, xa_down)
+    _y, g, u, xa_gate_up, xa_down, adapters = output
+    ctx.mark_non_differentiable(g, u, xa_gate_up, xa_down, adapters)
     ctx.set_materialize_grads(False)
     ctx.scales = (gate_scale, up_scale, down_scale)
     ctx.activation, ctx.round_dtype = activation, round_dtype
-    ctx.save_for_backward(x, g, u, xa_gate_up, xa_down, gate_w, gate_a, gate_b, up_w, up_a, up_b,
+    ctx.save_for_backward(x, g, u, xa_gate_up, xa_down, adapters, gate_w, gate_a, gate_b, up_w, up_a, up_b,
                           down_w, down_a, down_b)
 
 
@@ -623,10 +677,11 @@ def _lora_glu_mlp_backward(ctx, dy: Optional[torch.Tensor], *_non_differentiable
     need = [bool(ctx.needs_input_grad[i]) for i in _MLP_GRAD_INPUTS]
     if dy is None or not any(need):
         return tuple(none)
-    x, g, u, xa_gate_up, xa_down, gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down_a, down_b = ctx.saved_tensors
+    (x, g, u, xa_gate_up, xa_down, adapters, gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down_a,
+     down_b) = ctx.saved_tensors
     gate_scale, up_scale, down_scale = ctx.scales
     grads = torch.ops.fastft.lora_glu_mlp_backward(
-        dy, x, g, u, xa_gate_up, xa_down, gate_w, gate_a, gate_b, gate_scale, up_w, up_a, up_b, up_scale,
+        dy, x, g, u, xa_gate_up, xa_down, adapters, gate_w, gate_a, gate_b, gate_scale, up_w, up_a, up_b, up_scale,
         down_w, down_a, down_b, down_scale, ctx.activation, ctx.round_dtype, need)
     for position, wanted, grad in zip(_MLP_GRAD_INPUTS, need, grads):
         none[position] = grad if wanted else None

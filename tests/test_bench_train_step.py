@@ -166,7 +166,7 @@ def test_small_kernels_names_what_ran_before_frequent_short_kernels():
     text = timeline.small_kernels(kernels, steps=2, min_per_step=1)
     assert "kernels a step: 4" in text
     assert "gaps under 5 us: 0.00 ms" in text  # 1 us a step: 0.001 ms; the 10 us gap does not count
-    assert "Memset: 1 a step, 1.00 us mean; after gemm (1)" in text
+    assert "Memset: 1 a step, 1.00 us mean\n    before: gemm (1)\n    after: gemm (1)" in text
     assert "attention:" not in text and "gemm:" not in text  # long on average
 
 

@@ -83,6 +83,43 @@ def test_without_db_and_with_no_rows():
     assert dyb.shape == (0, 4) and db.shape == (33, 4) and (db == 0).all()
 
 
+def test_pending_sums_of_several_linears_in_shared_launches_give_the_same_bits():
+    """Seven linears' sums (two launches of SUM_JOBS), mixed dtypes, ranks and row strides, left
+    pending and summed together: the same values, bit for bit, as each call summing its own."""
+    cases = [(70, 50, 4, torch.float32, torch.float32), (70, 33, 16, torch.bfloat16, torch.float32),
+             (70, 260, 3, torch.bfloat16, torch.bfloat16), (70, 9, 1, torch.float16, torch.float32),
+             (70, 128, 16, torch.float32, torch.float32), (70, 300, 8, torch.bfloat16, torch.float32),
+             (70, 17, 2, torch.float32, torch.float32)]
+    alone, pending, together = [], [], []
+    wide = torch.full((70, sum(c[2] for c in cases)), 5.0, device=DEVICE)  # the fp32 dybs side by side
+    start = 0
+    for seed, (rows, n, rank, dtype, db_dtype) in enumerate(cases):
+        dy, b, xa = _inputs(rows, n, rank, dtype, seed)
+        alone.append(ag.adapter_grads(dy, b, xa, 0.75 + seed, db_dtype=db_dtype))
+        out = wide[:, start:start + rank] if dtype == torch.float32 else None
+        together.append(ag.adapter_grads(dy, b, xa, 0.75 + seed, dyb_out=out, db_dtype=db_dtype,
+                                         need_db=seed != 4, pending=pending))
+        start += rank
+    assert len(pending) == 2 * len(cases) - 1  # linear 4 has no dB to sum
+    ag.sum_partials(pending)
+    for i, ((dyb, db), (dyb_p, db_p)) in enumerate(zip(alone, together)):
+        assert torch.equal(dyb, dyb_p), f"linear {i}: dyb"
+        assert db_p is None if i == 4 else torch.equal(db, db_p), f"linear {i}: dB"
+
+
+def test_pending_sums_launch_once_per_six(monkeypatch):
+    launches = []
+    real = ag._sum_launch
+    monkeypatch.setattr(ag, "_sum_launch", lambda jobs: launches.append(len(jobs)) or real(jobs))
+    pending = []
+    for seed in range(4):
+        ag.adapter_grads(*_inputs(20, 30, 4, torch.float32, seed), 1.0, pending=pending)
+    ag.sum_partials(pending)
+    assert launches == [6, 2]
+    ag.sum_partials([])
+    assert launches == [6, 2]
+
+
 @pytest.mark.parametrize("bad,message", [
     (lambda dy, b, xa: (dy.t(), b, xa), "unit column stride"),
     (lambda dy, b, xa: (dy, b[:-1], xa), "do not fit"),

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastft  # noqa: F401  (registers the ops)
+from fastft.kernels.concat import cast_parts
 from fastft.kernels.lora import (lora_glu_mlp, lora_glu_mlp_reference, lora_linear,
                                  lora_linear_reference, lora_linear_x3)
 
@@ -93,14 +94,17 @@ def test_lora_linear_out_dtype_upcasts():
     _assert_matches(out, ref, (x, lora_a, lora_b), torch.bfloat16)
 
 
-def test_lora_linear_backward_keeps_its_inputs_and_x_a():
-    """The saved tensors are the op's inputs and x A^T ([rows, r]): no [rows, out] intermediate."""
-    x, weight, _, lora_a, lora_b = _linear_inputs((6, 16), 32, 4, torch.float32, torch.float32, bias=False)
+@pytest.mark.parametrize("dtype,adapter_dtype,scale,cast", [(torch.float32, torch.float32, 1.0, 0),
+                                                             (torch.bfloat16, torch.float32, 0.5, 16 * 4 + 32 * 4)])
+def test_lora_linear_backward_keeps_its_inputs_and_x_a(dtype, adapter_dtype, scale, cast):
+    """The saved tensors are the op's inputs, x A^T ([rows, r]) and the adapters as cast for the
+    GEMMs (A and s B; empty where they are used as they are): no [rows, out] intermediate."""
+    x, weight, _, lora_a, lora_b = _linear_inputs((6, 16), 32, 4, dtype, adapter_dtype, bias=False)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        lora_linear(x, weight, None, lora_a, lora_b, 1.0, torch.float32)
+        lora_linear(x, weight, None, lora_a, lora_b, scale, dtype)
     shapes = sorted(tuple(t.shape) for t in saved)
-    want = [tuple(x.shape), tuple(weight.shape), tuple(lora_a.shape), tuple(lora_b.shape), (6, 4)]
+    want = [tuple(x.shape), tuple(weight.shape), tuple(lora_a.shape), tuple(lora_b.shape), (6, 4), (cast,)]
     assert shapes == sorted(want)
 
 
@@ -177,6 +181,28 @@ def test_lora_glu_mlp_with_only_the_down_adapter_training():
     _assert_matches(out, ref, (down[1], down[2]), torch.float32)
 
 
+def test_the_backward_reuses_the_adapters_the_forward_cast(monkeypatch):
+    """fp32 adapters under bf16 bases are cast (and scaled) once a step, in the forward: one
+    cast_parts launch per op, whose result the backward takes; the gradients are unchanged."""
+    import fastft.kernels.lora as lora
+
+    calls = []
+    monkeypatch.setattr(lora, "cast_parts", lambda *a, **k: calls.append(len(a[0])) or cast_parts(*a, **k))
+    x, gate, up, down = _mlp_inputs((2, 5, 16), 24, 2, torch.bfloat16, torch.float32)
+    params = (x, gate[1], gate[2], up[1], up[2], down[1], down[2])
+    out = lora_glu_mlp(x, *gate, *up, *down, "silu", torch.bfloat16)
+    _assert_matches(out, lora_glu_mlp_reference(x, gate, up, down, "silu", torch.bfloat16), params, torch.bfloat16)
+    assert calls == [6]  # gate, up and down's A and B: one launch, forward and backward
+    calls.clear()
+    out = lora_linear_x3(x, *gate[:3], 1.0, *up[:3], 0.5, *gate[:3], 2.0, torch.bfloat16)
+    torch.autograd.grad(out, (x, gate[1], up[2]), [torch.ones_like(o) for o in out])
+    assert calls == [6]
+    calls.clear()
+    y = lora_linear(x, gate[0], None, gate[1], gate[2], 0.5, torch.bfloat16)
+    torch.autograd.grad(y, (gate[1], gate[2]), torch.ones_like(y))
+    assert calls == [2]
+
+
 def test_lora_ops_pass_opcheck():
     x, weight, b, lora_a, lora_b = _linear_inputs((3, 16), 8, 2, torch.float32, torch.float32, bias=True)
     torch.library.opcheck(torch.ops.fastft.lora_linear_forward.default,
@@ -193,9 +219,11 @@ def test_lora_ops_pass_opcheck():
     dys = [torch.randn(3, 8, device=DEVICE), None, torch.randn(3, 4, device=DEVICE)]
     xa = x @ torch.cat(As).t()
     needs = [False, True, True, True] * 3
-    torch.library.opcheck(torch.ops.fastft.lora_group_backward.default,
-                          (dys, x, xa, ws, As, Bs, [0.5, 1.0, 2.0], True, needs),
-                          test_utils=("test_schema", "test_faketensor"))
+    # The adapters as the forward cast them, and not given (empty): the op casts them itself.
+    for adapters in (cast_parts(As + Bs, torch.float32, [1.0] * 3 + [0.5, 1.0, 2.0]), x.new_empty(0)):
+        torch.library.opcheck(torch.ops.fastft.lora_group_backward.default,
+                              (dys, x, xa, ws, As, Bs, [0.5, 1.0, 2.0], adapters, True, needs),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def _quantised_linear(out_features=16, in_features=64, quant_type="nf4", nested=True):

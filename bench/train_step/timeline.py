@@ -131,30 +131,39 @@ def host_waits(host_ops: list[Span], phases: list[Span], steps: int, min_us: flo
 def small_kernels(kernels: list[Span], steps: int, max_mean_us: float = 5.0, min_per_step: float = 16.0,
                   top: int = 8) -> str:
     """Kernels short on average (max_mean_us) and frequent (min_per_step), with the kernels that
-    ran just before them: a memset or a copy has no name of its own that says whose it is.
-    Also the GPU's idle time in gaps under 5 us (the idle table's threshold), which grows with
-    the number of kernels."""
+    ran just before and just after them: a memset or a copy has no name of its own that says
+    whose it is. Also the GPU's idle time in gaps under 5 us (the idle table's threshold), which
+    grows with the number of kernels."""
     ordered = sorted(kernels, key=lambda s: s.start_us)
     stats: dict[str, list[float]] = {}
     before: dict[str, dict[str, int]] = {}
+    after: dict[str, dict[str, int]] = {}
     small_gaps = 0.0
-    for prev, k in zip([None] + ordered[:-1], ordered):
+    for i, k in enumerate(ordered):
         stats.setdefault(k.name, []).append(k.end_us - k.start_us)
-        if prev is not None:
+        if i:
+            prev = ordered[i - 1]
             gap = k.start_us - prev.end_us
             if 0 < gap < 5.0:
                 small_gaps += gap
             names = before.setdefault(k.name, {})
             names[prev.name] = names.get(prev.name, 0) + 1
+            names = after.setdefault(prev.name, {})
+            names[k.name] = names.get(k.name, 0) + 1
     lines = [f"kernels a step: {len(ordered) / steps:.0f}; GPU idle in gaps under 5 us: "
              f"{small_gaps / steps / 1e3:.2f} ms a step",
-             f"short frequent kernels (mean under {max_mean_us:.0f} us, {min_per_step:.0f}+ a step) and what ran before them:"]
+             f"short frequent kernels (mean under {max_mean_us:.0f} us, {min_per_step:.0f}+ a step), "
+             f"what ran before them and after:"]
     rows = [(name, times) for name, times in stats.items()
             if len(times) / steps >= min_per_step and sum(times) / len(times) < max_mean_us]
+
+    def top3(counts: dict[str, int]) -> str:
+        return ", ".join(f"{n[:50]} ({c / steps:.0f})" for n, c in sorted(counts.items(), key=lambda kv: -kv[1])[:3])
+
     for name, times in sorted(rows, key=lambda r: -sum(r[1]))[:top]:
-        prior = sorted(before.get(name, {}).items(), key=lambda kv: -kv[1])[:3]
-        lines.append(f"  {name[:60]}: {len(times) / steps:.0f} a step, {sum(times) / len(times):.2f} us mean; after "
-                     + ", ".join(f"{n[:50]} ({c / steps:.0f})" for n, c in prior))
+        lines.append(f"  {name[:60]}: {len(times) / steps:.0f} a step, {sum(times) / len(times):.2f} us mean")
+        lines.append(f"    before: {top3(before.get(name, {}))}")
+        lines.append(f"    after: {top3(after.get(name, {}))}")
     return "\n".join(lines) + "\n"
 
 
