@@ -262,8 +262,11 @@ def sum_partials(sums: Sequence[PartialSum]) -> None:
 def _sum_launch(jobs: Sequence[PartialSum]) -> None:
     lines = [job.parts.shape[1] for job in jobs]
     device = jobs[0].parts.device
-    if device.type == "cuda":  # about two programs per SM, each summing [lines, r] blocks part by part
-        block_lines = min(256, max(16, next_power_of_2(cdiv(sum(lines), 2 * device_sm_count(device)))))
+    if device.type == "cuda":
+        # Blocks sized for about two programs per SM on the largest job alone: each program sums
+        # its [lines, r] block part by part, a chain of dependent loads, so the launch needs many
+        # programs in flight (blocks sized on all jobs' lines together took twice as long).
+        block_lines = min(256, max(16, next_power_of_2(cdiv(max(lines), 2 * device_sm_count(device)))))
     else:  # the interpreter: one program per job
         block_lines = next_power_of_2(max(lines))
     ends = list(itertools.accumulate(cdiv(n, block_lines) for n in lines))
