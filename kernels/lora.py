@@ -29,7 +29,8 @@ Numerics: everything runs in the base weight's dtype (the adapters, often kept i
 peft, are cast to it: they are tiny; s B is scaled in fp32 before its one rounding), with float32
 accumulation inside the GEMMs, as a 16-bit model computes its base linears anyway. Gradients come
 back in each parameter's own dtype: an fp32 adapter's straight from its GEMM's fp32 accumulator.
-A group's adapters are cast by one kernel launch a pass (``cast_parts``): one launch per tensor
+An op's adapters are cast by one kernel launch in its forward (``cast_parts``; the MLP's six
+matrices together), which the op returns so that its backward reuses them: one launch per tensor
 was most of a 1B LoRA step's kernels.
 """
 from __future__ import annotations
