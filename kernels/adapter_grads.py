@@ -12,7 +12,8 @@ Programs tile dY as (column block, row segment). Every product over the columns 
 fp32 partial per column block, every product over the rows (dB) one per row segment; a second
 kernel sums each set in a fixed order and rounds once, so the result is deterministic and has the
 rounding of one fp32-accumulating GEMM: dyb rounded once to dY's dtype, dB in fp32, scaled in
-fp32, then in B's dtype.
+fp32, then in B's dtype. The linears of one input (q, k, v) leave their sums pending and
+``sum_partials`` runs them all in one launch.
 """
 from __future__ import annotations
 
