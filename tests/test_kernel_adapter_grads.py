@@ -218,6 +218,18 @@ def test_other_tiles_give_the_same_products(tiles):
     _check(dy, b, xa, 1.5, dyb, db, torch.float32)
 
 
+def test_gpu_sum_blocks_follow_the_largest_sum(monkeypatch):
+    """A shared sum launch sizes its blocks on its largest job, as a launch of that job alone
+    would: q, k and v's six sums at 8,192 tokens get the 32-line blocks of one 8,192-line sum."""
+    monkeypatch.setattr(ag, "device_sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    assert ag._sum_block_lines([8192], cuda) == 32
+    assert ag._sum_block_lines([8192, 2048, 8192, 512, 8192, 512], cuda) == 32
+    assert ag._sum_block_lines([2048, 512], cuda) == 16  # 8 lines would give two programs an SM: at least 16
+    assert ag._sum_block_lines([128256], cuda) == 256  # at most 256
+    assert ag._sum_block_lines([300, 70], torch.device("cpu")) == 512  # the interpreter: one program a job
+
+
 def test_gpu_grids_fill_whole_waves(monkeypatch):
     """Column blocks x row segments stay within one wave of resident programs (132 SMs, per_sm
     programs each) where the column blocks allow, and the segments cover the rows."""
