@@ -197,14 +197,16 @@ class _RegionRunner(fx.Interpreter):
                 return
             grad_outs = [torch.randn(ref[k].shape, generator=self.generator, dtype=torch.float32).to(ref[k])
                          for k in differentiable]
-            want = [x for x in leaves_ref if isinstance(x, torch.Tensor) and x.requires_grad]
-            have = [x for x in leaves_new if isinstance(x, torch.Tensor) and x.requires_grad]
-            g_ref = torch.autograd.grad([ref[k] for k in differentiable], want,
-                                        [_laid_out_like(g, ref[k]) for g, k in zip(grad_outs, differentiable)],
-                                        allow_unused=True)
-            g_new = torch.autograd.grad([new[k] for k in differentiable], have,
-                                        [_laid_out_like(g, new[k]) for g, k in zip(grad_outs, differentiable)],
-                                        allow_unused=True)
+
+            def input_grads(outputs, leaves):
+                """Gradients of the differentiable outputs w.r.t. the leaves that require grad."""
+                return torch.autograd.grad([outputs[k] for k in differentiable],
+                                           [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad],
+                                           [_laid_out_like(g, outputs[k]) for g, k in zip(grad_outs, differentiable)],
+                                           allow_unused=True)
+
+            g_ref = input_grads(ref, leaves_ref)
+            g_new = input_grads(new, leaves_new)
         for k, (a, b) in enumerate(zip(g_new, g_ref)):
             if a is None or b is None:
                 if (a is None) != (b is None):
