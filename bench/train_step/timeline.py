@@ -7,6 +7,7 @@ running on the host when the GPU started again, and names the innermost host op 
 """
 from __future__ import annotations
 
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -135,21 +136,18 @@ def small_kernels(kernels: list[Span], steps: int, max_mean_us: float = 5.0, min
     whose it is. Also the GPU's idle time in gaps under 5 us (the idle table's threshold), which
     grows with the number of kernels."""
     ordered = sorted(kernels, key=lambda s: s.start_us)
-    stats: dict[str, list[float]] = {}
-    before: dict[str, dict[str, int]] = {}
-    after: dict[str, dict[str, int]] = {}
+    stats: dict[str, list[float]] = defaultdict(list)
+    before: dict[str, Counter] = defaultdict(Counter)
+    after: dict[str, Counter] = defaultdict(Counter)
     small_gaps = 0.0
-    for i, k in enumerate(ordered):
-        stats.setdefault(k.name, []).append(k.end_us - k.start_us)
-        if i:
-            prev = ordered[i - 1]
+    for prev, k in zip([None] + ordered, ordered):
+        stats[k.name].append(k.end_us - k.start_us)
+        if prev is not None:
             gap = k.start_us - prev.end_us
             if 0 < gap < 5.0:
                 small_gaps += gap
-            names = before.setdefault(k.name, {})
-            names[prev.name] = names.get(prev.name, 0) + 1
-            names = after.setdefault(prev.name, {})
-            names[k.name] = names.get(k.name, 0) + 1
+            before[k.name][prev.name] += 1
+            after[prev.name][k.name] += 1
     lines = [f"kernels a step: {len(ordered) / steps:.0f}; GPU idle in gaps under 5 us: "
              f"{small_gaps / steps / 1e3:.2f} ms a step",
              f"short frequent kernels (mean under {max_mean_us:.0f} us, {min_per_step:.0f}+ a step), "
@@ -157,13 +155,13 @@ def small_kernels(kernels: list[Span], steps: int, max_mean_us: float = 5.0, min
     rows = [(name, times) for name, times in stats.items()
             if len(times) / steps >= min_per_step and sum(times) / len(times) < max_mean_us]
 
-    def top3(counts: dict[str, int]) -> str:
-        return ", ".join(f"{n[:50]} ({c / steps:.0f})" for n, c in sorted(counts.items(), key=lambda kv: -kv[1])[:3])
+    def top3(counts: Counter) -> str:
+        return ", ".join(f"{n[:50]} ({c / steps:.0f})" for n, c in counts.most_common(3))
 
     for name, times in sorted(rows, key=lambda r: -sum(r[1]))[:top]:
         lines.append(f"  {name[:60]}: {len(times) / steps:.0f} a step, {sum(times) / len(times):.2f} us mean")
-        lines.append(f"    before: {top3(before.get(name, {}))}")
-        lines.append(f"    after: {top3(after.get(name, {}))}")
+        lines.append(f"    before: {top3(before[name])}")
+        lines.append(f"    after: {top3(after[name])}")
     return "\n".join(lines) + "\n"
 
 
