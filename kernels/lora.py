@@ -187,9 +187,16 @@ def _operands_in(groups: Sequence[Sequence[Adapted]], flat: torch.Tensor, dtype:
     return out
 
 
+def _cast_operands(groups: Sequence[Sequence[Adapted]], dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, list[Operands]]:
+    """``_cast_adapters`` of the groups, and each group's Operands viewing it."""
+    adapters = _cast_adapters(groups, dtype)
+    return adapters, _operands_in(groups, adapters, dtype)
+
+
 def _operands(group: Sequence[Adapted], dtype: torch.dtype) -> Operands:
     """The group's Operands, cast here."""
-    return _operands_in([group], _cast_adapters([group], dtype), dtype)[0]
+    return _cast_operands([group], dtype)[1][0]
 
 
 def _mm_as(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -410,8 +417,8 @@ def _lora_linear_forward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check("fastft::lora_linear", x, weight, bias, lora_a, lora_b)
     group = [Adapted(weight, bias, lora_a, lora_b, scale)]
-    adapters = _cast_adapters([group], x.dtype)
-    (y,), xa = _group_forward(_rows(x), group, _operands_in([group], adapters, x.dtype)[0])
+    adapters, (ops,) = _cast_operands([group], x.dtype)
+    (y,), xa = _group_forward(_rows(x), group, ops)
     return y.reshape(*x.shape[:-1], weight.shape[0]).to(out_dtype), xa, adapters
 
 
@@ -464,8 +471,8 @@ def _lora_linear_x3_forward_op(x: torch.Tensor,
                                out_dtype: torch.dtype
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     group = _x3_group(x, w0, a0, b0, s0, w1, a1, b1, s1, w2, a2, b2, s2)
-    adapters = _cast_adapters([group], x.dtype)
-    outs, xa = _group_forward(_rows(x), group, _operands_in([group], adapters, x.dtype)[0])
+    adapters, (ops,) = _cast_operands([group], x.dtype)
+    outs, xa = _group_forward(_rows(x), group, ops)
     return (*(y.reshape(*x.shape[:-1], lin.weight.shape[0]).to(out_dtype) for y, lin in zip(outs, group)), xa,
             adapters)
 
@@ -556,8 +563,7 @@ def _lora_glu_mlp_forward_op(x: torch.Tensor,
     gate, up = Adapted(gate_w, None, gate_a, gate_b, gate_scale), Adapted(up_w, None, up_a, up_b, up_scale)
     down = Adapted(down_w, None, down_a, down_b, down_scale)
     x2 = _rows(x)
-    adapters = _cast_adapters([[gate, up], [down]], x.dtype)  # all six matrices in one launch
-    ops, down_ops = _operands_in([[gate, up], [down]], adapters, x.dtype)
+    adapters, (ops, down_ops) = _cast_operands([[gate, up], [down]], x.dtype)  # all six matrices in one launch
     if depth_concat_pays(*x2.shape, gate_w.shape[0], weights=2):
         g, u, xa_gate_up = _gate_up_through_depth(x2, gate, up, ops)
         h = glu_forward(g, u, activation, round_dtype, x.dtype)
