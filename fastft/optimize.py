@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from fastft.passes.pattern import Pattern
 from fastft.patterns import DEFAULT_PATTERNS
 
 from .errors import CaptureError
+from .logging_methods import logging_methods
 from .report import CaptureFailure, NearMiss, Report, RewriteRecord
 
 _STATE_ATTR = "_fastft_state"
@@ -59,7 +59,7 @@ class EntryPoint:
 
         before = dict(counters["graph_break"])
         try:
-            with torch._dynamo.config.patch(ignore_logging_functions=_logging_methods(),
+            with torch._dynamo.config.patch(ignore_logging_functions=logging_methods(),
                                             **_CAPTURE_DATA_DEPENDENT), redundant_requires_grad_dropped():
                 out = self.compiled(*args, **kwargs)
         except torch._dynamo.exc.TorchDynamoException as error:
@@ -198,21 +198,10 @@ def _entry_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return entries
 
 
-def _logging_methods() -> set:
-    """The methods of ``logging.Logger`` (also those libraries add, such as a ``warning_once``)
-    that Dynamo may skip while tracing a forward. A warning inside a forward would otherwise
-    break the graph there, often right between the output projection and the loss. Inside the
-    optimised forward these calls do not run, so their messages are not printed."""
-    return {method for name, method in vars(logging.Logger).items()
-            if callable(method) and (name in _LOGGING_NAMES or name.endswith(("_once", "_advice")))}
-
-
 # Ops whose output shape or value depends on the data (a mixture of experts' routing: nonzero,
 # index_select by a routing mask, .item()) are captured with unbacked sizes instead of breaking
 # the graph around every expert.
 _CAPTURE_DATA_DEPENDENT = dict(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True)
-
-_LOGGING_NAMES = frozenset({"debug", "info", "warning", "warn", "error", "exception", "critical", "log"})
 
 
 def _entry_function(module: nn.Module):
