@@ -2,6 +2,7 @@
 (``torch._dynamo.config.ignore_logging_functions``), as the entry points pass them."""
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Callable
 
@@ -44,5 +45,13 @@ def logging_methods() -> set[NamedFunction]:
     that Dynamo may skip while tracing a forward. A warning inside a forward would otherwise
     break the graph there, often right between the output projection and the loss. Inside the
     optimised forward these calls do not run, so their messages are not printed."""
-    return {NamedFunction(method) for name, method in vars(logging.Logger).items()
-            if callable(method) and (name in _LOGGING_NAMES or name.endswith(("_once", "_advice")))}
+    methods = tuple(method for name, method in vars(logging.Logger).items()
+                    if callable(method) and (name in _LOGGING_NAMES or name.endswith(("_once", "_advice"))))
+    return set(_named(methods))
+
+
+@functools.lru_cache(maxsize=8)
+def _named(methods: tuple) -> frozenset[NamedFunction]:
+    # Every optimised forward call asks (a library may add a method at any time); the wrappers
+    # are made once per set of methods.
+    return frozenset(NamedFunction(m) for m in methods)
