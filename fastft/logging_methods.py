@@ -14,7 +14,9 @@ class NamedFunction(str):
     (Dynamo asks ``method.__func__ in ignore_set``), and otherwise the string of its qualified
     name. torch 2.11's compile-metrics logger sorts every set in Dynamo's config and encodes it
     as JSON: a set of plain functions made it log a TypeError traceback on every compile, and
-    drop that compile's metrics."""
+    drop that compile's metrics. What no longer matches is Dynamo's other test, identity with a
+    function met as a value (``logging.Logger.warning(logger, msg)``); model code calls these
+    methods on a logger, which the membership test covers."""
 
     fn: Callable[..., Any]
 
