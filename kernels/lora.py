@@ -110,6 +110,17 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _shaped(y: torch.Tensor, *shape: int) -> torch.Tensor:
+    """An op's output ``y`` (a GEMM's [rows, out]) in ``shape``, as a tensor of its own, not a
+    view of y: autograd forbids changing a view a custom op returns in place (a model's
+    ``h += residual`` after the linear). A fresh contiguous y takes the shape itself, without a copy."""
+    if tuple(y.shape) == shape:
+        return y
+    if y._base is None and y.is_contiguous():
+        return y.resize_(shape)
+    return y.reshape(shape).clone()
+
+
 # --------------------------------------------------------------------------------------------
 # Host code: the GEMMs of a group of LoRA linears that read one input, on 2-D row views
 # --------------------------------------------------------------------------------------------
@@ -419,7 +430,7 @@ def _lora_linear_forward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
     group = [Adapted(weight, bias, lora_a, lora_b, scale)]
     adapters, (ops,) = _cast_operands([group], x.dtype)
     (y,), xa = _group_forward(_rows(x), group, ops)
-    return y.reshape(*x.shape[:-1], weight.shape[0]).to(out_dtype), xa, adapters
+    return _shaped(y, *x.shape[:-1], weight.shape[0]).to(out_dtype), xa, adapters
 
 
 @_lora_linear_forward_op.register_fake
@@ -473,7 +484,7 @@ def _lora_linear_x3_forward_op(x: torch.Tensor,
     group = _x3_group(x, w0, a0, b0, s0, w1, a1, b1, s1, w2, a2, b2, s2)
     adapters, (ops,) = _cast_operands([group], x.dtype)
     outs, xa = _group_forward(_rows(x), group, ops)
-    return (*(y.reshape(*x.shape[:-1], lin.weight.shape[0]).to(out_dtype) for y, lin in zip(outs, group)), xa,
+    return (*(_shaped(y, *x.shape[:-1], lin.weight.shape[0]).to(out_dtype) for y, lin in zip(outs, group)), xa,
             adapters)
 
 
@@ -575,7 +586,7 @@ def _lora_glu_mlp_forward_op(x: torch.Tensor,
         h = lora_glu_forward(g, u, xa_gate_up[:, :rank], xa_gate_up[:, rank:], *ops.b, 1.0, 1.0, activation,
                              round_dtype, x.dtype)
     (y,), xa_down = _group_forward(h, [down], down_ops)
-    return y.reshape(*x.shape[:-1], down_w.shape[0]), g, u, xa_gate_up, xa_down, adapters
+    return _shaped(y, *x.shape[:-1], down_w.shape[0]), g, u, xa_gate_up, xa_down, adapters
 
 
 def _gate_up_through_depth(x2: torch.Tensor, gate: Adapted, up: Adapted, ops: Operands
@@ -751,7 +762,7 @@ def qlora_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, ab
     weight = _dequantized(packed, absmax, absmax2, code2, offset, code, blocksize, out_features, in_features,
                           compute_dtype)
     (y,), _ = _group_forward(_rows(x).to(compute_dtype), [Adapted(weight, None, lora_a, lora_b, scale)])
-    return y.reshape(*x.shape[:-1], out_features).to(out_dtype)
+    return _shaped(y, *x.shape[:-1], out_features).to(out_dtype)
 
 
 @qlora_linear.register_fake

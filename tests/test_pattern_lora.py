@@ -209,3 +209,39 @@ def test_changes_to_the_modules_between_calls_are_seen():
         layer = m.get_base_model().model.layers[0].self_attn.q_proj
         layer.lora_B["default"].weight = torch.nn.Parameter(torch.full_like(layer.lora_B["default"].weight, 0.5))
     assert_same("a B replaced")
+
+
+class _InPlaceAfterLinear(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16, bias=False)
+
+    def forward(self, x):
+        h = self.proj(x)
+        h += x  # in place, on the adapted linear's output
+        return h.square().mean()
+
+
+@pytest.mark.parametrize("lower", ["eager", "inductor"])
+def test_the_fused_output_takes_an_in_place_add(lower):
+    if lower == "inductor" and DEVICE == "cpu":
+        pytest.skip("Inductor lowers for the GPU here")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_InPlaceAfterLinear().to(DEVICE),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    reference = twin(model)
+    fastft.optimize(model, lower=lower)
+    x = torch.randn(3, 5, 16, device=DEVICE)
+    loss, want = model(x), reference(x)
+    loss.backward()
+    want.backward()
+    assert _counts(model).get("lora") == 1
+    torch.testing.assert_close(loss, want)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+
