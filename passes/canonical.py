@@ -334,6 +334,44 @@ def _canon_linear(node: fx.Node) -> Canon | None:
     return Canon("linear", (node.args[0], _arg(node, 1, "weight"), _arg(node, 2, "bias")))
 
 
+def _canon_matmul(node: fx.Node) -> Canon | None:
+    """``x @ W^T`` (``matmul``/``mm``) with W a matrix: the same math as ``linear(x, W)``, as
+    models with their own linear layers write it; the transpose belongs to the region."""
+    if len(node.args) != 2:
+        return None
+    x, transposed = node.args
+    weight = _transposed_matrix(transposed)
+    x_meta = tensor_meta(x)
+    if weight is None or x_meta is None or x_meta.dim() < 1:
+        return None
+    return Canon("linear", (x, weight, None), via=(transposed,))
+
+
+def _transposed_matrix(node: Any) -> fx.Node | None:
+    """M, where ``node`` is the transpose of a 2-D M: ``M.T``, ``M.mT``, ``M.t()``,
+    ``M.transpose(0, 1)`` (any two dims) or ``M.permute(1, 0)``."""
+    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method") or not node.args:
+        return None
+    source = node.args[0]
+    meta = tensor_meta(source)
+    if not isinstance(source, fx.Node) or meta is None or meta.dim() != 2:
+        return None
+    if node.op == "call_function" and node.target is getattr:
+        return source if node.args[1] in ("T", "mT") else None
+    name = _name_of(node)
+    if node.op == "call_function" and not _is_torch_callable(node.target):
+        return None
+    if name == "t" and len(node.args) == 1:
+        return source
+    if name in ("transpose", "swapaxes", "swapdims") and len(node.args) == 3:
+        dims = {d % 2 for d in node.args[1:] if isinstance(d, int)}
+        return source if dims == {0, 1} else None
+    if name == "permute":
+        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+        return source if [d % 2 for d in dims if isinstance(d, int)] == [1, 0] and len(dims) == 2 else None
+    return None
+
+
 def _canon_cross_entropy(node: fx.Node) -> Canon | None:
     """``F.cross_entropy(input, target, ...)`` with its options as attributes (deprecated
     size_average/reduce spellings are not folded in: they are left unmatched)."""
@@ -369,7 +407,7 @@ _STRUCTURAL = {
     "stack": _canon_cat, "flatten": _canon_flatten, "view": _canon_flatten, "reshape": _canon_flatten,
     "silu": _canon_activation, "gelu": _canon_activation, "layer_norm": _canon_layer_norm,
     "rms_norm": _canon_rms_norm,
-    "linear": _canon_linear, "cross_entropy": _canon_cross_entropy, "contiguous": _canon_contiguous,
+    "linear": _canon_linear, "matmul": _canon_matmul, "mm": _canon_matmul, "cross_entropy": _canon_cross_entropy, "contiguous": _canon_contiguous,
     "dropout": _canon_dropout, "scaled_dot_product_attention": _canon_sdpa, "clone": _canon_contiguous,
 }
 
@@ -379,6 +417,8 @@ def _compute(node: fx.Node) -> Canon | None:
         return None
     if node.op == "call_function" and node.target is operator.getitem:
         return _canon_getitem(node)
+    if node.op == "call_function" and node.target is operator.matmul:
+        return _canon_matmul(node)
     if node.op == "call_function" and node.target in _OPERATORS:
         return Canon(_OPERATORS[node.target], tuple(node.args))
     name = _name_of(node)

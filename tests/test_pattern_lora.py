@@ -211,6 +211,20 @@ def test_changes_to_the_modules_between_calls_are_seen():
     assert_same("a B replaced")
 
 
+def test_linears_written_as_a_matmul_with_a_transposed_weight_fuse():
+    """Falcon's own linear layers compute ``x @ W.T``: the same math as F.linear, so its adapted
+    linears fuse too; its parallel attention adds the MLP's output to the attention's in place,
+    which the fused op's output must allow."""
+    model = _adapted("falcon", targets=["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"])
+    reference = twin(model)
+    fastft.optimize(model)
+    result = fastft.check(model, _batch())
+    assert result.ok, str(result)
+    layers = model.get_base_model().config.num_hidden_layers
+    assert _counts(model).get("lora") == 4 * layers, fastft.report(model)
+    assert_same_training(reference, model, [_batch(seed) for seed in range(3)])
+
+
 class _InPlaceAfterLinear(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -245,3 +259,55 @@ def test_the_fused_output_takes_an_in_place_add(lower):
         if p.requires_grad:
             torch.testing.assert_close(p.grad, q.grad, msg=name)
 
+
+class _MatmulLinear(torch.nn.Linear):
+    """A linear layer whose forward spells x W^T one of several ways ("none": x W, not a linear)."""
+
+    def __init__(self, spelling: str) -> None:
+        super().__init__(16, 16, bias=False)
+        self.spelling = spelling
+
+    def forward(self, x):
+        w = self.weight
+        if self.spelling == "T":
+            return x @ w.T
+        if self.spelling == "mT":
+            return x @ w.mT
+        if self.spelling == "t":
+            return torch.matmul(x, w.t())
+        if self.spelling == "transpose":
+            return x.matmul(w.transpose(-1, -2))
+        if self.spelling == "permute":
+            return x @ w.permute(1, 0)
+        if self.spelling == "mm":
+            return torch.mm(x, w.t())
+        return x @ w
+
+
+class _OneMatmulLinear(torch.nn.Module):
+    def __init__(self, spelling: str) -> None:
+        super().__init__()
+        self.proj = _MatmulLinear(spelling)
+
+    def forward(self, x):
+        return self.proj(x).square().mean()
+
+
+@pytest.mark.parametrize("spelling", ["T", "mT", "t", "transpose", "permute", "mm", "none"])
+def test_each_spelling_of_x_times_w_transposed_is_a_linear(spelling):
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_OneMatmulLinear(spelling).to(DEVICE),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    fastft.optimize(model)
+    x = torch.randn(6, 16, device=DEVICE)
+    result = fastft.check(model, (x,))
+    assert result.ok, str(result)
+    if spelling == "none":  # x W is another product: left alone, and reported
+        assert "lora" not in _counts(model)
+        assert any("neither a linear" in m.reason for m in _lora_misses(model))
+    else:
+        assert _counts(model).get("lora") == 1, fastft.report(model)
