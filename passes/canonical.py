@@ -407,7 +407,8 @@ _STRUCTURAL = {
     "stack": _canon_cat, "flatten": _canon_flatten, "view": _canon_flatten, "reshape": _canon_flatten,
     "silu": _canon_activation, "gelu": _canon_activation, "layer_norm": _canon_layer_norm,
     "rms_norm": _canon_rms_norm,
-    "linear": _canon_linear, "matmul": _canon_matmul, "mm": _canon_matmul, "cross_entropy": _canon_cross_entropy, "contiguous": _canon_contiguous,
+    "linear": _canon_linear, "matmul": _canon_matmul, "mm": _canon_matmul,
+    "cross_entropy": _canon_cross_entropy, "contiguous": _canon_contiguous,
     "dropout": _canon_dropout, "scaled_dot_product_attention": _canon_sdpa, "clone": _canon_contiguous,
 }
 
