@@ -30,6 +30,13 @@ TOLERANCES: dict[torch.dtype, Tolerance] = {
 }
 
 
+# A 16-bit model's whole-model results that miss rel_l2 are judged against a float32 run of the
+# original (fastft/check.py). That run counts as the truth only where the original's own result
+# is within this many rel_l2 tolerances of it: 0.2 for bfloat16, the size of its rounding over a
+# deep gradient, and well below what a different random state (dropout) gives.
+WITNESS_FACTOR: float = 10.0
+
+
 def tolerance_for(dtype: torch.dtype) -> Tolerance:
     if dtype not in TOLERANCES:
         raise ValueError(f"no tolerance defined for {dtype}; defined for {list(TOLERANCES)}")
