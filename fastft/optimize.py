@@ -17,6 +17,7 @@ from fastft.patterns import DEFAULT_PATTERNS
 
 from .errors import CaptureError
 from .logging_methods import logging_methods
+from .parameter_adapters import make_parameter_adapters_capturable
 from .report import CaptureFailure, NearMiss, Report, RewriteRecord
 
 _STATE_ATTR = "_fastft_state"
@@ -156,6 +157,7 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
                         f"known: {sorted(Options.__dataclass_fields__)}")
     _check_parameter_dtypes(model)
     state = FastftState(Options(**options))
+    make_parameter_adapters_capturable(model)
     for path, module in _entry_modules(model):
         entry = EntryPoint(module, path, state)
         module._compiled_call_impl = entry
