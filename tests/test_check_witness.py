@@ -1,14 +1,20 @@
-"""fastft.check on 16-bit models: whole-model results outside the tolerance are judged against a
-float32 run of the original, which vouches only where the original itself is close to it."""
+"""fastft.check where rounding, not a fault, separates the optimised model from the original: a
+16-bit model's whole-model results outside the tolerance are judged against a float32 run of the
+original, which vouches only where the original itself is close to it; a region's outputs against
+the region run in float64, its own casts between floating dtypes skipped."""
 from __future__ import annotations
+
+import types
 
 import peft
 import pytest
 import torch
+import torch.fx as fx
 
 import fastft
 import fastft.kernels.lora as lora_kernels
-from fastft.check import CheckResult, Comparison, _compare, _compare_to_witness, _judge_by_float32_run
+from fastft.check import (CheckResult, Comparison, _compare, _compare_to_witness, _float64_outputs,
+                          _judge_by_float32_run)
 from fastft.tiny import random_batch
 from fastft.tolerances import WITNESS_FACTOR, tolerance_for
 
@@ -101,3 +107,21 @@ def test_a_wrong_adapter_gradient_still_fails(monkeypatch):
     wrong = [c for c in result.model if "lora_A" in c.name and not c.ok]
     assert not result.ok and wrong, str(result)
     assert all("from a float32 run" in c.bound for c in wrong), [str(c) for c in wrong]
+
+
+def test_a_region_with_casts_runs_in_float64():
+    # As peft writes an adapter over a bf16 base: x cast to the float32 adapter's dtype, the sum
+    # cast back. Run in float64 with its casts kept, the float32 x met a float64 adapter: an error.
+    def region(x, w, a, b):
+        base = torch.nn.functional.linear(x, w)
+        adapter = torch.nn.functional.linear(torch.nn.functional.linear(x.to(torch.float32), a), b)
+        return (base + adapter * 2.0).to(torch.bfloat16)
+
+    gm = fx.symbolic_trace(region)
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(5, 8, generator=g).bfloat16(), torch.randn(6, 8, generator=g).bfloat16()
+    a, b = torch.randn(2, 8, generator=g), torch.randn(6, 2, generator=g)
+    (out,) = _float64_outputs(types.SimpleNamespace(region=gm), [x, w, a, b])
+    xd, wd, ad, bd = (t.double() for t in (x, w, a, b))
+    assert out.dtype == torch.float64
+    assert torch.allclose(out, xd @ wd.T + 2.0 * (xd @ ad.T) @ bd.T, rtol=1e-12, atol=1e-12)
