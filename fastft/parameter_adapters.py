@@ -49,8 +49,8 @@ def _peft_parameter_wrapper() -> type | None:
 
 
 def _forward(wrapper: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    adapters = _plain_adapters(wrapper, kwargs)
-    if not torch.compiler.is_compiling() or not adapters:
+    adapters = _plain_adapters(wrapper, kwargs) if torch.compiler.is_compiling() else []
+    if not adapters:
         return type(wrapper).forward(wrapper, x, *args, **kwargs)
     weight = _adapted(wrapper, adapters)
     return torch.func.functional_call(wrapper.base_layer, {_name_below(wrapper): weight}, (x, *args), kwargs)
