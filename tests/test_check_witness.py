@@ -32,7 +32,7 @@ def _adapted(model_type: str) -> torch.nn.Module:
 
 
 def _offsets(n: int = 4096, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A float32 'truth' and two unit directions to move away from it."""
+    """A float32 "truth" and two random directions as long as it is: truth + f * e is f away (rel_l2)."""
     g = torch.Generator().manual_seed(seed)
     truth = torch.randn(n, generator=g)
     e1, e2 = torch.randn(n, generator=g), torch.randn(n, generator=g)
