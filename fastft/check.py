@@ -21,12 +21,15 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fastft.passes.canonical import tensor_meta
+from fastft.passes.canonical import canonical, tensor_meta
 from fastft.passes.rewrite import REWRITE_META, AppliedRewrite
 
 from .errors import CheckError
 from .optimize import state_of
 from .tolerances import TOLERANCES, WITNESS_FACTOR, tolerance_for
+
+
+_SIXTEEN_BIT = (torch.bfloat16, torch.float16)  # the dtypes whose models a float32 run can witness
 
 
 @dataclass
@@ -133,7 +136,7 @@ def check(model: nn.Module, inputs: dict | tuple, loss_fn: Callable[[Any], torch
     for name in grads1.keys() - grads0.keys():
         result.problems.append(f"gradient of {name} appears only after optimisation")
     result.model = [_compare(name, new, ref, elementwise=False, floor=floor) for name, (new, ref) in pairs.items()]
-    if floor in (torch.bfloat16, torch.float16) and any(not c.ok for c in result.model):
+    if floor in _SIXTEEN_BIT and any(not c.ok for c in result.model):
         _judge_by_float32_run(result, pairs, floor, lambda: _float32_run(model, inputs, loss_fn, seed, state))
 
     if not calls and state.entry_points and not any(e.failed for e in state.entry_points):
@@ -245,26 +248,22 @@ def _float64_outputs(applied: AppliedRewrite, leaves: list) -> tuple:
 
 
 class _InFloat64(fx.Interpreter):
-    """Runs a region with its casts of float64 tensors to other floating dtypes skipped."""
+    """Runs a region with its casts of float64 values to floating dtypes skipped: the casts as
+    ``canonical`` sees them (``.to``, ``.type``, ``.float()``, ``type_as``...), including those
+    it calls identities because the traced value already had the target dtype."""
 
-    _CASTS = {"float", "double", "half", "bfloat16"}
+    def run_node(self, n: fx.Node) -> Any:
+        canon = canonical(n)
+        if canon is not None and isinstance(canon.args[0] if canon.args else None, fx.Node) and (
+                canon.op == "identity" or (canon.op == "cast" and _is_floating(canon.attrs.get("dtype")))):
+            (source,) = self.map_nodes_to_values((canon.args[0],), n)
+            if isinstance(source, torch.Tensor) and source.dtype == torch.float64:
+                return source
+        return super().run_node(n)
 
-    def call_method(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        x = args[0] if args else None
-        if isinstance(x, torch.Tensor) and x.dtype == torch.float64 and (
-                target in self._CASTS or (target in ("to", "type") and _to_floating(args[1:], kwargs))):
-            return x
-        return super().call_method(target, args, kwargs)
 
-
-def _to_floating(args: tuple, kwargs: dict) -> bool:
-    """Whether a ``to``/``type`` call with these arguments changes the dtype to a floating one."""
-    for v in (*args, *kwargs.values()):
-        if isinstance(v, torch.dtype) and v.is_floating_point:
-            return True
-        if isinstance(v, torch.Tensor) and v.is_floating_point():  # x.to(other): other's dtype
-            return True
-    return False
+def _is_floating(dtype: Any) -> bool:
+    return isinstance(dtype, torch.dtype) and dtype.is_floating_point
 
 
 def _compare_to_truth(first: Comparison, new: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor,
@@ -292,7 +291,7 @@ def _float32_run(model: nn.Module, inputs: dict | tuple, loss_fn: Callable | Non
     tensors are not touched. Returns the loss, outputs and trainable gradients by the names the
     model-level comparisons use. Costs a float32 copy of the 16-bit tensors."""
     def wide(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().float() if t.dtype in (torch.bfloat16, torch.float16) else t.detach()
+        return t.detach().float() if t.dtype in _SIXTEEN_BIT else t.detach()
 
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     by_identity: dict[int, torch.Tensor] = {}
