@@ -225,6 +225,18 @@ def test_linears_written_as_a_matmul_with_a_transposed_weight_fuse():
     assert_same_training(reference, model, [_batch(seed) for seed in range(3)])
 
 
+def _adapted_proj(make) -> torch.nn.Module:
+    """The module ``make()`` builds after seeding, with a LoRA adapter on its ``proj``; B drawn at
+    random so that the adapter changes the output."""
+    torch.manual_seed(0)
+    model = peft.get_peft_model(make().to(DEVICE), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    return model
+
+
 class _InPlaceAfterLinear(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -240,13 +252,7 @@ class _InPlaceAfterLinear(torch.nn.Module):
 def test_the_fused_output_takes_an_in_place_add(lower):
     if lower == "inductor" and DEVICE == "cpu":
         pytest.skip("Inductor lowers for the GPU here")
-    torch.manual_seed(0)
-    model = peft.get_peft_model(_InPlaceAfterLinear().to(DEVICE),
-                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
+    model = _adapted_proj(_InPlaceAfterLinear)
     reference = twin(model)
     fastft.optimize(model, lower=lower)
     x = torch.randn(3, 5, 16, device=DEVICE)
@@ -295,13 +301,7 @@ class _OneMatmulLinear(torch.nn.Module):
 
 @pytest.mark.parametrize("spelling", ["T", "mT", "t", "transpose", "permute", "mm", "none"])
 def test_each_spelling_of_x_times_w_transposed_is_a_linear(spelling):
-    torch.manual_seed(0)
-    model = peft.get_peft_model(_OneMatmulLinear(spelling).to(DEVICE),
-                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
+    model = _adapted_proj(lambda: _OneMatmulLinear(spelling))
     fastft.optimize(model)
     x = torch.randn(6, 16, device=DEVICE)
     result = fastft.check(model, (x,))
