@@ -347,6 +347,50 @@ def _canon_matmul(node: fx.Node) -> Canon | None:
     return Canon("linear", (x, weight, None), via=(transposed,))
 
 
+def _canon_addmm(node: fx.Node) -> Canon | None:
+    """``addmm(b, x, M)`` with a bias vector b: ``linear(x, W, b)`` where M is the transpose of
+    W (``x @ W.T + b``), and ``linear_t(x, M, b)`` where M is a weight stored [in, out] (the
+    ``Conv1D`` of GPT-2-style models), which is ``linear(x, M^T, b)``."""
+    if len(node.args) != 3 or node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+        return None
+    bias, x, matrix = node.args
+    bias_meta, x_meta, matrix_meta = tensor_meta(bias), tensor_meta(x), tensor_meta(matrix)
+    if bias_meta is None or x_meta is None or matrix_meta is None or bias_meta.dim() != 1 or matrix_meta.dim() != 2:
+        return None
+    weight = _transposed_matrix(matrix)
+    if weight is not None:
+        return Canon("linear", (x, weight, bias), via=(matrix,))
+    return Canon("linear_t", (x, matrix, bias))
+
+
+def _linear_over_rows(node: fx.Node) -> Canon | None:
+    """``view(linear(view(x, [rows, in]), W, b), [*lead, out])``: the linear of x itself, as a
+    layer that flattens x's leading dimensions around a 2-D GEMM computes it (GPT-2's
+    ``Conv1D``); both views belong to the region."""
+    inner = node.args[0] if node.args else None
+    canon = canonical(inner)
+    if canon is None or canon.op not in ("linear", "linear_t") or len(inner.users) != 1:
+        return None
+    rows = canon.args[0]
+    flattened = canonical(rows)
+    if flattened is None or flattened.op != "flatten" or not isinstance(rows, fx.Node):
+        return None
+    x = flattened.args[0]
+    x_meta, inner_meta, out_meta = tensor_meta(x), tensor_meta(inner), tensor_meta(node)
+    if x_meta is None or inner_meta is None or out_meta is None or inner_meta.dim() != 2:
+        return None
+    if flattened.attrs != {"start": 0, "end": x_meta.dim() - 2, "ndim": x_meta.dim()}:
+        return None  # the view must merge exactly the leading dimensions
+    expected = (*x_meta.shape[:-1], inner_meta.shape[1])
+    if out_meta.dim() != len(expected) or not all(same_size(a, b) for a, b in zip(out_meta.shape, expected)):
+        return None
+    return Canon(canon.op, (x, *canon.args[1:]), canon.attrs, via=(rows, inner, *canon.via))
+
+
+def _canon_view(node: fx.Node) -> Canon | None:
+    return _linear_over_rows(node) or _canon_flatten(node)
+
+
 def _transposed_matrix(node: Any) -> fx.Node | None:
     """M, where ``node`` is the transpose of a 2-D M: ``M.T``, ``M.mT``, ``M.t()``,
     ``M.transpose(0, 1)`` (any two dims) or ``M.permute(1, 0)``."""
@@ -404,10 +448,10 @@ def _canon_contiguous(node: fx.Node) -> Canon | None:
 # Ops whose canonical form needs more than their argument list: name -> canonicaliser.
 _STRUCTURAL = {
     "var": _canon_var, "cat": _canon_cat, "concat": _canon_cat, "concatenate": _canon_cat,
-    "stack": _canon_cat, "flatten": _canon_flatten, "view": _canon_flatten, "reshape": _canon_flatten,
+    "stack": _canon_cat, "flatten": _canon_flatten, "view": _canon_view, "reshape": _canon_view,
     "silu": _canon_activation, "gelu": _canon_activation, "layer_norm": _canon_layer_norm,
     "rms_norm": _canon_rms_norm,
-    "linear": _canon_linear, "matmul": _canon_matmul, "mm": _canon_matmul,
+    "linear": _canon_linear, "matmul": _canon_matmul, "mm": _canon_matmul, "addmm": _canon_addmm,
     "cross_entropy": _canon_cross_entropy, "contiguous": _canon_contiguous,
     "dropout": _canon_dropout, "scaled_dot_product_attention": _canon_sdpa, "clone": _canon_contiguous,
 }

@@ -3,6 +3,9 @@
     y = linear(x, W, b?) + linear(linear(dropout?(x.to(a_dtype)?), A), B) * s     W frozen, A and B trainable
     y = y.to(out_dtype)                                                        optional final cast
 
+A base weight stored [in, out] (``linear_t``: GPT-2's ``Conv1D``, ``addmm(b, x, W)`` between
+views of x) is the same linear with W transposed; it is fused linear by linear, not in the MLP op.
+
 Recognised from the graph and from which inputs need gradients, never from module classes: the
 base weight must be frozen, and A [r, in] and B [out, r] must fit it (frozen adapters, as in
 evaluation or when another adapter trains, are fused too: the math is the same). One adapter per linear,
@@ -35,6 +38,7 @@ def _adapted_linear(x, p: str = ""):
     """One LoRA linear over the sub-expression ``x``; every binding name starts with ``p``. The
     base is a linear, or any tensor (``base4``) that the check must prove to be a 4-bit linear of x."""
     base = (Op("linear", x, Var(p + "weight"), Var(p + "bias") | None, name=p + "base")
+            | Op("linear_t", x, Var(p + "weight_t"), Var(p + "bias") | None, name=p + "base")
             | Cast(Var(p + "base4"), p + "base_cast"))
     # peft casts x to the adapter's dtype, then applies dropout; the other order is the same math.
     cast_x = Cast(x, p + "x_cast")
@@ -51,10 +55,22 @@ def _where(p: str) -> str:
     return f"{p.rstrip('_')} projection: " if p else ""
 
 
+def _stored_in_out(b: dict, p: str = "") -> bool:
+    """Whether the matched base weight is stored [in, out] (``linear_t``, a ``Conv1D``)."""
+    return p + "weight_t" in b
+
+
+def _weight_shape(b: dict, p: str = "") -> tuple:
+    """The base weight's shape as a linear's: [out, in]."""
+    if _stored_in_out(b, p):
+        return tuple(reversed(tensor_meta(b[p + "weight_t"]).shape))
+    return tuple(tensor_meta(b[p + "weight"]).shape)
+
+
 def _adapter_problem(b: dict, x_node, p: str = "") -> str | None:
     """Why one matched LoRA linear over a plain frozen weight cannot be fused, or None."""
     where = _where(p)
-    x, weight = tensor_meta(x_node), tensor_meta(b[p + "weight"])
+    x, weight = tensor_meta(x_node), tensor_meta(b[p + "weight_t"] if _stored_in_out(b, p) else b[p + "weight"])
     if weight.requires_grad:
         return f"{where}the base weight is trainable (not a frozen base with an adapter)"
     if weight.dtype not in SUPPORTED_DTYPES:
@@ -65,7 +81,7 @@ def _adapter_problem(b: dict, x_node, p: str = "") -> str | None:
         return f"{where}the base bias is {dtype_of(b[p + 'bias'])} but the weight is {weight.dtype}"
     if weight.dim() != 2:
         return f"{where}a base weight of {weight.dim()} dimensions"
-    return _branch_problem(b, x_node, p, tuple(weight.shape))
+    return _branch_problem(b, x_node, p, _weight_shape(b, p))
 
 
 def _branch_problem(b: dict, x_node, p: str, base_shape: tuple) -> str | None:
@@ -180,16 +196,26 @@ def _replace_lora(m: Match) -> Replacement:
     b = m.bindings
     if "base4" in b:
         return _replace_qlora(m)
+    if _stored_in_out(b):
+        return Replacement(lora_linear_of_stored_in_out,
+                           (b["x"], b["weight_t"], b.get("bias"), b["lora_a"], b["lora_b"],
+                            float(b.get("scale", 1.0)), _out_dtype(m)))
     return Replacement(lora_linear,
                        (b["x"], b["weight"], b.get("bias"), b["lora_a"], b["lora_b"], float(b.get("scale", 1.0)),
                         _out_dtype(m)))
+
+
+def lora_linear_of_stored_in_out(x: torch.Tensor, weight_t: torch.Tensor, bias, lora_a: torch.Tensor,
+                                 lora_b: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """``lora_linear`` over a base weight stored [in, out]: its transpose is a view, not a copy."""
+    return lora_linear(x, weight_t.t(), bias, lora_a, lora_b, scale, out_dtype)
 
 
 def _shared_input_key(m: Match):
     """Plain LoRA linears of one input (q, k and v) without biases group into one op; anything
     else gets a key of its own, so it never waits for partners."""
     b = m.bindings
-    if "base4" in b or "bias" in b:
+    if "base4" in b or "bias" in b or _stored_in_out(b):
         return m.root
     return (b["x"], dtype_of(m.root))
 
@@ -270,6 +296,9 @@ def _check_mlp(m: Match) -> str | None:
     gate, up = _projection_output(b, "gate_"), _projection_output(b, "up_")
     if any(p + "base4" in b for p in ("gate_", "up_", "down_")):
         return "a projection has a 4-bit base: the fused MLP takes dense weights (each adapted linear is fused alone)"
+    if any(_stored_in_out(b, p) for p in ("gate_", "up_", "down_")):
+        return ("a projection's weight is stored [in, out] (a Conv1D): the fused MLP takes [out, in] weights "
+                "(each adapted linear is fused alone)")
     product = canonical(b["down_base"]).args[0]
     for p, x_node in (("gate_", b["x"]), ("up_", b["x"]), ("down_", product)):
         reason = _adapter_problem(b, x_node, p)

@@ -311,3 +311,88 @@ def test_each_spelling_of_x_times_w_transposed_is_a_linear(spelling):
         assert any("neither a linear" in m.reason for m in _lora_misses(model))
     else:
         assert _counts(model).get("lora") == 1, fastft.report(model)
+
+
+def test_linears_stored_in_out_fuse():
+    """GPT-2's ``Conv1D`` stores its weight [in, out] and computes ``addmm(b, x2d, W)`` between two
+    views of x: the same math as ``linear(x, W^T, b)``, so its adapted layers fuse too."""
+    model = _adapted("gpt2", targets=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
+    reference = twin(model)
+    fastft.optimize(model)
+    result = fastft.check(model, _batch())
+    assert result.ok, str(result)
+    layers = model.get_base_model().config.num_hidden_layers
+    assert _counts(model).get("lora") == 4 * layers, fastft.report(model)
+    assert not _lora_misses(model), fastft.report(model)
+    assert_same_training(reference, model, [_batch(seed) for seed in range(3)])
+
+
+class _GatedMLPStoredInOut(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.gate, self.up, self.down = Conv1D(32, 16), Conv1D(32, 16), Conv1D(16, 32)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x)).square().mean()
+
+
+def test_a_gated_mlp_stored_in_out_fuses_linear_by_linear():
+    """The fused MLP op takes [out, in] weights without biases: a gated MLP of ``Conv1D`` layers
+    is not fused whole, and each of its adapted layers is fused alone."""
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["gate", "up", "down"], fan_in_fan_out=True)
+    model = peft.get_peft_model(_GatedMLPStoredInOut().to(DEVICE), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    fastft.optimize(model)
+    x = torch.randn(2, 5, 16, device=DEVICE)
+    result = fastft.check(model, (x,))
+    assert result.ok, str(result)
+    assert _counts(model).get("lora") == 3 and "lora_glu_mlp" not in _counts(model), fastft.report(model)
+    assert not _lora_misses(model), fastft.report(model)
+
+
+class _RowsLinear(torch.nn.Linear):
+    """A linear layer (with a bias) that flattens x's leading dims around a 2-D product, one of
+    several ways ("beta": a product that is not x W^T + b)."""
+
+    def __init__(self, spelling: str) -> None:
+        super().__init__(16, 12)
+        self.spelling = spelling
+
+    def forward(self, x):
+        rows = x.reshape(-1, x.shape[-1])
+        if self.spelling == "linear":
+            y = torch.nn.functional.linear(rows, self.weight, self.bias)
+        elif self.spelling == "addmm":
+            y = torch.addmm(self.bias, rows, self.weight.t())
+        else:
+            y = torch.addmm(self.bias, rows, self.weight.t(), beta=0.5)
+        return y.view(*x.shape[:-1], -1)
+
+
+class _OneRowsLinear(torch.nn.Module):
+    def __init__(self, spelling: str) -> None:
+        super().__init__()
+        self.proj = _RowsLinear(spelling)
+
+    def forward(self, x):
+        return self.proj(x).square().mean()
+
+
+@pytest.mark.parametrize("spelling", ["linear", "addmm", "beta"])
+def test_a_linear_over_flattened_rows_is_a_linear_of_x(spelling):
+    model = _adapted_proj(lambda: _OneRowsLinear(spelling))
+    fastft.optimize(model)
+    x = torch.randn(2, 3, 16, device=DEVICE)
+    result = fastft.check(model, (x,))
+    assert result.ok, str(result)
+    if spelling == "beta":  # b / 2 + x W^T is not the linear: left alone, and reported
+        assert "lora" not in _counts(model)
+        assert _lora_misses(model), fastft.report(model)
+    else:
+        assert _counts(model).get("lora") == 1, fastft.report(model)
