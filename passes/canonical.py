@@ -349,14 +349,16 @@ def _canon_matmul(node: fx.Node) -> Canon | None:
 
 def _canon_addmm(node: fx.Node) -> Canon | None:
     """``addmm(b, x, M)`` with a bias vector b: ``linear(x, W, b)`` where M is the transpose of
-    W (``x @ W.T + b``), and ``linear_t(x, M, b)`` where M is a weight stored [in, out] (the
-    ``Conv1D`` of GPT-2-style models), which is ``linear(x, M^T, b)``."""
+    W (``x @ W.T + b``), and ``linear_t(x, M, b)`` where M is a weight stored [in, out]
+    (transformers' ``Conv1D``), which is ``linear(x, M^T, b)``."""
     if len(node.args) != 3 or node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
         return None
     bias, x, matrix = node.args
     bias_meta, x_meta, matrix_meta = tensor_meta(bias), tensor_meta(x), tensor_meta(matrix)
     if bias_meta is None or x_meta is None or matrix_meta is None or bias_meta.dim() != 1 or matrix_meta.dim() != 2:
         return None
+    if not same_size(bias_meta.shape[0], matrix_meta.shape[1]):
+        return None  # a bias broadcast over the outputs is not a linear's
     weight = _transposed_matrix(matrix)
     if weight is not None:
         return Canon("linear", (x, weight, bias), via=(matrix,))
@@ -365,7 +367,7 @@ def _canon_addmm(node: fx.Node) -> Canon | None:
 
 def _linear_over_rows(node: fx.Node) -> Canon | None:
     """``view(linear(view(x, [rows, in]), W, b), [*lead, out])``: the linear of x itself, as a
-    layer that flattens x's leading dimensions around a 2-D GEMM computes it (GPT-2's
+    layer that flattens x's leading dimensions around a 2-D GEMM computes it (transformers'
     ``Conv1D``); both views belong to the region."""
     inner = node.args[0] if node.args else None
     canon = canonical(inner)

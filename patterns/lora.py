@@ -3,8 +3,8 @@
     y = linear(x, W, b?) + linear(linear(dropout?(x.to(a_dtype)?), A), B) * s     W frozen, A and B trainable
     y = y.to(out_dtype)                                                        optional final cast
 
-A base weight stored [in, out] (``linear_t``: GPT-2's ``Conv1D``, ``addmm(b, x, W)`` between
-views of x) is the same linear with W transposed; it is fused linear by linear, not in the MLP op.
+A base weight stored [in, out] (``linear_t``: transformers' ``Conv1D``, ``addmm(b, x, W)``
+between views of x) is the same linear with W transposed; it is fused linear by linear, not in the MLP op.
 
 Recognised from the graph and from which inputs need gradients, never from module classes: the
 base weight must be frozen, and A [r, in] and B [out, r] must fit it (frozen adapters, as in
