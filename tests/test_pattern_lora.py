@@ -211,25 +211,32 @@ def test_changes_to_the_modules_between_calls_are_seen():
     assert_same("a B replaced")
 
 
-def test_linears_written_as_a_matmul_with_a_transposed_weight_fuse():
-    """Falcon's own linear layers compute ``x @ W.T``: the same math as F.linear, so its adapted
-    linears fuse too; its parallel attention adds the MLP's output to the attention's in place,
-    which the fused op's output must allow."""
-    model = _adapted("falcon", targets=["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"])
+@pytest.mark.parametrize("model_type, targets, lora", [
+    ("falcon", ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"], {}),
+    ("gpt2", ["c_attn", "c_proj", "c_fc"], {"fan_in_fan_out": True}),
+])
+def test_linears_of_other_spellings_fuse(model_type, targets, lora):
+    """Falcon's own linear layers compute ``x @ W.T``, and GPT-2's ``Conv1D`` stores its weight
+    [in, out] and computes ``addmm(b, x2d, W)`` between two views of x: the same math as F.linear,
+    so their adapted linears fuse too. Falcon's parallel attention adds the MLP's output to the
+    attention's in place, which the fused op's output must allow."""
+    model = _adapted(model_type, targets=targets, **lora)
     reference = twin(model)
     fastft.optimize(model)
     result = fastft.check(model, _batch())
     assert result.ok, str(result)
     layers = model.get_base_model().config.num_hidden_layers
     assert _counts(model).get("lora") == 4 * layers, fastft.report(model)
+    assert not _lora_misses(model), fastft.report(model)
     assert_same_training(reference, model, [_batch(seed) for seed in range(3)])
 
 
-def _adapted_proj(make) -> torch.nn.Module:
-    """The module ``make()`` builds after seeding, with a LoRA adapter on its ``proj``; B drawn at
-    random so that the adapter changes the output."""
+def _adapted_proj(make, targets=("proj",), **lora) -> torch.nn.Module:
+    """The module ``make()`` builds after seeding, with LoRA adapters on its ``targets``; B drawn
+    at random so that the adapters change the output."""
     torch.manual_seed(0)
-    model = peft.get_peft_model(make().to(DEVICE), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]))
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), **lora)
+    model = peft.get_peft_model(make().to(DEVICE), config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -290,10 +297,12 @@ class _MatmulLinear(torch.nn.Linear):
         return x @ w
 
 
-class _OneMatmulLinear(torch.nn.Module):
-    def __init__(self, spelling: str) -> None:
+class _SquaredMeanOf(torch.nn.Module):
+    """A scalar of one projection's output, for a check or a backward."""
+
+    def __init__(self, proj: torch.nn.Module) -> None:
         super().__init__()
-        self.proj = _MatmulLinear(spelling)
+        self.proj = proj
 
     def forward(self, x):
         return self.proj(x).square().mean()
@@ -301,7 +310,7 @@ class _OneMatmulLinear(torch.nn.Module):
 
 @pytest.mark.parametrize("spelling", ["T", "mT", "t", "transpose", "permute", "mm", "none"])
 def test_each_spelling_of_x_times_w_transposed_is_a_linear(spelling):
-    model = _adapted_proj(lambda: _OneMatmulLinear(spelling))
+    model = _adapted_proj(lambda: _SquaredMeanOf(_MatmulLinear(spelling)))
     fastft.optimize(model)
     x = torch.randn(6, 16, device=DEVICE)
     result = fastft.check(model, (x,))
@@ -311,20 +320,6 @@ def test_each_spelling_of_x_times_w_transposed_is_a_linear(spelling):
         assert any("neither a linear" in m.reason for m in _lora_misses(model))
     else:
         assert _counts(model).get("lora") == 1, fastft.report(model)
-
-
-def test_linears_stored_in_out_fuse():
-    """GPT-2's ``Conv1D`` stores its weight [in, out] and computes ``addmm(b, x2d, W)`` between two
-    views of x: the same math as ``linear(x, W^T, b)``, so its adapted layers fuse too."""
-    model = _adapted("gpt2", targets=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
-    reference = twin(model)
-    fastft.optimize(model)
-    result = fastft.check(model, _batch())
-    assert result.ok, str(result)
-    layers = model.get_base_model().config.num_hidden_layers
-    assert _counts(model).get("lora") == 4 * layers, fastft.report(model)
-    assert not _lora_misses(model), fastft.report(model)
-    assert_same_training(reference, model, [_batch(seed) for seed in range(3)])
 
 
 class _GatedMLPStoredInOut(torch.nn.Module):
@@ -341,13 +336,7 @@ class _GatedMLPStoredInOut(torch.nn.Module):
 def test_a_gated_mlp_stored_in_out_fuses_linear_by_linear():
     """The fused MLP op takes [out, in] weights without biases: a gated MLP of ``Conv1D`` layers
     is not fused whole, and each of its adapted layers is fused alone."""
-    torch.manual_seed(0)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["gate", "up", "down"], fan_in_fan_out=True)
-    model = peft.get_peft_model(_GatedMLPStoredInOut().to(DEVICE), config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
+    model = _adapted_proj(_GatedMLPStoredInOut, targets=("gate", "up", "down"), fan_in_fan_out=True)
     fastft.optimize(model)
     x = torch.randn(2, 5, 16, device=DEVICE)
     result = fastft.check(model, (x,))
@@ -375,18 +364,9 @@ class _RowsLinear(torch.nn.Linear):
         return y.view(*x.shape[:-1], -1)
 
 
-class _OneRowsLinear(torch.nn.Module):
-    def __init__(self, spelling: str) -> None:
-        super().__init__()
-        self.proj = _RowsLinear(spelling)
-
-    def forward(self, x):
-        return self.proj(x).square().mean()
-
-
 @pytest.mark.parametrize("spelling", ["linear", "addmm", "beta"])
 def test_a_linear_over_flattened_rows_is_a_linear_of_x(spelling):
-    model = _adapted_proj(lambda: _OneRowsLinear(spelling))
+    model = _adapted_proj(lambda: _SquaredMeanOf(_RowsLinear(spelling)))
     fastft.optimize(model)
     x = torch.randn(2, 3, 16, device=DEVICE)
     result = fastft.check(model, (x,))
