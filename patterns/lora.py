@@ -205,8 +205,9 @@ def _replace_lora(m: Match) -> Replacement:
                         _out_dtype(m)))
 
 
-def lora_linear_of_stored_in_out(x: torch.Tensor, weight_t: torch.Tensor, bias, lora_a: torch.Tensor,
-                                 lora_b: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+def lora_linear_of_stored_in_out(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
+                                 lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                                 out_dtype: torch.dtype) -> torch.Tensor:
     """``lora_linear`` over a base weight stored [in, out]: its transpose is a view, not a copy."""
     return lora_linear(x, weight_t.t(), bias, lora_a, lora_b, scale, out_dtype)
 
