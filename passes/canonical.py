@@ -375,7 +375,7 @@ def _linear_over_rows(node: fx.Node) -> Canon | None:
         return None
     rows = canon.args[0]
     flattened = canonical(rows)
-    if flattened is None or flattened.op != "flatten" or not isinstance(rows, fx.Node):
+    if flattened is None or flattened.op != "flatten":
         return None
     x = flattened.args[0]
     x_meta, inner_meta, out_meta = tensor_meta(x), tensor_meta(inner), tensor_meta(node)

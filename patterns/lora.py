@@ -60,17 +60,11 @@ def _stored_in_out(b: dict, p: str = "") -> bool:
     return p + "weight_t" in b
 
 
-def _weight_shape(b: dict, p: str = "") -> tuple:
-    """The base weight's shape as a linear's: [out, in]."""
-    if _stored_in_out(b, p):
-        return tuple(reversed(tensor_meta(b[p + "weight_t"]).shape))
-    return tuple(tensor_meta(b[p + "weight"]).shape)
-
-
 def _adapter_problem(b: dict, x_node, p: str = "") -> str | None:
     """Why one matched LoRA linear over a plain frozen weight cannot be fused, or None."""
     where = _where(p)
-    x, weight = tensor_meta(x_node), tensor_meta(b[p + "weight_t"] if _stored_in_out(b, p) else b[p + "weight"])
+    stored_in_out = _stored_in_out(b, p)
+    x, weight = tensor_meta(x_node), tensor_meta(b[p + "weight_t"] if stored_in_out else b[p + "weight"])
     if weight.requires_grad:
         return f"{where}the base weight is trainable (not a frozen base with an adapter)"
     if weight.dtype not in SUPPORTED_DTYPES:
@@ -81,7 +75,8 @@ def _adapter_problem(b: dict, x_node, p: str = "") -> str | None:
         return f"{where}the base bias is {dtype_of(b[p + 'bias'])} but the weight is {weight.dtype}"
     if weight.dim() != 2:
         return f"{where}a base weight of {weight.dim()} dimensions"
-    return _branch_problem(b, x_node, p, _weight_shape(b, p))
+    shape = tuple(weight.shape)  # as a linear's: [out, in]
+    return _branch_problem(b, x_node, p, shape[::-1] if stored_in_out else shape)
 
 
 def _branch_problem(b: dict, x_node, p: str, base_shape: tuple) -> str | None:
