@@ -98,10 +98,10 @@ def _adapter_grads_kernel(dy_ptr, b_ptr, xa_ptr, dyb_parts_ptr, db_parts_ptr, n_
 
 
 @triton.jit
-def _sum_job(parts_ptr, out_ptr, block, n_parts, n_lines, part_stride, R, stride_out, scale,
+def _sum_job(parts_ptr, out_ptr, block, n_parts, n_lines, part_stride, R, stride_out, stride_out_r, scale,
              OUT_DTYPE: tl.constexpr, BLOCK_LINES: tl.constexpr, BLOCK_R: tl.constexpr):
     """Block ``block`` of out[line, :R] = scale * sum over p of parts[p, line, :R] (fp32, p in
-    order), rounded once. ``part_stride`` is n_lines BLOCK_R, from the host: the GPU compiler
+    order), rounded once; out may be a transposed view (a dA [r, lines] summed by lines). ``part_stride`` is n_lines BLOCK_R, from the host: the GPU compiler
     takes an argument equal to 1 (n_lines) as a Python int, which has no .to() for a 64-bit product."""
     lines = (block * BLOCK_LINES + tl.arange(0, BLOCK_LINES)).to(tl.int64)
     rk = tl.arange(0, BLOCK_R)
@@ -114,14 +114,15 @@ def _sum_job(parts_ptr, out_ptr, block, n_parts, n_lines, part_stride, R, stride
         acc += tl.load(ptrs, mask=line_ok[:, None], other=0.0)
         ptrs += part_stride
     acc = round_fp32(acc * scale, OUT_DTYPE)
-    tl.store(out_ptr + lines[:, None] * stride_out + rk[None, :], acc.to(OUT_DTYPE),
+    tl.store(out_ptr + lines[:, None] * stride_out + rk[None, :] * stride_out_r, acc.to(OUT_DTYPE),
              mask=line_ok[:, None] & (rk < R)[None, :])
 
 
 @triton.jit
-def _sum_parts_kernel(p0, o0, np0, nl0, ps0, r0, so0, c0, p1, o1, np1, nl1, ps1, r1, so1, c1,
-                      p2, o2, np2, nl2, ps2, r2, so2, c2, p3, o3, np3, nl3, ps3, r3, so3, c3,
-                      p4, o4, np4, nl4, ps4, r4, so4, c4, p5, o5, np5, nl5, ps5, r5, so5, c5, t1, t2, t3, t4, t5,
+def _sum_parts_kernel(p0, o0, np0, nl0, ps0, r0, so0, sr0, c0, p1, o1, np1, nl1, ps1, r1, so1, sr1, c1,
+                      p2, o2, np2, nl2, ps2, r2, so2, sr2, c2, p3, o3, np3, nl3, ps3, r3, so3, sr3, c3,
+                      p4, o4, np4, nl4, ps4, r4, so4, sr4, c4, p5, o5, np5, nl5, ps5, r5, so5, sr5, c5,
+                      t1, t2, t3, t4, t5,
                       D0: tl.constexpr, R0: tl.constexpr, D1: tl.constexpr, R1: tl.constexpr,
                       D2: tl.constexpr, R2: tl.constexpr, D3: tl.constexpr, R3: tl.constexpr,
                       D4: tl.constexpr, R4: tl.constexpr, D5: tl.constexpr, R5: tl.constexpr,
@@ -130,17 +131,17 @@ def _sum_parts_kernel(p0, o0, np0, nl0, ps0, r0, so0, c0, p1, o1, np1, nl1, ps1,
     [t5, end) job 5 (job i: parts p_i into o_i, in dtype D_i, the parts R_i wide)."""
     pid = tl.program_id(0)
     if pid < t1:
-        _sum_job(p0, o0, pid, np0, nl0, ps0, r0, so0, c0, D0, BLOCK_LINES, R0)
+        _sum_job(p0, o0, pid, np0, nl0, ps0, r0, so0, sr0, c0, D0, BLOCK_LINES, R0)
     elif pid < t2:
-        _sum_job(p1, o1, pid - t1, np1, nl1, ps1, r1, so1, c1, D1, BLOCK_LINES, R1)
+        _sum_job(p1, o1, pid - t1, np1, nl1, ps1, r1, so1, sr1, c1, D1, BLOCK_LINES, R1)
     elif pid < t3:
-        _sum_job(p2, o2, pid - t2, np2, nl2, ps2, r2, so2, c2, D2, BLOCK_LINES, R2)
+        _sum_job(p2, o2, pid - t2, np2, nl2, ps2, r2, so2, sr2, c2, D2, BLOCK_LINES, R2)
     elif pid < t4:
-        _sum_job(p3, o3, pid - t3, np3, nl3, ps3, r3, so3, c3, D3, BLOCK_LINES, R3)
+        _sum_job(p3, o3, pid - t3, np3, nl3, ps3, r3, so3, sr3, c3, D3, BLOCK_LINES, R3)
     elif pid < t5:
-        _sum_job(p4, o4, pid - t4, np4, nl4, ps4, r4, so4, c4, D4, BLOCK_LINES, R4)
+        _sum_job(p4, o4, pid - t4, np4, nl4, ps4, r4, so4, sr4, c4, D4, BLOCK_LINES, R4)
     else:
-        _sum_job(p5, o5, pid - t5, np5, nl5, ps5, r5, so5, c5, D5, BLOCK_LINES, R5)
+        _sum_job(p5, o5, pid - t5, np5, nl5, ps5, r5, so5, sr5, c5, D5, BLOCK_LINES, R5)
 
 
 class Tiles(NamedTuple):
@@ -187,7 +188,7 @@ class PartialSum(NamedTuple):
     """A sum the fused pass leaves to its caller: out = scale * parts.sum(0), rounded once."""
 
     parts: torch.Tensor  # [n_parts, lines, BLOCK_R] fp32
-    out: torch.Tensor  # [lines, r], any row stride
+    out: torch.Tensor  # [lines, r], any strides
     scale: float
 
 
@@ -280,6 +281,6 @@ def _sum_launch(jobs: Sequence[PartialSum]) -> None:
     for i, job in enumerate(padded):
         n_parts, n_lines, block_r = job.parts.shape
         args += [job.parts, job.out, n_parts, n_lines, job.parts.stride(0), job.out.shape[1], job.out.stride(0),
-                 float(job.scale)]
+                 job.out.stride(1), float(job.scale)]
         constexprs[f"D{i}"], constexprs[f"R{i}"] = TL_DTYPE[job.out.dtype], block_r
     _sum_parts_kernel[(ends[-1],)](*args, *ends[:-1], BLOCK_LINES=block_lines, num_warps=4, **constexprs)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from .adapter_grads import PartialSum, adapter_grads, adapter_grads_pays, sum_partials
 from .concat import cast_parts, concat_columns
 from .glu import glu_backward_and_output, glu_forward, glu_reference
-from .lora_glu import lora_glu_forward
+from .lora_glu import lora_glu_backward, lora_glu_forward
 from .nf4 import dequantize_4bit_forward
 from .launch import SUPPORTED_DTYPES, check_dtype, empty_or
 
@@ -273,11 +273,13 @@ def _group_forward(x2: torch.Tensor, group: Sequence[Adapted], ops: Optional[Ope
 
 def _group_backward(dys: Sequence[Optional[torch.Tensor]], x2: torch.Tensor, xa: torch.Tensor,
                     group: Sequence[Adapted], need_dx: bool, needs: Sequence[Needed],
-                    dx: Optional[torch.Tensor] = None, ops: Optional[Operands] = None
+                    dx: Optional[torch.Tensor] = None, ops: Optional[Operands] = None,
+                    rows: Optional[tuple[torch.Tensor, list[Optional[torch.Tensor]]]] = None
                     ) -> tuple[Optional[torch.Tensor], list[tuple[Optional[torch.Tensor], ...]]]:
     """dx (accumulated into ``dx`` in place when given) and, per linear, (dweight, dbias, dA, dB),
     None where not needed or where the linear's output got no gradient (``dys[i]`` None).
-    ``ops``: the group's Operands where the caller has them already.
+    ``ops``: the group's Operands where the caller has them already. ``rows``: what
+    ``_adapter_rows`` would return, where the caller computed it in a pass of its own (every dY given).
 
     dX = sum_i dY_i W_i + [s_i dY_i B_i]_i [A_i]_i, dA_i = s_i (dY_i B_i)^T X, dB_i = s_i dY_i^T (X A_i^T):
     the [rows, rank] products of all adapters sit side by side, so that one GEMM over x gives
@@ -290,8 +292,12 @@ def _group_backward(dys: Sequence[Optional[torch.Tensor]], x2: torch.Tensor, xa:
         ops = ops if ops is not None else _operands(group, dtype)
     else:
         ops = None
-    dyb, fused_dbs = _adapter_rows(dys, group, ops, xa, [n.dlora_b for n in needs]) if ops is not None \
-        else (None, [None] * len(group))
+    if rows is not None:
+        dyb, fused_dbs = rows
+    elif ops is not None:
+        dyb, fused_dbs = _adapter_rows(dys, group, ops, xa, [n.dlora_b for n in needs])
+    else:
+        dyb, fused_dbs = None, [None] * len(group)
     if need_dx and dyb is not None:
         dx = _group_dx(dys, dyb, group, ops, dx)
     da_dtype = group[0].lora_a.dtype
@@ -589,6 +595,12 @@ def _lora_glu_mlp_forward_op(x: torch.Tensor,
     return _shaped(y, *x.shape[:-1], down_w.shape[0]), g, u, xa_gate_up, xa_down, adapters
 
 
+def _glu_backward_fused_pays(g: torch.Tensor, *ranks: int) -> bool:
+    """Whether the MLP's backward takes the fused pass: where the adapters' products of dg and du
+    would each have been a pass of ``adapter_grads`` of their own (large enough, small ranks)."""
+    return adapter_grads_pays(g, max(ranks)) and g.is_contiguous()
+
+
 def _gate_up_through_depth(x2: torch.Tensor, gate: Adapted, up: Adapted, ops: Operands
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Corrected g and u, each from one GEMM over [x A_g^T | x | x A_u^T]: gate reads its first
@@ -644,8 +656,21 @@ def _lora_glu_mlp_backward_op(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor
     gate_up_ops, down_ops = _operands_in([[gate, up], [down]], adapters, down_w.dtype)
     dyb, (fused_db,) = _adapter_rows([dy2], [down], down_ops, xa_down, [need_down_b]) if need_dh or need_down_a \
         else (None, (None,))
-    h = None
-    if need_dh:
+    h = gate_up_rows = None
+    if need_dh and _glu_backward_fused_pays(g, gate_a.shape[0], up_a.shape[0], down_a.shape[0]):
+        # One pass gives dg, du, the gate and up adapters' products of them and the down
+        # adapter's dA (``kernels/lora_glu.py``): no pass over dg and du of their own, and no h.
+        dh = _group_dx([dy2], dyb, [down], down_ops)
+        dyb_gate_up, pending = dh.new_empty((dh.shape[0], gate_a.shape[0] + up_a.shape[0])), []
+        dg, du, db_gate, db_up, grads[5] = lora_glu_backward(
+            dh, g, u, xa_gate_up[:, :gate_a.shape[0]], xa_gate_up[:, gate_a.shape[0]:], *gate_up_ops.b, dyb,
+            gate_scale, up_scale, activation, round_dtype, x.dtype, dyb_gate_up, pending,
+            db_dtypes=(gate_b.dtype if need_gate_b else None, up_b.dtype if need_up_b else None),
+            da_dtype=down_a.dtype if need_down_a else None, dg_over_dh=True)
+        del dh
+        sum_partials(pending)
+        gate_up_rows = (dyb_gate_up, [db_gate, db_up])
+    elif need_dh:
         dh = _group_dx([dy2], dyb, [down], down_ops)
         # h, which the down adapter's dA reads, comes out of the same pass as dg and du (one more
         # write there instead of a pass of the forward kernel), into dh's buffer.
@@ -653,14 +678,15 @@ def _lora_glu_mlp_backward_op(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor
         del dh
     elif need_down_a:
         h = glu_forward(g, u, activation, round_dtype, x.dtype)
-    grads[5] = _mm_as(dyb.t(), h, down_a.dtype) if need_down_a else None
+    if h is not None:
+        grads[5] = _mm_as(dyb.t(), h, down_a.dtype) if need_down_a else None
     del h
     grads[6] = fused_db if fused_db is not None else _b_grad(dy2, xa_down, down) if need_down_b else None
     if need_dh:
         dx, [(_, _, grads[1], grads[2]), (_, _, grads[3], grads[4])] = _group_backward(
             [dg, du], _rows(x), xa_gate_up, [gate, up], need_dx,
             [Needed(dlora_a=need_gate_a, dlora_b=need_gate_b), Needed(dlora_a=need_up_a, dlora_b=need_up_b)],
-            ops=gate_up_ops)
+            ops=gate_up_ops, rows=gate_up_rows)
         if need_dx:
             grads[0] = dx.reshape(x.shape)
     like = (x, gate_a, gate_b, up_a, up_b, down_a, down_b)

@@ -78,6 +78,24 @@ def test_three_steps_train_like_the_original(lower):
     assert _counts(optimised).get("lora_glu_mlp") == model.get_base_model().config.num_hidden_layers
 
 
+def test_three_steps_with_the_mlp_backward_in_one_pass_train_like_the_original(monkeypatch):
+    """The MLP's backward with the gate and up adapters' products and the down adapter's dA in the
+    GLU backward's pass (kernels/lora_glu.py), which only large layers take: forced here."""
+    import fastft.kernels.adapter_grads as adapter_grads
+    import fastft.kernels.lora as lora_kernels
+
+    monkeypatch.setattr(adapter_grads, "FUSED_MIN_ELEMENTS", 0)
+    passes = []
+    real = lora_kernels.lora_glu_backward
+    monkeypatch.setattr(lora_kernels, "lora_glu_backward", lambda *a, **k: passes.append(1) or real(*a, **k))
+    model = _adapted(dtype=torch.bfloat16)
+    reference = twin(model)
+    batches = [_batch(seed) for seed in range(3)]
+    optimised = fastft.optimize(model, lower="eager")
+    assert_same_training(reference, optimised, batches)
+    assert len(passes) == 3 * model.get_base_model().config.num_hidden_layers  # each layer, each step
+
+
 def test_saved_adapters_reload_with_the_same_outputs(tmp_path):
     model = fastft.optimize(_adapted())
     batch = _batch()
