@@ -101,8 +101,9 @@ def _adapter_grads_kernel(dy_ptr, b_ptr, xa_ptr, dyb_parts_ptr, db_parts_ptr, n_
 def _sum_job(parts_ptr, out_ptr, block, n_parts, n_lines, part_stride, R, stride_out, stride_out_r, scale,
              OUT_DTYPE: tl.constexpr, BLOCK_LINES: tl.constexpr, BLOCK_R: tl.constexpr):
     """Block ``block`` of out[line, :R] = scale * sum over p of parts[p, line, :R] (fp32, p in
-    order), rounded once; out may be a transposed view (a dA [r, lines] summed by lines). ``part_stride`` is n_lines BLOCK_R, from the host: the GPU compiler
-    takes an argument equal to 1 (n_lines) as a Python int, which has no .to() for a 64-bit product."""
+    order), rounded once; out may be a transposed view (a dA [r, lines]). ``part_stride`` is
+    n_lines BLOCK_R, from the host: the GPU compiler takes an argument equal to 1 (n_lines) as a
+    Python int, which has no .to() for a 64-bit product."""
     lines = (block * BLOCK_LINES + tl.arange(0, BLOCK_LINES)).to(tl.int64)
     rk = tl.arange(0, BLOCK_R)
     line_ok = lines < n_lines

@@ -23,7 +23,9 @@ and up get their corrections through the GEMMs' depth where that pays; otherwise
 GLU kernel (``kernels/lora_glu.py``) adds them while it reads those [tokens, width] tensors
 anyway: either way, two full read-write passes per layer less. The backward
 recomputes act(gate) * up instead of saving it (one [tokens, width] tensor per layer less), in
-the pass of the GLU's backward kernel.
+the pass of the GLU's backward kernel; where dg and du are large, that pass also feeds them and
+act(gate) * up to the gate and up adapters' products and the down adapter's dA
+(``lora_glu_backward``), which would otherwise read each again.
 
 Numerics: everything runs in the base weight's dtype (the adapters, often kept in float32 by
 peft, are cast to it: they are tiny; s B is scaled in fp32 before its one rounding), with float32
@@ -566,7 +568,7 @@ def _check_mlp(x, gate_w, gate_a, gate_b, up_w, up_a, up_b, down_w, down_a, down
 # since setup_context can only save what the op returns. The adapters' corrections to gate and
 # up are added by the GLU kernel (``kernels/lora_glu.py``), which reads the bases' outputs
 # anyway, instead of by a read-write pass of their own over each. The GLU output h, as large as
-# either, is not kept: the GLU's backward kernel writes it again beside dg and du.
+# either, is not kept: the GLU's backward kernel recomputes it beside dg and du.
 # ``lora_glu_mlp`` below is the function to call; it returns the result alone.
 @torch.library.custom_op("fastft::lora_glu_mlp_forward", mutates_args=())
 def _lora_glu_mlp_forward_op(x: torch.Tensor,

@@ -136,9 +136,10 @@ def _rank_block(ptr, stride, rows, row_ok, rk, R, UPCAST: tl.constexpr):
 def _pinned(x, ON_GPU: tl.constexpr):
     """x, computed once in the layout it has: the compiler may not recompute it for a consumer
     that wants another layout. A tile that feeds both stores and dots otherwise has its whole
-    elementwise chain, loads included, duplicated in each dot operand's layout (measured on the
-    H200: 60 times slower, most of it local-memory spills). An opaque move does it; off the GPU
-    (the interpreter) there is nothing to pin."""
+    elementwise chain, loads included, duplicated in each dot operand's layout: on the H200 the
+    first build of the backward kernel took 0.66-45.7 ms where the unfused ops take 0.35, ptxas
+    spilling 13 KB a thread. An opaque move does it; off the GPU (the interpreter) there is
+    nothing to pin."""
     if ON_GPU:
         return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=False, pack=1)
     return x
