@@ -368,25 +368,40 @@ def _canon_addmm(node: fx.Node) -> Canon | None:
 def _linear_over_rows(node: fx.Node) -> Canon | None:
     """``view(linear(view(x, [rows, in]), W, b), [*lead, out])``: the linear of x itself, as a
     layer that flattens x's leading dimensions around a 2-D GEMM computes it (transformers'
-    ``Conv1D``); both views belong to the region."""
+    ``Conv1D``); both views belong to the region. For an x that is [rows, in] already, both
+    views keep the shape they were given."""
     inner = node.args[0] if node.args else None
     canon = canonical(inner)
     if canon is None or canon.op not in ("linear", "linear_t") or len(inner.users) != 1:
         return None
     rows = canon.args[0]
     flattened = canonical(rows)
-    if flattened is None or flattened.op != "flatten":
+    if flattened is not None and flattened.op == "flatten":
+        x = flattened.args[0]
+    elif _keeps_its_shape(rows):
+        x, flattened = rows.args[0], None
+    else:
         return None
-    x = flattened.args[0]
     x_meta, inner_meta, out_meta = tensor_meta(x), tensor_meta(inner), tensor_meta(node)
     if x_meta is None or inner_meta is None or out_meta is None or inner_meta.dim() != 2:
         return None
-    if flattened.attrs != {"start": 0, "end": x_meta.dim() - 2, "ndim": x_meta.dim()}:
+    if flattened is not None and flattened.attrs != {"start": 0, "end": x_meta.dim() - 2, "ndim": x_meta.dim()}:
         return None  # the view must merge exactly the leading dimensions
     expected = (*x_meta.shape[:-1], inner_meta.shape[1])
     if out_meta.dim() != len(expected) or not all(same_size(a, b) for a, b in zip(out_meta.shape, expected)):
         return None
     return Canon(canon.op, (x, *canon.args[1:]), canon.attrs, via=(rows, inner, *canon.via))
+
+
+def _keeps_its_shape(node: Any) -> bool:
+    """Whether ``node`` is a view or reshape of a tensor to the shape it has (a no-op)."""
+    if not isinstance(node, fx.Node) or _name_of(node) not in ("view", "reshape") or not node.args:
+        return False
+    if node.op == "call_function" and not _is_torch_callable(node.target):
+        return False
+    before, after = tensor_meta(node.args[0]), tensor_meta(node)
+    return (before is not None and after is not None and before.dim() == after.dim()
+            and all(same_size(a, b) for a, b in zip(before.shape, after.shape)))
 
 
 def _canon_view(node: fx.Node) -> Canon | None:

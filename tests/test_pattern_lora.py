@@ -382,11 +382,12 @@ class _RowsLinear(torch.nn.Linear):
         return y.view(*x.shape[:-1], -1)
 
 
+@pytest.mark.parametrize("lead", [(2, 3), (6,)], ids=["3d", "2d"])  # 2-D: both views change nothing
 @pytest.mark.parametrize("spelling", ["linear", "addmm", "beta"])
-def test_a_linear_over_flattened_rows_is_a_linear_of_x(spelling):
+def test_a_linear_over_flattened_rows_is_a_linear_of_x(spelling, lead):
     model = _adapted_proj(lambda: _SquaredMeanOf(_RowsLinear(spelling)))
     fastft.optimize(model)
-    x = torch.randn(2, 3, 16, device=DEVICE)
+    x = torch.randn(*lead, 16, device=DEVICE)
     result = fastft.check(model, (x,))
     assert result.ok, str(result)
     if spelling == "beta":  # b / 2 + x W^T is not the linear: left alone, and reported
@@ -394,3 +395,14 @@ def test_a_linear_over_flattened_rows_is_a_linear_of_x(spelling):
         assert _lora_misses(model), fastft.report(model)
     else:
         assert _counts(model).get("lora") == 1, fastft.report(model)
+
+
+@pytest.mark.parametrize("lead", [(2, 3), (6,)], ids=["3d", "2d"])
+def test_a_conv1d_layer_fuses_for_inputs_of_either_rank(lead):
+    from transformers.pytorch_utils import Conv1D
+
+    model = _adapted_proj(lambda: _SquaredMeanOf(Conv1D(12, 16)), fan_in_fan_out=True)
+    fastft.optimize(model)
+    result = fastft.check(model, (torch.randn(*lead, 16, device=DEVICE),))
+    assert result.ok, str(result)
+    assert _counts(model).get("lora") == 1 and not _lora_misses(model), fastft.report(model)
