@@ -597,10 +597,20 @@ def _lora_glu_mlp_forward_op(x: torch.Tensor,
     return _shaped(y, *x.shape[:-1], down_w.shape[0]), g, u, xa_gate_up, xa_down, adapters
 
 
+# The one-pass MLP backward's reach: what bench/lora_glu_backward.py measured (16-bit, rank 16;
+# a smaller rank runs the same rank-16 dots). For the GPU's tiles, rank 64 spills registers and
+# fp32 of rank 64 needs more shared memory than an H100 or H200 has (303,104 bytes, compiled for
+# sm_90): those take adapter_grads after the GLU backward, as before.
+GLU_PASS_DTYPES = (torch.bfloat16, torch.float16)
+GLU_PASS_MAX_RANK = 16
+
+
 def _glu_backward_fused_pays(g: torch.Tensor, *ranks: int) -> bool:
     """Whether the MLP's backward takes the fused pass: where the adapters' products of dg and du
-    would each have been a pass of ``adapter_grads`` of their own (large enough, small ranks)."""
-    return adapter_grads_pays(g, max(ranks)) and g.is_contiguous()
+    would each have been a pass of ``adapter_grads`` of their own (large enough), for the dtypes
+    and ranks it was measured at."""
+    return (g.dtype in GLU_PASS_DTYPES and max(ranks) <= GLU_PASS_MAX_RANK and adapter_grads_pays(g, max(ranks))
+            and g.is_contiguous())
 
 
 def _gate_up_through_depth(x2: torch.Tensor, gate: Adapted, up: Adapted, ops: Operands
