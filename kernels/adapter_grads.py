@@ -28,7 +28,7 @@ from .launch import cdiv, device_sm_count, dot_precision, next_power_of_2
 from .rounding import TL_DTYPE, round_fp32
 
 __all__ = ["PartialSum", "Tiles", "adapter_grads", "adapter_grads_pays", "adapter_grads_reference", "gpu_tiles",
-           "sum_partials"]
+           "sum_partials", "tile_grid"]
 
 # Below this many elements of dY, the two GEMMs' second read costs less than the partials and the
 # extra launches: the smallest dY measured faster fused is a [8192, 512] key projection's (4M).
@@ -185,6 +185,14 @@ def _grid(device: torch.device, n_rows: int, n: int, tiles: Tiles) -> tuple[int,
     return col_blocks, max(1, min(segments, cdiv(n_rows, tiles.block_m)))
 
 
+def tile_grid(device: torch.device, n_rows: int, n: int, tiles: Tiles) -> tuple[int, int, int]:
+    """(column blocks, row segments, rows per segment) of a pass that tiles [n_rows, n] as
+    ``_grid`` says, each segment a whole number of ``tiles.block_m`` rows."""
+    col_blocks, segments = _grid(device, n_rows, n, tiles)
+    segment_rows = cdiv(cdiv(n_rows, segments), tiles.block_m) * tiles.block_m
+    return col_blocks, cdiv(n_rows, segment_rows), segment_rows
+
+
 class PartialSum(NamedTuple):
     """A sum the fused pass leaves to its caller: out = scale * parts.sum(0), rounded once."""
 
@@ -230,10 +238,8 @@ def adapter_grads(dy: torch.Tensor, b_scaled: torch.Tensor, xa: torch.Tensor, sc
         return dyb, db
     if tiles is None:  # off the GPU, a narrow dY gets a narrower tile: the interpreter computes whole tiles
         tiles = gpu_tiles(n) if dy.is_cuda else INTERPRETER_TILES._replace(block_n=min(next_power_of_2(max(n, 16)), 256))
-    col_blocks, segments = _grid(dy.device, n_rows, n, tiles)
+    col_blocks, segments, segment_rows = tile_grid(dy.device, n_rows, n, tiles)
     block_r = max(16, next_power_of_2(rank))  # a dot's side is at least 16
-    segment_rows = cdiv(cdiv(n_rows, segments), tiles.block_m) * tiles.block_m
-    segments = cdiv(n_rows, segment_rows)
     dyb_parts = torch.empty((col_blocks, n_rows, block_r), dtype=torch.float32, device=dy.device)
     db_parts = torch.empty((segments, n, block_r), dtype=torch.float32, device=dy.device)
     _adapter_grads_kernel[(col_blocks, segments)](

@@ -38,9 +38,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .adapter_grads import PartialSum, Tiles
+from .adapter_grads import PartialSum, Tiles, tile_grid
 from .glu import act_fwd_bwd, check_activation, elementwise_tile, glu_reference, glu_tile, round_tl
-from .launch import cdiv, check_dtype, device_sm_count, dot_precision, next_power_of_2
+from .launch import cdiv, check_dtype, dot_precision, next_power_of_2
 from .rounding import TL_DTYPE, round_fp32, round_loaded
 
 __all__ = ["LoraGluGrads", "lora_glu_backward", "lora_glu_backward_reference", "lora_glu_forward",
@@ -375,14 +375,7 @@ def lora_glu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, xa_gat
                 t.zero_()
         return LoraGluGrads(dg, du, db_gate, db_up, da_down)
     tiles = tiles or (BACKWARD_GPU_TILES if g.is_cuda else BACKWARD_INTERPRETER_TILES)
-    col_blocks = cdiv(width, tiles.block_n)
-    if g.is_cuda:  # as many row segments as fill whole waves with the column blocks
-        wave = tiles.per_sm * device_sm_count(g.device)
-        segments = max(1, wave // col_blocks) if col_blocks <= wave else 1
-    else:  # the interpreter runs programs one by one: a few segments
-        segments = 2
-    segment_rows = cdiv(cdiv(rows, min(segments, cdiv(rows, tiles.block_m))), tiles.block_m) * tiles.block_m
-    segments = cdiv(rows, segment_rows)
+    col_blocks, segments, segment_rows = tile_grid(g.device, rows, width, tiles)
     parts = dict(device=g.device, dtype=torch.float32)
     unused = torch.empty(1, **parts)  # for the partials a launch does not write
     dyb_g_parts, dyb_u_parts = (torch.empty((col_blocks, rows, block_r), **parts) if products else unused
