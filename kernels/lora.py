@@ -669,24 +669,23 @@ def _lora_glu_mlp_backward_op(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor
     dyb, (fused_db,) = _adapter_rows([dy2], [down], down_ops, xa_down, [need_down_b]) if need_dh or need_down_a \
         else (None, (None,))
     h = gate_up_rows = None
-    if need_dh and _glu_backward_fused_pays(g, gate_a.shape[0], up_a.shape[0], down_a.shape[0]):
-        # One pass gives dg, du, the gate and up adapters' products of them and the down
-        # adapter's dA (``kernels/lora_glu.py``): no pass over dg and du of their own, and no h.
+    if need_dh:
         dh = _group_dx([dy2], dyb, [down], down_ops)
-        dyb_gate_up, pending = dh.new_empty((dh.shape[0], gate_a.shape[0] + up_a.shape[0])), []
-        dg, du, db_gate, db_up, grads[5] = lora_glu_backward(
-            dh, g, u, xa_gate_up[:, :gate_a.shape[0]], xa_gate_up[:, gate_a.shape[0]:], *gate_up_ops.b, dyb,
-            gate_scale, up_scale, activation, round_dtype, x.dtype, dyb_gate_up, pending,
-            db_dtypes=(gate_b.dtype if need_gate_b else None, up_b.dtype if need_up_b else None),
-            da_dtype=down_a.dtype if need_down_a else None, dg_over_dh=True)
-        del dh
-        sum_partials(pending)
-        gate_up_rows = (dyb_gate_up, [db_gate, db_up])
-    elif need_dh:
-        dh = _group_dx([dy2], dyb, [down], down_ops)
-        # h, which the down adapter's dA reads, comes out of the same pass as dg and du (one more
-        # write there instead of a pass of the forward kernel), into dh's buffer.
-        dg, du, h = glu_backward_and_output(dh, g, u, activation, round_dtype, x.dtype, h_over_dout=True)
+        if _glu_backward_fused_pays(g, gate_a.shape[0], up_a.shape[0], down_a.shape[0]):
+            # One pass gives dg, du, the gate and up adapters' products of them and the down
+            # adapter's dA (``kernels/lora_glu.py``): no pass over dg and du of their own, and no h.
+            dyb_gate_up, pending = dh.new_empty((dh.shape[0], gate_a.shape[0] + up_a.shape[0])), []
+            dg, du, db_gate, db_up, grads[5] = lora_glu_backward(
+                dh, g, u, xa_gate_up[:, :gate_a.shape[0]], xa_gate_up[:, gate_a.shape[0]:], *gate_up_ops.b, dyb,
+                gate_scale, up_scale, activation, round_dtype, x.dtype, dyb_gate_up, pending,
+                db_dtypes=(gate_b.dtype if need_gate_b else None, up_b.dtype if need_up_b else None),
+                da_dtype=down_a.dtype if need_down_a else None, dg_over_dh=True)
+            sum_partials(pending)
+            gate_up_rows = (dyb_gate_up, [db_gate, db_up])
+        else:
+            # h, which the down adapter's dA reads, comes out of the same pass as dg and du (one
+            # more write there instead of a pass of the forward kernel), into dh's buffer.
+            dg, du, h = glu_backward_and_output(dh, g, u, activation, round_dtype, x.dtype, h_over_dout=True)
         del dh
     elif need_down_a:
         h = glu_forward(g, u, activation, round_dtype, x.dtype)
