@@ -176,6 +176,11 @@ def same_size(a: Any, b: Any) -> bool:
     return bool(statically_known_true(a == b))
 
 
+def same_shape(a: Any, b: Any) -> bool:
+    """Shapes (sequences of sizes) of one rank whose sizes are each known equal (``same_size``)."""
+    return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
+
+
 def _slice_attrs(dim: int, ndim: int, size: int, start: Any, stop: Any, step: Any) -> dict | None:
     start, stop, step = slice(start, stop, step).indices(size)
     if step <= 0:
@@ -388,7 +393,7 @@ def _linear_over_rows(node: fx.Node) -> Canon | None:
     if flattened is not None and flattened.attrs != {"start": 0, "end": x_meta.dim() - 2, "ndim": x_meta.dim()}:
         return None  # the view must merge exactly the leading dimensions
     expected = (*x_meta.shape[:-1], inner_meta.shape[1])
-    if out_meta.dim() != len(expected) or not all(same_size(a, b) for a, b in zip(out_meta.shape, expected)):
+    if not same_shape(out_meta.shape, expected):
         return None
     return Canon(canon.op, (x, *canon.args[1:]), canon.attrs, via=(rows, inner, *canon.via))
 
@@ -400,8 +405,7 @@ def _keeps_its_shape(node: Any) -> bool:
     if node.op == "call_function" and not _is_torch_callable(node.target):
         return False
     before, after = tensor_meta(node.args[0]), tensor_meta(node)
-    return (before is not None and after is not None and before.dim() == after.dim()
-            and all(same_size(a, b) for a, b in zip(before.shape, after.shape)))
+    return before is not None and after is not None and same_shape(before.shape, after.shape)
 
 
 def _canon_view(node: fx.Node) -> Canon | None:

@@ -13,7 +13,7 @@ except ImportError:  # an older torch: contiguity known only where every size an
     def is_contiguous_or_false(t: torch.Tensor) -> bool:
         return not any(isinstance(v, torch.SymInt) for v in (*t.shape, *t.stride())) and t.is_contiguous()
 
-from .canonical import canonical, link_nested_inputs, module_path, same_size, tensor_meta
+from .canonical import canonical, link_nested_inputs, module_path, same_shape, tensor_meta
 from .matcher import Failure, Match, match_at
 from .pattern import Pattern, Replacement
 
@@ -255,8 +255,8 @@ def _with_layout_of(graph: fx.Graph, out: fx.Node, root: fx.Node, inputs: list[f
     # Guard-free tests (sizes may be symbolic): contiguity only where it is known.
     if meta is None or not is_contiguous_or_false(meta):
         return out
-    strided_like = [a for a in inputs if (m := tensor_meta(a)) is not None and m.dim() == meta.dim()
-                    and all(same_size(x, y) for x, y in zip(m.shape, meta.shape)) and not is_contiguous_or_false(m)]
+    strided_like = [a for a in inputs if (m := tensor_meta(a)) is not None and same_shape(m.shape, meta.shape)
+                    and not is_contiguous_or_false(m)]
     if not strided_like:
         return out
     with graph.inserting_after(out):

@@ -20,7 +20,7 @@ import math
 import torch
 
 from fastft.kernels.glu import SUPPORTED_DTYPES, glu_reference
-from fastft.passes.canonical import canonical, dtype_of, same_size, tensor_meta
+from fastft.passes.canonical import canonical, dtype_of, same_shape, tensor_meta
 from fastft.passes.matcher import Cast, Lit, Match, Op, Var
 from fastft.passes.pattern import Pattern, Replacement
 
@@ -139,7 +139,7 @@ def gated_product_problem(b: dict, gate_node, up_node) -> str | None:
         if problem is not None:
             return problem
     gate, up = tensor_meta(gate_node), tensor_meta(up_node)
-    if gate.dim() != up.dim() or not all(same_size(a, c) for a, c in zip(gate.shape, up.shape)):
+    if not same_shape(gate.shape, up.shape):
         return f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape (a broadcast, not a GLU)"
     if gate.dtype != up.dtype:
         # The kernel rounds both operands to the activation's dtype; eager would promote instead.
