@@ -63,20 +63,10 @@ def lora_glu_reference(gate_base, up_base, xa_gate, xa_up, b_gate, b_up, scale_g
 def lora_glu_backward_reference(dh, g, u, xa_gate, xa_up, b_gate, b_up, dyb_down, scale_gate: float,
                                 scale_up: float, activation: str, round_dtype: Optional[torch.dtype],
                                 h_dtype: torch.dtype, db_dtype: torch.dtype = torch.float32,
-                                da_dtype: torch.dtype = torch.float32, a_down: Optional[torch.Tensor] = None,
-                                bases: bool = False) -> tuple[torch.Tensor, ...]:
+                                da_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
     """The unfused ops: (dg, du) by autograd through ``glu_reference``, then dyb_g = dg b_g and
     dyb_u = du b_u in dg's dtype (``b_*`` are s B), dB_g = s_g dg^T xa_g and dB_u in ``db_dtype``,
-    and dA_d = dyb_down^T h in ``da_dtype``, each product accumulated in fp32. ``a_down``: dh is
-    dY W_d alone, and gets dyb_down a_down added first; ``bases``: g and u get xa b^T added first
-    (each sum rounded once to its dtype)."""
-    def plus(base, lhs, rhs):
-        return (base.float() + lhs.float() @ rhs.float()).to(base.dtype)
-
-    if a_down is not None:
-        dh = plus(dh, dyb_down, a_down)
-    if bases:
-        g, u = plus(g, xa_gate, b_gate.t()), plus(u, xa_up, b_up.t())
+    and dA_d = dyb_down^T h in ``da_dtype``, each product accumulated in fp32."""
     gate, up = g.detach().requires_grad_(), u.detach().requires_grad_()
     h = glu_reference(gate, up, activation, round_dtype, h_dtype)
     dg, du = torch.autograd.grad(h, (gate, up), dh.to(h.dtype))
@@ -120,7 +110,6 @@ def lora_glu_fwd_kernel(
     scale_g, scale_u,
     ACT: tl.constexpr, ROUND_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    WRITE_BACK: tl.constexpr,
 ):
     rows, cols, mask = elementwise_tile(n_rows, N, BLOCK_ROWS, BLOCK_N)
     row_ok, col_ok = rows < n_rows, cols < N
@@ -129,9 +118,9 @@ def lora_glu_fwd_kernel(
                    BLOCK_ROWS, BLOCK_N, BLOCK_R, PRECISION, UPCAST)
     u = _corrected(u_ptr, stride_u, xu_ptr, stride_xu, bu_ptr, 1, RU, RU, scale_u, rows, cols, mask, row_ok, col_ok,
                    BLOCK_ROWS, BLOCK_N, BLOCK_R, PRECISION, UPCAST)
-    if WRITE_BACK:  # the corrected values (exact in the bases' dtype) go back in place, for the backward
-        tl.store(g_ptr + rows[:, None] * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=mask)
-        tl.store(u_ptr + rows[:, None] * stride_u + cols[None, :], u.to(u_ptr.dtype.element_ty), mask=mask)
+    # The corrected values (exact in the bases' dtype) go back in place: the backward reads them.
+    tl.store(g_ptr + rows[:, None] * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=mask)
+    tl.store(u_ptr + rows[:, None] * stride_u + cols[None, :], u.to(u_ptr.dtype.element_ty), mask=mask)
     out = glu_tile(g, u, g_ptr.dtype.element_ty, u_ptr.dtype.element_ty, ACT, ROUND_DTYPE, OUT_DTYPE)
     tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], out, mask=mask)
 
@@ -141,20 +130,6 @@ def _rank_block(ptr, stride, rows, row_ok, rk, R, UPCAST: tl.constexpr):
     """A [rows, BLOCK_R] block of a [rows, R] matrix (zeros past R), fp32 off the GPU."""
     t = tl.load(ptr + rows[:, None] * stride + rk[None, :], mask=row_ok[:, None] & (rk < R)[None, :], other=0.0)
     return t.to(tl.float32) if UPCAST else t
-
-
-@triton.jit
-def _corrected_once(base_ptr, stride_base, lhs_ptr, stride_lhs, rhs_ptr, stride_rhs_k, stride_rhs_n, R, rows, cols,
-                    mask, row_ok, col_ok, rk, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """``_corrected`` with scale 1 for R <= BLOCK_R: one dot and no loop over the depth, which
-    would keep the compiler from pipelining the loads of the loop around it."""
-    base = tl.load(base_ptr + rows[:, None] * stride_base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    lhs = _rank_block(lhs_ptr, stride_lhs, rows, row_ok, rk, R, UPCAST)
-    rhs = tl.load(rhs_ptr + rk[:, None] * stride_rhs_k + cols[None, :] * stride_rhs_n,
-                  mask=(rk < R)[:, None] & col_ok[None, :], other=0.0)
-    if UPCAST:
-        rhs = rhs.to(tl.float32)
-    return round_fp32(base + tl.dot(lhs, rhs, input_precision=PRECISION), base_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -183,15 +158,13 @@ def _over_rows(tile, rank_block, acc, BY_RANK: tl.constexpr, PRECISION: tl.const
 
 @triton.jit
 def lora_glu_bwd_kernel(
-    dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, xg_ptr, xu_ptr, bg_ptr, bu_ptr, dybd_ptr, ad_ptr,
+    dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, xg_ptr, xu_ptr, bg_ptr, bu_ptr, dybd_ptr,
     dyb_g_parts, dyb_u_parts, db_g_parts, db_u_parts, da_parts,
     n_rows, N, RG, RU, RD, segment_rows,
     stride_dh, stride_g, stride_u, stride_dg, stride_du, stride_xg, stride_xu, stride_bg, stride_bu, stride_dybd,
-    stride_ad,
     ACT: tl.constexpr, ROUND_DTYPE: tl.constexpr, H_DTYPE: tl.constexpr, NEED_DA: tl.constexpr,
     PRODUCTS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BY_RANK: tl.constexpr, CORRECT_DH: tl.constexpr,
-    CORRECT_GU: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BY_RANK: tl.constexpr,
 ):
     """Program (j, s): columns [j BLOCK_N, (j + 1) BLOCK_N) of rows [s segment_rows, (s + 1)
     segment_rows). Writes dg and du there (over dh where the launcher asks: each element of dh is
@@ -199,9 +172,7 @@ def lora_glu_bwd_kernel(
     each row (``*_parts[j, row, :]``), and dB_g's, dB_u's and dA_d's over these rows for each
     column (``*_parts[s, col, :]``), all fp32. Without PRODUCTS, none of the gate and up
     adapters' products (dg, du and dA_d alone). BY_RANK: the sums over rows are accumulated as
-    [rank, columns] (else [columns, rank]; which is faster depends on the tiles). CORRECT_DH: dh
-    holds dY W_d alone, and each tile gets the down adapter's share dyb_d A_d as it is read;
-    CORRECT_GU: g and u hold the bases' outputs, corrected as the forward kernel corrects them."""
+    [rank, columns] (else [columns, rank]; which is faster depends on the tiles)."""
     j = tl.program_id(0)
     s = tl.program_id(1)
     cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -222,19 +193,9 @@ def lora_glu_bwd_kernel(
         r = rows[:, None]
         c = cols[None, :]
         # The GLU backward of kernels/glu.py, with its roundings (masked elements are 0 throughout).
-        if CORRECT_DH:  # one rank-r dot a tile instead of the GEMM's wider operands (copies of dY and W_d)
-            dout = _corrected_once(dh_ptr, stride_dh, dybd_ptr, stride_dybd, ad_ptr, stride_ad, 1, RD, rows, cols,
-                                   mask, row_ok, col_ok, rk, PRECISION, UPCAST)
-        else:
-            dout = tl.load(dh_ptr + r * stride_dh + c, mask=mask, other=0.0).to(tl.float32)
-        if CORRECT_GU:  # B's come scaled: the scales are 1
-            g = _corrected_once(g_ptr, stride_g, xg_ptr, stride_xg, bg_ptr, 1, stride_bg, RG, rows, cols, mask,
-                                row_ok, col_ok, rk, PRECISION, UPCAST)
-            u = _corrected_once(u_ptr, stride_u, xu_ptr, stride_xu, bu_ptr, 1, stride_bu, RU, rows, cols, mask,
-                                row_ok, col_ok, rk, PRECISION, UPCAST)
-        else:
-            g = tl.load(g_ptr + r * stride_g + c, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + r * stride_u + c, mask=mask, other=0.0).to(tl.float32)
+        dout = tl.load(dh_ptr + r * stride_dh + c, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + r * stride_g + c, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + r * stride_u + c, mask=mask, other=0.0).to(tl.float32)
         dout = round_loaded(dout, dh_ptr.dtype.element_ty, ROUND_DTYPE)
         g = round_loaded(g, g_ptr.dtype.element_ty, ROUND_DTYPE)
         u = round_loaded(u, u_ptr.dtype.element_ty, ROUND_DTYPE)
@@ -325,12 +286,11 @@ def _config(rank: int, on_gpu: bool, tiles: Optional[dict]) -> dict:
 
 def lora_glu_forward(gate_base: torch.Tensor, up_base: torch.Tensor, xa_gate: torch.Tensor, xa_up: torch.Tensor,
                      b_gate: torch.Tensor, b_up: torch.Tensor, scale_gate: float, scale_up: float, activation: str,
-                     round_dtype: Optional[torch.dtype], out_dtype: torch.dtype, tiles: Optional[dict] = None,
-                     write_corrected: bool = True) -> torch.Tensor:
+                     round_dtype: Optional[torch.dtype], out_dtype: torch.dtype, tiles: Optional[dict] = None
+                     ) -> torch.Tensor:
     """h [rows, width] in ``out_dtype`` from the bases' outputs G, U [rows, width], x A^T [rows, r]
     and the B matrices [width, r] (in G's dtype); G and U are corrected in place (they become g
-    and u), unless ``write_corrected`` is False (a backward that corrects them again as it reads
-    them: ``lora_glu_backward(..., bases=True)``). See the module docstring."""
+    and u). See the module docstring."""
     act = check_activation(activation, _OP)
     check_dtype(_OP, "out_dtype", out_dtype)
     check_dtype(_OP, "round_dtype", round_dtype, allow_none=True)
@@ -345,7 +305,7 @@ def lora_glu_forward(gate_base: torch.Tensor, up_base: torch.Tensor, xa_gate: to
         gate_base.stride(0), up_base.stride(0), xa_gate.stride(0), xa_up.stride(0), out.stride(0),
         float(scale_gate), float(scale_up),
         ACT=act, ROUND_DTYPE=round_tl(round_dtype), OUT_DTYPE=TL_DTYPE[out_dtype],
-        PRECISION=dot_precision(gate_base.dtype), WRITE_BACK=write_corrected, **cfg)
+        PRECISION=dot_precision(gate_base.dtype), **cfg)
     return out
 
 
@@ -378,8 +338,7 @@ def lora_glu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, xa_gat
                       h_dtype: torch.dtype, dyb_out: Optional[torch.Tensor], pending: list[PartialSum],
                       db_dtypes: tuple[Optional[torch.dtype], Optional[torch.dtype]] = (torch.float32, torch.float32),
                       da_dtype: Optional[torch.dtype] = torch.float32, dg_over_dh: bool = False,
-                      tiles: Optional[Tiles] = None, a_down: Optional[torch.Tensor] = None,
-                      bases: bool = False) -> LoraGluGrads:
+                      tiles: Optional[Tiles] = None) -> LoraGluGrads:
     """The backward of h = act(g) * u in a LoRA MLP, with the adapters' products of dg, du and h.
 
     dh, g, u [rows, width] in one dtype; ``xa_gate``, ``xa_up`` [rows, r] (X A^T), ``b_gate``,
@@ -389,11 +348,7 @@ def lora_glu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, xa_gat
     ``dyb_out`` None: none of the gate and up adapters' products (no dyb, no dB), which the caller
     then computes from dg and du (``kernels/adapter_grads.py``).
     The sums are appended to ``pending``: the caller runs ``sum_partials`` (with others).
-    ``dg_over_dh``: dg is written into dh's buffer (the caller's dh is then gone).
-    ``a_down`` [r_d, width] (A_d, in dh's dtype): dh is dY W_d alone, and the kernel adds the down
-    adapter's share dyb_down a_down to each tile as it reads it, rounded once (as ``addmm_`` adds
-    it). ``bases``: g and u are the bases' outputs G and U (the forward kernel did not write the
-    corrected values back), corrected here as the forward kernel corrects them."""
+    ``dg_over_dh``: dg is written into dh's buffer (the caller's dh is then gone)."""
     act = check_activation(activation, _OP)
     check_dtype(_OP, "round_dtype", round_dtype, allow_none=True)
     check_dtype(_OP, "h_dtype", h_dtype)
@@ -401,8 +356,6 @@ def lora_glu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, xa_gat
     rank_d = dyb_down.shape[-1]
     _check_2d("dh", dh, (rows, width), g.dtype)
     _check_2d("dY s B_down", dyb_down, (rows, rank_d), g.dtype)
-    if a_down is not None:
-        _check_2d("A_down", a_down, (rank_d, width), g.dtype)
     products = dyb_out is not None
     if products:
         _check_2d("dyb_out", dyb_out, (rows, rank_g + rank_u), g.dtype)
@@ -431,17 +384,17 @@ def lora_glu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, xa_gat
                               for _ in range(2))
     da_parts = torch.empty((segments, width, block_r), **parts) if da_down is not None else unused
     lora_glu_bwd_kernel[(col_blocks, segments)](
-        dh, g, u, dg, du, xa_gate, xa_up, b_gate, b_up, dyb_down, a_down if a_down is not None else dyb_down,
+        dh, g, u, dg, du, xa_gate, xa_up, b_gate, b_up, dyb_down,
         dyb_g_parts, dyb_u_parts, db_g_parts, db_u_parts, da_parts,
         rows, width, rank_g, rank_u, rank_d, segment_rows,
         dh.stride(0), g.stride(0), u.stride(0), dg.stride(0), du.stride(0), xa_gate.stride(0), xa_up.stride(0),
-        b_gate.stride(0), b_up.stride(0), dyb_down.stride(0), a_down.stride(0) if a_down is not None else 0,
+        b_gate.stride(0), b_up.stride(0), dyb_down.stride(0),
         ACT=act, ROUND_DTYPE=round_tl(round_dtype), H_DTYPE=TL_DTYPE[h_dtype], NEED_DA=da_down is not None,
         PRODUCTS=products,
         # Off the GPU the operands arrive upcast to fp32, whose products are then exact.
         PRECISION=dot_precision(g.dtype if g.is_cuda else torch.float32), UPCAST=not g.is_cuda,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_R=block_r, BY_RANK=tiles.db_transposed,
-        CORRECT_DH=a_down is not None, CORRECT_GU=bases, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     if products:
         pending += [PartialSum(dyb_g_parts, dyb_out[:, :rank_g], 1.0),
                     PartialSum(dyb_u_parts, dyb_out[:, rank_g:], 1.0)]
