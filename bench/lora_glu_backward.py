@@ -6,8 +6,7 @@ the down adapter's dA.
     python3 bench/lora_glu_backward.py [--rows 8192] [--width 8192] [--rank 16]
 
 bf16, SiLU, eager bf16 roundings (the 1B LoRA step's MLP: 8,192 tokens, width 8,192). Each
-variant: the default tiles with 1 to 16 column blocks a program, then the alternatives below
-(not with ``--quick``), median us in a CUDA graph
+variant: the default tiles and the alternatives below, median us in a CUDA graph
 (``triton.testing.do_bench_cudagraph``: as the training step replays them, no host launch cost),
 and the largest difference from the unfused ops' results relative to their largest value. GPU only.
 """
@@ -28,9 +27,6 @@ ALTERNATIVES = (
     Tiles(64, 32, 4, 4, 3), Tiles(64, 64, 8, 3, 2), Tiles(128, 64, 8, 3, 1), Tiles(64, 64, 4, 5, 2),
     Tiles(64, 128, 8, 3, 1),
 )
-# Column blocks a program (each row's dyb partials: one per group of them); 1 is the grid before
-# backward_grid.
-GROUP_BLOCKS = (1, 2, 4, 8, 16)
 # With dA_d alone in the GLU pass (the gate and up products by adapter_grads after it).
 DA_ONLY = (
     Tiles(64, 128, 8, 3, 1), Tiles(32, 128, 4, 3, 2, True),
@@ -42,7 +38,6 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=8192)
     ap.add_argument("--width", type=int, default=8192)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--quick", action="store_true", help="the column groups only, not the other tiles")
     args = ap.parse_args()
     dt, r, rows, width = torch.bfloat16, args.rank, args.rows, args.width
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -65,10 +60,10 @@ def main() -> None:
         da = torch.mm(dybd.t(), h, out_dtype=torch.float32)
         return dg, du, dyb, db_g, db_u, da
 
-    def fused(tiles=None, group_blocks=None):
+    def fused(tiles=None):
         dyb, pending = dh.new_empty((rows, 2 * r)), []
         res = lora_glu.lora_glu_backward(dh.clone(), g, u, xg, xu, bg, bu, dybd, sg, su, "silu", dt, dt, dyb,
-                                         pending, dg_over_dh=True, tiles=tiles, group_blocks=group_blocks)
+                                         pending, dg_over_dh=True, tiles=tiles)
         sum_partials(pending)
         return res.dg, res.du, dyb, res.db_gate, res.db_up, res.da_down
 
@@ -101,14 +96,6 @@ def main() -> None:
           flush=True)
     print(f"| fused, default {tuple(lora_glu.BACKWARD_GPU_TILES)} | {timed(fused) - t_clone:.1f} "
           f"| {err(fused()):.1e} |", flush=True)
-    grid = lora_glu.backward_grid(dh.device, rows, width, lora_glu.BACKWARD_GPU_TILES, True)
-    print(f"| (default grid: {grid[0]} column groups of {grid[1]} blocks, {grid[2]} segments) | | |")
-    for blocks in GROUP_BLOCKS:
-        t = timed(lambda: fused(group_blocks=blocks)) - t_clone
-        print(f"| fused, default tiles, {blocks} column blocks a program | {t:.1f} | "
-              f"{err(fused(group_blocks=blocks)):.1e} |", flush=True)
-    if args.quick:
-        return
     for tiles in ALTERNATIVES:
         try:
             t = timed(lambda: fused(tiles)) - t_clone

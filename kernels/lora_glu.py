@@ -32,7 +32,6 @@ backward; neither is an op of its own.
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -41,7 +40,7 @@ import triton.language as tl
 
 from .adapter_grads import PartialSum, Tiles, tile_grid
 from .glu import act_fwd_bwd, check_activation, elementwise_tile, glu_reference, glu_tile, round_tl
-from .launch import cdiv, check_dtype, device_sm_count, dot_precision, next_power_of_2
+from .launch import cdiv, check_dtype, dot_precision, next_power_of_2
 from .rounding import TL_DTYPE, round_fp32, round_loaded
 
 __all__ = ["LoraGluGrads", "lora_glu_backward", "lora_glu_backward_reference", "lora_glu_forward",
@@ -161,95 +160,85 @@ def _over_rows(tile, rank_block, acc, BY_RANK: tl.constexpr, PRECISION: tl.const
 def lora_glu_bwd_kernel(
     dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, xg_ptr, xu_ptr, bg_ptr, bu_ptr, dybd_ptr,
     dyb_g_parts, dyb_u_parts, db_g_parts, db_u_parts, da_parts,
-    n_rows, N, RG, RU, RD, segment_rows, group_blocks,
+    n_rows, N, RG, RU, RD, segment_rows,
     stride_dh, stride_g, stride_u, stride_dg, stride_du, stride_xg, stride_xu, stride_bg, stride_bu, stride_dybd,
     ACT: tl.constexpr, ROUND_DTYPE: tl.constexpr, H_DTYPE: tl.constexpr, NEED_DA: tl.constexpr,
     PRODUCTS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BY_RANK: tl.constexpr,
 ):
-    """Program (j, s): the ``group_blocks`` column blocks of BLOCK_N columns from column
-    j group_blocks BLOCK_N, one after the other, each over rows [s segment_rows, (s + 1)
+    """Program (j, s): columns [j BLOCK_N, (j + 1) BLOCK_N) of rows [s segment_rows, (s + 1)
     segment_rows). Writes dg and du there (over dh where the launcher asks: each element of dh is
-    read before the same program writes it), dyb_g's and dyb_u's partials over the group's
-    columns for each row (``*_parts[j, row, :]``, added to block by block: the program alone
-    reads and writes those rows of part j), and dB_g's, dB_u's and dA_d's over the segment's rows
-    for each column (``*_parts[s, col, :]``), all fp32. Without PRODUCTS, none of the gate and up
+    read before the same program writes it), dyb_g's and dyb_u's partials over these columns for
+    each row (``*_parts[j, row, :]``), and dB_g's, dB_u's and dA_d's over these rows for each
+    column (``*_parts[s, col, :]``), all fp32. Without PRODUCTS, none of the gate and up
     adapters' products (dg, du and dA_d alone). BY_RANK: the sums over rows are accumulated as
     [rank, columns] (else [columns, rank]; which is faster depends on the tiles)."""
     j = tl.program_id(0)
     s = tl.program_id(1)
+    cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
     rk = tl.arange(0, BLOCK_R)
+    if BY_RANK:
+        db_g = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    else:
+        db_g = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    db_u = tl.zeros_like(db_g)
+    da = tl.zeros_like(db_g)
     first = s * segment_rows
-    for jb in range(0, group_blocks):
-        cols = (j * group_blocks + jb) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        if BY_RANK:
-            db_g = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-        else:
-            db_g = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-        db_u = tl.zeros_like(db_g)
-        da = tl.zeros_like(db_g)
-        for m in range(0, segment_rows, BLOCK_M):
-            local = m + tl.arange(0, BLOCK_M)
-            rows = (first + local).to(tl.int64)
-            row_ok = (rows < n_rows) & (local < segment_rows)
-            mask = row_ok[:, None] & col_ok[None, :]
-            r = rows[:, None]
-            c = cols[None, :]
-            # The GLU backward of kernels/glu.py, with its roundings (masked elements are 0 throughout).
-            dout = tl.load(dh_ptr + r * stride_dh + c, mask=mask, other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + r * stride_g + c, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + r * stride_u + c, mask=mask, other=0.0).to(tl.float32)
-            dout = round_loaded(dout, dh_ptr.dtype.element_ty, ROUND_DTYPE)
-            g = round_loaded(g, g_ptr.dtype.element_ty, ROUND_DTYPE)
-            u = round_loaded(u, u_ptr.dtype.element_ty, ROUND_DTYPE)
-            a, da_dg = act_fwd_bwd(g, ACT)
-            a = round_fp32(a, ROUND_DTYPE)
-            dup = _pinned(round_fp32(dout * a, ROUND_DTYPE), PRODUCTS and not UPCAST)
-            dup = round_loaded(dup, ROUND_DTYPE, du_ptr.dtype.element_ty).to(du_ptr.dtype.element_ty)
-            dgate = _pinned(round_fp32(round_fp32(dout * u, ROUND_DTYPE) * da_dg, ROUND_DTYPE),
-                            PRODUCTS and not UPCAST)
-            dgate = round_loaded(dgate, ROUND_DTYPE, dg_ptr.dtype.element_ty).to(dg_ptr.dtype.element_ty)
-            tl.store(dg_ptr + r * stride_dg + c, dgate, mask=mask)
-            tl.store(du_ptr + r * stride_du + c, dup, mask=mask)
-            if PRODUCTS:  # the adapters' products of the values just stored, as a GEMM would read them back
-                if UPCAST:  # the interpreter's dot cannot take 16-bit floats; their fp32 products are exact
-                    dgate, dup = dgate.to(tl.float32), dup.to(tl.float32)
-                # The group's dyb partial of these rows, with this block's columns added (the first
-                # block's load is masked off: nothing to add to).
-                at_rows = (j.to(tl.int64) * n_rows + r) * BLOCK_R + rk[None, :]
-                again = row_ok[:, None] & (jb > 0)
-                # s B [columns, BLOCK_R], loaded where it is used: fewer registers held across the loop
-                bg = _rank_block(bg_ptr, stride_bg, cols, col_ok, rk, RG, UPCAST)
-                part = tl.dot(dgate, bg, tl.load(dyb_g_parts + at_rows, mask=again, other=0.0),
-                              input_precision=PRECISION)
-                tl.store(dyb_g_parts + at_rows, part, mask=row_ok[:, None])
-                bu = _rank_block(bu_ptr, stride_bu, cols, col_ok, rk, RU, UPCAST)
-                part = tl.dot(dup, bu, tl.load(dyb_u_parts + at_rows, mask=again, other=0.0),
-                              input_precision=PRECISION)
-                tl.store(dyb_u_parts + at_rows, part, mask=row_ok[:, None])
-                xg = _rank_block(xg_ptr, stride_xg, rows, row_ok, rk, RG, UPCAST)
-                xu = _rank_block(xu_ptr, stride_xu, rows, row_ok, rk, RU, UPCAST)
-                db_g = _over_rows(dgate, xg, db_g, BY_RANK, PRECISION)
-                db_u = _over_rows(dup, xu, db_u, BY_RANK, PRECISION)
-            if NEED_DA:  # h as the forward kernel wrote it (glu_tile's steps on the values rounded above)
-                h = _pinned(round_fp32(a * u, ROUND_DTYPE), not UPCAST)
-                h = round_loaded(h, ROUND_DTYPE, H_DTYPE).to(H_DTYPE)
-                if UPCAST:
-                    h = h.to(tl.float32)
-                dybd = _rank_block(dybd_ptr, stride_dybd, rows, row_ok, rk, RD, UPCAST)
-                da = _over_rows(h, dybd, da, BY_RANK, PRECISION)
-        if BY_RANK:
-            at = (s.to(tl.int64) * N + cols[None, :]) * BLOCK_R + rk[:, None]
-            at_ok = col_ok[None, :]
-        else:
-            at = (s.to(tl.int64) * N + cols[:, None]) * BLOCK_R + rk[None, :]
-            at_ok = col_ok[:, None]
-        if PRODUCTS:
-            tl.store(db_g_parts + at, db_g, mask=at_ok)
-            tl.store(db_u_parts + at, db_u, mask=at_ok)
-        if NEED_DA:
-            tl.store(da_parts + at, da, mask=at_ok)
+    for m in range(0, segment_rows, BLOCK_M):
+        local = m + tl.arange(0, BLOCK_M)
+        rows = (first + local).to(tl.int64)
+        row_ok = (rows < n_rows) & (local < segment_rows)
+        mask = row_ok[:, None] & col_ok[None, :]
+        r = rows[:, None]
+        c = cols[None, :]
+        # The GLU backward of kernels/glu.py, with its roundings (masked elements are 0 throughout).
+        dout = tl.load(dh_ptr + r * stride_dh + c, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + r * stride_g + c, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + r * stride_u + c, mask=mask, other=0.0).to(tl.float32)
+        dout = round_loaded(dout, dh_ptr.dtype.element_ty, ROUND_DTYPE)
+        g = round_loaded(g, g_ptr.dtype.element_ty, ROUND_DTYPE)
+        u = round_loaded(u, u_ptr.dtype.element_ty, ROUND_DTYPE)
+        a, da_dg = act_fwd_bwd(g, ACT)
+        a = round_fp32(a, ROUND_DTYPE)
+        dup = _pinned(round_fp32(dout * a, ROUND_DTYPE), PRODUCTS and not UPCAST)
+        dup = round_loaded(dup, ROUND_DTYPE, du_ptr.dtype.element_ty).to(du_ptr.dtype.element_ty)
+        dgate = _pinned(round_fp32(round_fp32(dout * u, ROUND_DTYPE) * da_dg, ROUND_DTYPE), PRODUCTS and not UPCAST)
+        dgate = round_loaded(dgate, ROUND_DTYPE, dg_ptr.dtype.element_ty).to(dg_ptr.dtype.element_ty)
+        tl.store(dg_ptr + r * stride_dg + c, dgate, mask=mask)
+        tl.store(du_ptr + r * stride_du + c, dup, mask=mask)
+        if PRODUCTS:  # the adapters' products of the values just stored, as a GEMM would read them back
+            if UPCAST:  # the interpreter's dot cannot take 16-bit floats; their fp32 products are exact
+                dgate, dup = dgate.to(tl.float32), dup.to(tl.float32)
+            # s B [columns, BLOCK_R], loaded where it is used: fewer registers held across the loop
+            bg = _rank_block(bg_ptr, stride_bg, cols, col_ok, rk, RG, UPCAST)
+            part = tl.dot(dgate, bg, input_precision=PRECISION)
+            tl.store(dyb_g_parts + (j.to(tl.int64) * n_rows + r) * BLOCK_R + rk[None, :], part, mask=row_ok[:, None])
+            bu = _rank_block(bu_ptr, stride_bu, cols, col_ok, rk, RU, UPCAST)
+            part = tl.dot(dup, bu, input_precision=PRECISION)
+            tl.store(dyb_u_parts + (j.to(tl.int64) * n_rows + r) * BLOCK_R + rk[None, :], part, mask=row_ok[:, None])
+            xg = _rank_block(xg_ptr, stride_xg, rows, row_ok, rk, RG, UPCAST)
+            xu = _rank_block(xu_ptr, stride_xu, rows, row_ok, rk, RU, UPCAST)
+            db_g = _over_rows(dgate, xg, db_g, BY_RANK, PRECISION)
+            db_u = _over_rows(dup, xu, db_u, BY_RANK, PRECISION)
+        if NEED_DA:  # h as the forward kernel wrote it (glu_tile's steps on the values rounded above)
+            h = _pinned(round_fp32(a * u, ROUND_DTYPE), not UPCAST)
+            h = round_loaded(h, ROUND_DTYPE, H_DTYPE).to(H_DTYPE)
+            if UPCAST:
+                h = h.to(tl.float32)
+            dybd = _rank_block(dybd_ptr, stride_dybd, rows, row_ok, rk, RD, UPCAST)
+            da = _over_rows(h, dybd, da, BY_RANK, PRECISION)
+    if BY_RANK:
+        at = (s.to(tl.int64) * N + cols[None, :]) * BLOCK_R + rk[:, None]
+        at_ok = col_ok[None, :]
+    else:
+        at = (s.to(tl.int64) * N + cols[:, None]) * BLOCK_R + rk[None, :]
+        at_ok = col_ok[:, None]
+    if PRODUCTS:
+        tl.store(db_g_parts + at, db_g, mask=at_ok)
+        tl.store(db_u_parts + at, db_u, mask=at_ok)
+    if NEED_DA:
+        tl.store(da_parts + at, da, mask=at_ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,37 +332,13 @@ BACKWARD_GPU_TILES = Tiles(block_m=64, block_n=64, num_warps=4, num_stages=3, pe
 BACKWARD_INTERPRETER_TILES = Tiles(block_m=32, block_n=64, num_warps=4, num_stages=1, per_sm=1)
 
 
-def backward_grid(device: torch.device, rows: int, width: int, tiles: Tiles, products: bool
-                  ) -> tuple[int, int, int, int]:
-    """(column groups, column blocks per group, row segments, rows per segment) of the backward
-    pass. Each row's dyb partials are one per column group and each column's dB and dA partials
-    one per segment: with as many programs as fill a wave (groups x segments), the bytes of
-    partials written and read back, groups x rows x 2 (gate and up) plus segments x width x 3,
-    are least near groups = sqrt(wave x 3 width / (2 rows)). At [8192, 8192], 16 groups of 8
-    blocks and 16 segments: 40 MiB of partials at rank 16, where one block a group (2 segments)
-    made 131 MiB. Without the products there is no dyb: one block a group, as ``tile_grid``."""
-    col_blocks = cdiv(width, tiles.block_n)
-    if not products:
-        groups, segments, segment_rows = tile_grid(device, rows, width, tiles)
-        return groups, 1, segments, segment_rows
-    if device.type != "cuda":  # the interpreter runs programs one by one: a few of each
-        group_blocks, segments = min(2, col_blocks), max(1, min(2, cdiv(rows, 2 * tiles.block_m)))
-    else:
-        wave = tiles.per_sm * device_sm_count(device)
-        best = math.sqrt(wave * 3 * width / (2 * rows))
-        group_blocks = min(next_power_of_2(max(1, round(col_blocks / best))), col_blocks)
-        segments = max(1, wave // cdiv(col_blocks, group_blocks))
-    segment_rows = cdiv(cdiv(rows, min(segments, cdiv(rows, tiles.block_m))), tiles.block_m) * tiles.block_m
-    return cdiv(col_blocks, group_blocks), group_blocks, cdiv(rows, segment_rows), segment_rows
-
-
 def lora_glu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, xa_gate: torch.Tensor,
                       xa_up: torch.Tensor, b_gate: torch.Tensor, b_up: torch.Tensor, dyb_down: torch.Tensor,
                       scale_gate: float, scale_up: float, activation: str, round_dtype: Optional[torch.dtype],
                       h_dtype: torch.dtype, dyb_out: Optional[torch.Tensor], pending: list[PartialSum],
                       db_dtypes: tuple[Optional[torch.dtype], Optional[torch.dtype]] = (torch.float32, torch.float32),
                       da_dtype: Optional[torch.dtype] = torch.float32, dg_over_dh: bool = False,
-                      tiles: Optional[Tiles] = None, group_blocks: Optional[int] = None) -> LoraGluGrads:
+                      tiles: Optional[Tiles] = None) -> LoraGluGrads:
     """The backward of h = act(g) * u in a LoRA MLP, with the adapters' products of dg, du and h.
 
     dh, g, u [rows, width] in one dtype; ``xa_gate``, ``xa_up`` [rows, r] (X A^T), ``b_gate``,
@@ -383,8 +348,7 @@ def lora_glu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, xa_gat
     ``dyb_out`` None: none of the gate and up adapters' products (no dyb, no dB), which the caller
     then computes from dg and du (``kernels/adapter_grads.py``).
     The sums are appended to ``pending``: the caller runs ``sum_partials`` (with others).
-    ``dg_over_dh``: dg is written into dh's buffer (the caller's dh is then gone).
-    ``group_blocks``: column blocks per program, in place of ``backward_grid``'s choice."""
+    ``dg_over_dh``: dg is written into dh's buffer (the caller's dh is then gone)."""
     act = check_activation(activation, _OP)
     check_dtype(_OP, "round_dtype", round_dtype, allow_none=True)
     check_dtype(_OP, "h_dtype", h_dtype)
@@ -411,20 +375,18 @@ def lora_glu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, xa_gat
                 t.zero_()
         return LoraGluGrads(dg, du, db_gate, db_up, da_down)
     tiles = tiles or (BACKWARD_GPU_TILES if g.is_cuda else BACKWARD_INTERPRETER_TILES)
-    groups, blocks, segments, segment_rows = backward_grid(g.device, rows, width, tiles, products)
-    if group_blocks is not None:
-        groups, blocks = cdiv(cdiv(width, tiles.block_n), group_blocks), group_blocks
+    col_blocks, segments, segment_rows = tile_grid(g.device, rows, width, tiles)
     parts = dict(device=g.device, dtype=torch.float32)
     unused = torch.empty(1, **parts)  # for the partials a launch does not write
-    dyb_g_parts, dyb_u_parts = (torch.empty((groups, rows, block_r), **parts) if products else unused
+    dyb_g_parts, dyb_u_parts = (torch.empty((col_blocks, rows, block_r), **parts) if products else unused
                                 for _ in range(2))
     db_g_parts, db_u_parts = (torch.empty((segments, width, block_r), **parts) if products else unused
                               for _ in range(2))
     da_parts = torch.empty((segments, width, block_r), **parts) if da_down is not None else unused
-    lora_glu_bwd_kernel[(groups, segments)](
+    lora_glu_bwd_kernel[(col_blocks, segments)](
         dh, g, u, dg, du, xa_gate, xa_up, b_gate, b_up, dyb_down,
         dyb_g_parts, dyb_u_parts, db_g_parts, db_u_parts, da_parts,
-        rows, width, rank_g, rank_u, rank_d, segment_rows, blocks,
+        rows, width, rank_g, rank_u, rank_d, segment_rows,
         dh.stride(0), g.stride(0), u.stride(0), dg.stride(0), du.stride(0), xa_gate.stride(0), xa_up.stride(0),
         b_gate.stride(0), b_up.stride(0), dyb_down.stride(0),
         ACT=act, ROUND_DTYPE=round_tl(round_dtype), H_DTYPE=TL_DTYPE[h_dtype], NEED_DA=da_down is not None,

@@ -119,8 +119,7 @@ def _backward_inputs(rows, width, rank_g, rank_u, rank_d, dtype, seed=0):
             rand(rows, rank_d, scale=0.5))
 
 
-def _check_backward(inputs, scales, activation, round_dtype, tiles=None, products=True, dg_over_dh=False,
-                    group_blocks=None):
+def _check_backward(inputs, scales, activation, round_dtype, tiles=None, products=True, dg_over_dh=False):
     dh, g, u, xa_gate, xa_up, b_gate, b_up, dyb_down = inputs
     dtype = g.dtype
     want = lora_glu_backward_reference(*inputs, *scales, activation, round_dtype, dtype)
@@ -128,7 +127,7 @@ def _check_backward(inputs, scales, activation, round_dtype, tiles=None, product
     pending = []
     dh_in = dh.clone()
     res = lora_glu_backward(dh_in, g, u, xa_gate, xa_up, b_gate, b_up, dyb_down, *scales, activation, round_dtype,
-                            dtype, dyb, pending, dg_over_dh=dg_over_dh, tiles=tiles, group_blocks=group_blocks)
+                            dtype, dyb, pending, dg_over_dh=dg_over_dh, tiles=tiles)
     sum_partials(pending)
     assert (res.dg.data_ptr() == dh_in.data_ptr()) == dg_over_dh
     have = [res.dg, res.du, None, None, res.db_gate, res.db_up, res.da_down]
@@ -158,31 +157,6 @@ def test_backward_matches_the_unfused_ops(dtype, round_dtype, activation):
 def test_backward_tiles_either_way_of_accumulating_give_the_same_products(tiles):
     _check_backward(_backward_inputs(50, 90, 3, 9, 17, torch.bfloat16, seed=1), (1.0, -0.5), "silu",
                     torch.bfloat16, tiles=tiles, dg_over_dh=True)
-
-
-@pytest.mark.parametrize("group_blocks", [1, 3, 5, 8])
-def test_backward_column_groups_add_their_blocks(group_blocks):
-    # 300 columns are 5 blocks of 64: one block a program, groups of 3 (the last one short), all
-    # five in one program, and a group wider than the matrix.
-    _check_backward(_backward_inputs(70, 300, 16, 8, 5, torch.bfloat16, seed=4), (0.5, 2.0), "silu",
-                    torch.bfloat16, tiles=Tiles(32, 64, 4, 1, 1), group_blocks=group_blocks)
-
-
-def test_backward_grid_keeps_the_partials_small_on_the_gpu(monkeypatch):
-    import fastft.kernels.adapter_grads as adapter_grads
-    import fastft.kernels.lora_glu as lora_glu
-
-    for module in (lora_glu, adapter_grads):  # an H100's or H200's SMs
-        monkeypatch.setattr(module, "device_sm_count", lambda device: 132)
-    cuda, tiles = torch.device("cuda"), lora_glu.BACKWARD_GPU_TILES
-    # The 1B MLP's [8192, 8192]: 16 groups of 8 blocks and 16 segments of 512 rows, one wave.
-    assert lora_glu.backward_grid(cuda, 8192, 8192, tiles, True) == (16, 8, 16, 512)
-    # Without the products there is no dyb to keep small: one block a group.
-    assert lora_glu.backward_grid(cuda, 8192, 8192, tiles, False)[1] == 1
-    for rows, width in [(2048, 14336), (100, 8192), (8192, 64), (1, 1)]:
-        groups, blocks, segments, segment_rows = lora_glu.backward_grid(cuda, rows, width, tiles, True)
-        assert groups * blocks * tiles.block_n >= width > (groups - 1) * blocks * tiles.block_n
-        assert segments * segment_rows >= rows > (segments - 1) * segment_rows and segment_rows % tiles.block_m == 0
 
 
 def test_backward_without_the_gate_and_up_products_gives_dg_du_and_da():
