@@ -53,6 +53,35 @@ def adapter_grads_pays(dy: torch.Tensor, rank: int) -> bool:
 
 
 @triton.jit
+def rank_block(ptr, stride, lines, line_ok, rk, R, UPCAST: tl.constexpr):
+    """A [lines, BLOCK_R] block of a [lines, R] matrix (zeros past R), fp32 off the GPU."""
+    t = tl.load(ptr + lines[:, None] * stride + rk[None, :], mask=line_ok[:, None] & (rk < R)[None, :], other=0.0)
+    return t.to(tl.float32) if UPCAST else t
+
+
+# The partials ``sum_partials`` adds are [parts, lines, BLOCK_R] fp32: a pass writes, per column
+# block, a dyb partial for each of its rows, and per row segment a dB (or dA) partial for each of
+# its columns. Every pass stores them through these two.
+@triton.jit
+def store_row_part(parts_ptr, part, n_rows, rows, row_ok, rk, value, BLOCK_R: tl.constexpr):
+    """value [rows, BLOCK_R] as part ``part`` of the rows' partials."""
+    tl.store(parts_ptr + (part.to(tl.int64) * n_rows + rows[:, None]) * BLOCK_R + rk[None, :], value,
+             mask=row_ok[:, None])
+
+
+@triton.jit
+def store_column_part(parts_ptr, part, N, cols, col_ok, rk, value, BY_RANK: tl.constexpr, BLOCK_R: tl.constexpr):
+    """value, a sum over rows kept as [BLOCK_R, columns] (BY_RANK) or [columns, BLOCK_R], as part
+    ``part`` of the columns' partials."""
+    if BY_RANK:
+        tl.store(parts_ptr + (part.to(tl.int64) * N + cols[None, :]) * BLOCK_R + rk[:, None], value,
+                 mask=col_ok[None, :])
+    else:
+        tl.store(parts_ptr + (part.to(tl.int64) * N + cols[:, None]) * BLOCK_R + rk[None, :], value,
+                 mask=col_ok[:, None])
+
+
+@triton.jit
 def _adapter_grads_kernel(dy_ptr, b_ptr, xa_ptr, dyb_parts_ptr, db_parts_ptr, n_rows, N, R, segment_rows,
                           stride_dy, stride_b, stride_xa,
                           PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -67,10 +96,7 @@ def _adapter_grads_kernel(dy_ptr, b_ptr, xa_ptr, dyb_parts_ptr, db_parts_ptr, n_
     cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_R)
     col_ok = cols < N
-    rk_ok = rk < R
-    b = tl.load(b_ptr + cols[:, None] * stride_b + rk[None, :], mask=col_ok[:, None] & rk_ok[None, :], other=0.0)
-    if UPCAST:
-        b = b.to(tl.float32)
+    b = rank_block(b_ptr, stride_b, cols, col_ok, rk, R, UPCAST)
     if DB_T:
         db = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     else:
@@ -81,20 +107,16 @@ def _adapter_grads_kernel(dy_ptr, b_ptr, xa_ptr, dyb_parts_ptr, db_parts_ptr, n_
         row_ok = (rows < n_rows) & (m + tl.arange(0, BLOCK_M) < segment_rows)
         tile = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
                        other=0.0)
-        xa = tl.load(xa_ptr + rows[:, None] * stride_xa + rk[None, :], mask=row_ok[:, None] & rk_ok[None, :],
-                     other=0.0)
+        xa = rank_block(xa_ptr, stride_xa, rows, row_ok, rk, R, UPCAST)
         if UPCAST:  # the interpreter's dot cannot take 16-bit floats; their fp32 products are exact
-            tile, xa = tile.to(tl.float32), xa.to(tl.float32)
+            tile = tile.to(tl.float32)
         part = tl.dot(tile, b, input_precision=PRECISION)
         if DB_T:
             db += tl.dot(tl.trans(xa), tile, input_precision=PRECISION)
         else:
             db += tl.dot(tl.trans(tile), xa, input_precision=PRECISION)
-        tl.store(dyb_parts_ptr + (j.to(tl.int64) * n_rows + rows[:, None]) * BLOCK_R + rk[None, :], part, mask=row_ok[:, None])
-    if DB_T:
-        tl.store(db_parts_ptr + (s.to(tl.int64) * N + cols[None, :]) * BLOCK_R + rk[:, None], db, mask=col_ok[None, :])
-    else:
-        tl.store(db_parts_ptr + (s.to(tl.int64) * N + cols[:, None]) * BLOCK_R + rk[None, :], db, mask=col_ok[:, None])
+        store_row_part(dyb_parts_ptr, j, n_rows, rows, row_ok, rk, part, BLOCK_R)
+    store_column_part(db_parts_ptr, s, N, cols, col_ok, rk, db, DB_T, BLOCK_R)
 
 
 @triton.jit

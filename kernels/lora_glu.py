@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .adapter_grads import PartialSum, Tiles, tile_grid
+from .adapter_grads import PartialSum, Tiles, rank_block, store_column_part, store_row_part, tile_grid
 from .glu import act_fwd_bwd, check_activation, elementwise_tile, glu_reference, glu_tile, round_tl
 from .launch import cdiv, check_dtype, dot_precision, next_power_of_2
 from .rounding import TL_DTYPE, round_fp32, round_loaded
@@ -126,13 +126,6 @@ def lora_glu_fwd_kernel(
 
 
 @triton.jit
-def _rank_block(ptr, stride, rows, row_ok, rk, R, UPCAST: tl.constexpr):
-    """A [rows, BLOCK_R] block of a [rows, R] matrix (zeros past R), fp32 off the GPU."""
-    t = tl.load(ptr + rows[:, None] * stride + rk[None, :], mask=row_ok[:, None] & (rk < R)[None, :], other=0.0)
-    return t.to(tl.float32) if UPCAST else t
-
-
-@triton.jit
 def _pinned(x, ON_GPU: tl.constexpr):
     """x, computed once in the layout it has: the compiler may not recompute it for a consumer
     that wants another layout. A tile that feeds both stores and dots otherwise has its whole
@@ -211,14 +204,14 @@ def lora_glu_bwd_kernel(
             if UPCAST:  # the interpreter's dot cannot take 16-bit floats; their fp32 products are exact
                 dgate, dup = dgate.to(tl.float32), dup.to(tl.float32)
             # s B [columns, BLOCK_R], loaded where it is used: fewer registers held across the loop
-            bg = _rank_block(bg_ptr, stride_bg, cols, col_ok, rk, RG, UPCAST)
-            part = tl.dot(dgate, bg, input_precision=PRECISION)
-            tl.store(dyb_g_parts + (j.to(tl.int64) * n_rows + r) * BLOCK_R + rk[None, :], part, mask=row_ok[:, None])
-            bu = _rank_block(bu_ptr, stride_bu, cols, col_ok, rk, RU, UPCAST)
-            part = tl.dot(dup, bu, input_precision=PRECISION)
-            tl.store(dyb_u_parts + (j.to(tl.int64) * n_rows + r) * BLOCK_R + rk[None, :], part, mask=row_ok[:, None])
-            xg = _rank_block(xg_ptr, stride_xg, rows, row_ok, rk, RG, UPCAST)
-            xu = _rank_block(xu_ptr, stride_xu, rows, row_ok, rk, RU, UPCAST)
+            bg = rank_block(bg_ptr, stride_bg, cols, col_ok, rk, RG, UPCAST)
+            store_row_part(dyb_g_parts, j, n_rows, rows, row_ok, rk, tl.dot(dgate, bg, input_precision=PRECISION),
+                           BLOCK_R)
+            bu = rank_block(bu_ptr, stride_bu, cols, col_ok, rk, RU, UPCAST)
+            store_row_part(dyb_u_parts, j, n_rows, rows, row_ok, rk, tl.dot(dup, bu, input_precision=PRECISION),
+                           BLOCK_R)
+            xg = rank_block(xg_ptr, stride_xg, rows, row_ok, rk, RG, UPCAST)
+            xu = rank_block(xu_ptr, stride_xu, rows, row_ok, rk, RU, UPCAST)
             db_g = _over_rows(dgate, xg, db_g, BY_RANK, PRECISION)
             db_u = _over_rows(dup, xu, db_u, BY_RANK, PRECISION)
         if NEED_DA:  # h as the forward kernel wrote it (glu_tile's steps on the values rounded above)
@@ -226,19 +219,13 @@ def lora_glu_bwd_kernel(
             h = round_loaded(h, ROUND_DTYPE, H_DTYPE).to(H_DTYPE)
             if UPCAST:
                 h = h.to(tl.float32)
-            dybd = _rank_block(dybd_ptr, stride_dybd, rows, row_ok, rk, RD, UPCAST)
+            dybd = rank_block(dybd_ptr, stride_dybd, rows, row_ok, rk, RD, UPCAST)
             da = _over_rows(h, dybd, da, BY_RANK, PRECISION)
-    if BY_RANK:
-        at = (s.to(tl.int64) * N + cols[None, :]) * BLOCK_R + rk[:, None]
-        at_ok = col_ok[None, :]
-    else:
-        at = (s.to(tl.int64) * N + cols[:, None]) * BLOCK_R + rk[None, :]
-        at_ok = col_ok[:, None]
     if PRODUCTS:
-        tl.store(db_g_parts + at, db_g, mask=at_ok)
-        tl.store(db_u_parts + at, db_u, mask=at_ok)
+        store_column_part(db_g_parts, s, N, cols, col_ok, rk, db_g, BY_RANK, BLOCK_R)
+        store_column_part(db_u_parts, s, N, cols, col_ok, rk, db_u, BY_RANK, BLOCK_R)
     if NEED_DA:
-        tl.store(da_parts + at, da, mask=at_ok)
+        store_column_part(da_parts, s, N, cols, col_ok, rk, da, BY_RANK, BLOCK_R)
 
 
 # --------------------------------------------------------------------------------------------
