@@ -689,8 +689,8 @@ def _lora_glu_mlp_backward_op(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor
         del dh
     elif need_down_a:
         h = glu_forward(g, u, activation, round_dtype, x.dtype)
-    if h is not None:
-        grads[5] = _mm_as(dyb.t(), h, down_a.dtype) if need_down_a else None
+    if h is not None and need_down_a:  # the fused pass gave dA_d already
+        grads[5] = _mm_as(dyb.t(), h, down_a.dtype)
     del h
     grads[6] = fused_db if fused_db is not None else _b_grad(dy2, xa_down, down) if need_down_b else None
     if need_dh:
