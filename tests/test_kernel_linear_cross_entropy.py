@@ -4,7 +4,7 @@ from typing import Optional
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import fastft.kernels.linear_cross_entropy as lce
@@ -24,11 +24,17 @@ from fastft.kernels.linear_cross_entropy import (
 #     2.7e-3 in rel L2 for bf16; dh, db and the one-chunk cases equal the reference). bf16 gets
 #     1e-2 (relative to the largest element, so that tiny entries are not judged on their own
 #     ulps) and 5e-3 rel L2, fp16 eight times less (its ulp is).
+#   The rel L2 bound of a gradient summed over k chunks grows as sqrt(k): k roundings of the
+#     running sum (600 random bf16 cases with 1 to 20 chunks, CPU: at most 2.5e-3 sqrt(k)). It
+#     is a statistic over elements, checked from L2_MIN_ELEMENTS on: one bf16 ulp is 2^-8 to
+#     2^-7 of a value, so a 2-element dW whose two chunks round each element by one or two ulps
+#     has a rel L2 of up to 1.1e-2 (measured); the per-element bound above still holds there.
 TOL = {
     torch.float32: dict(loss=1e-5, grad=1e-4, l2=1e-5),
     torch.bfloat16: dict(loss=1e-3, grad=1e-2, l2=5e-3),
     torch.float16: dict(loss=1.25e-4, grad=1.25e-3, l2=6.25e-4),
 }
+L2_MIN_ELEMENTS = 32
 OP = torch.ops.fastft.linear_cross_entropy
 
 
@@ -53,7 +59,9 @@ def _problem(n, h, v, dtype, device, seed=0, bias=False):
     return hidden, weight, b
 
 
-def _close(actual: Optional[torch.Tensor], expected: Optional[torch.Tensor], dtype: torch.dtype, kind: str) -> None:
+def _close(actual: Optional[torch.Tensor], expected: Optional[torch.Tensor], dtype: torch.dtype, kind: str,
+           chunks: int = 1) -> None:
+    """chunks: how many chunks' products the gradient sums (dW's roundings; 1 for the rest)."""
     assert (actual is None) == (expected is None)
     if actual is None:
         return
@@ -63,8 +71,8 @@ def _close(actual: Optional[torch.Tensor], expected: Optional[torch.Tensor], dty
     finite = e[e.isfinite()]
     scale = max(finite.abs().max().item(), 1e-30) if finite.numel() else 1.0
     torch.testing.assert_close(a, e, rtol=tol, atol=tol * scale, equal_nan=True)
-    if kind == "grad" and e.numel() and e.norm() > 0:
-        assert ((a - e).norm() / e.norm()).item() <= TOL[dtype]["l2"]
+    if kind == "grad" and e.numel() >= L2_MIN_ELEMENTS and e.norm() > 0:
+        assert ((a - e).norm() / e.norm()).item() <= TOL[dtype]["l2"] * chunks ** 0.5
 
 
 def _run(fn, hidden, weight, bias, labels, args, grads=(True, True, True), grad_output=1.0):
@@ -126,8 +134,9 @@ def test_chunks_and_blocks(chunk_rows: int, block_v: int, dtype: torch.dtype, de
     want = _run(linear_cross_entropy_reference, hidden, weight, b, labels, (-100, 10.0, 1.0, "mean", None))
     loss, dh, dw, db = linear_cross_entropy_forward(
         hidden, weight, b, labels, -100, 10.0, 1.0, "mean", None, chunk_rows=chunk_rows, block_v=block_v)
-    for have, ref, kind in zip((loss, dh, dw, db), want, ("loss", "grad", "grad", "grad")):
-        _close(have, ref, dtype, kind)
+    chunks = -(-n // chunk_rows)
+    for have, ref, kind, k in zip((loss, dh, dw, db), want, ("loss", "grad", "grad", "grad"), (1, 1, chunks, 1)):
+        _close(have, ref, dtype, kind, k)
 
 
 def test_chunks_through_the_op(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -324,6 +333,12 @@ def test_second_backward_raises(device: str) -> None:
     grads=st.sampled_from([(True, True, True), (True, False, False), (False, True, True)]),
     seed=st.integers(0, 2**16),
 )
+# two chunks, each rounding both elements of a 2-element bf16 dW (once failed the rel L2 bound)
+@example(n=2, h=1, v=2, dtype=torch.bfloat16, bias=False, softcap=None, logit_scale=1.0, reduction="mean",
+         ignored_frac=0.0, chunk_rows=1, grads=(True, True, True), seed=0)
+# twenty chunks of one row: twenty roundings of dW (rel L2 7.0e-3, over 5e-3)
+@example(n=20, h=1, v=277, dtype=torch.bfloat16, bias=False, softcap=None, logit_scale=1.0, reduction="mean",
+         ignored_frac=0.0, chunk_rows=1, grads=(True, True, True), seed=28)
 def test_random(n, h, v, dtype, bias, softcap, logit_scale, reduction, ignored_frac, chunk_rows, grads, seed,
                 device: str) -> None:
     hidden, weight, b = _problem(n, h, v, dtype, device, seed=seed, bias=bias)
@@ -339,8 +354,9 @@ def test_random(n, h, v, dtype, bias, softcap, logit_scale, reduction, ignored_f
     else:  # the launcher with forced chunks
         loss, dh, dw, db = linear_cross_entropy_forward(hidden, weight, b, labels, *args, *grads, chunk_rows=chunk_rows)
         have = (loss, dh, dw, db if b is not None and grads[2] else None)
-    for k, r, kind in zip(have, want, ("loss", "grad", "grad", "grad")):
-        _close(k, r, dtype, kind)
+    chunks = 1 if chunk_rows is None else -(-n // chunk_rows)
+    for k, r, kind, c in zip(have, want, ("loss", "grad", "grad", "grad"), (1, 1, chunks, 1)):
+        _close(k, r, dtype, kind, c)
 
 
 def test_rejects_bad_inputs(device: str) -> None:
