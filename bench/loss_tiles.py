@@ -1,13 +1,10 @@
-"""Time the fused loss's rows kernel (kernels/linear_cross_entropy.py) over (BLOCK_V, num_warps),
-its grid (a program per row, or a few programs per SM taking rows in turn, so that fewer rows are
-in flight and each stays in L2 between its two passes) and the gradient pass's block order, on one
-chunk of 16-bit logits, gradients computed, as the loss's forward launches it.
+"""Time the fused loss's rows kernel (kernels/linear_cross_entropy.py) over (BLOCK_V, num_warps)
+on one chunk of 16-bit logits, gradients computed, as the loss's forward launches it.
 
     python3 bench/loss_tiles.py [--rows 1024] [--vocab 128256]
 
 Prints the configurations by median microseconds (``triton.testing.do_bench``). GPU only; the
-pick goes into ``_kernel_config``, ``PROGRAMS_PER_SM`` and ``GRAD_REVERSED`` with the device, date
-and this command.
+pick goes into ``_kernel_config`` with the device, date and this command.
 """
 from __future__ import annotations
 
@@ -34,24 +31,18 @@ def main() -> None:
     labels = torch.randint(0, vocab, (rows,), device="cuda")
     loss = torch.empty(rows, device="cuda")
     inv_div = torch.ones(1, device="cuda")
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    tiles = ((4096, 16), (8192, 16), (8192, 32), (2048, 8), (4096, 8))
     results = []
-    for (block_v, num_warps), per_sm, reversed_ in itertools.product(tiles, (None, 1, 2, 3), (False, True)):
-        programs = rows if per_sm is None else min(rows, per_sm * sms)
-
+    for block_v, num_warps in itertools.product((1024, 2048, 4096, 8192, 16384), (4, 8, 16, 32)):
         def run():  # the gradient goes over the logits, as in the op: the values stay finite
-            linear_cross_entropy_rows_kernel[(programs,)](
-                logits, labels, logits, loss, inv_div, rows, vocab, logits.stride(0), -100, 1.0, 1.0,
+            linear_cross_entropy_rows_kernel[(rows,)](
+                logits, labels, logits, loss, inv_div, vocab, logits.stride(0), -100, 1.0, 1.0,
                 HAS_COLUMN_SCALE=False, HAS_SOFTCAP=False, COMPUTE_GRAD=True, DTYPE=TL_DTYPE[dtype],
-                BLOCK_V=block_v, GRAD_REVERSED=reversed_, num_warps=num_warps)
+                BLOCK_V=block_v, num_warps=num_warps)
         us = triton.testing.do_bench(run, warmup=20, rep=150, return_mode="median") * 1e3
-        results.append((us, block_v, num_warps, per_sm, reversed_))
-    print(f"rows kernel, {rows} rows x V {vocab} {dtype}, on {torch.cuda.get_device_name()} ({sms} SMs):")
-    for us, block_v, num_warps, per_sm, reversed_ in sorted(results):
-        grid = "a program per row" if per_sm is None else f"{per_sm} programs per SM"
-        order = "reversed" if reversed_ else "in order"
-        print(f"  {us:8.1f} us  BLOCK_V {block_v:5d}  num_warps {num_warps:2d}  {grid:18s}  gradient pass {order}")
+        results.append((us, block_v, num_warps))
+    print(f"rows kernel, {rows} rows x V {vocab} {dtype}, on {torch.cuda.get_device_name()}:")
+    for us, block_v, num_warps in sorted(results):
+        print(f"  {us:8.1f} us  BLOCK_V {block_v:5d}  num_warps {num_warps}")
 
 
 if __name__ == "__main__":

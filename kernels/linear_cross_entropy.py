@@ -159,7 +159,6 @@ def linear_cross_entropy_rows_kernel(
     cscale_ptr,  # [V] fp32 per-vocabulary scale, or a dummy
     loss_ptr,  # [rows] fp32: each row's loss, not divided by D
     inv_div_ptr,  # [1] fp32: 1 / D
-    n_rows,
     V,
     stride_l,
     ignore_index,
@@ -170,23 +169,8 @@ def linear_cross_entropy_rows_kernel(
     COMPUTE_GRAD: tl.constexpr,
     DTYPE: tl.constexpr,
     BLOCK_V: tl.constexpr,
-    GRAD_REVERSED: tl.constexpr,
 ):
-    # Rows in turn, over a grid the launcher may size below the rows: fewer rows in flight keep
-    # each row in L2 between its two passes.
-    first = tl.program_id(0).to(tl.int64)  # row * stride exceeds 2^31 for large chunks
-    step = tl.num_programs(0)
-    for i in range(0, tl.cdiv(n_rows - tl.program_id(0), step)):
-        _cross_entropy_row(logits_ptr, labels_ptr, cscale_ptr, loss_ptr, inv_div_ptr, first + i * step, V,
-                           stride_l, ignore_index, softcap, logit_scale, HAS_COLUMN_SCALE, HAS_SOFTCAP,
-                           COMPUTE_GRAD, DTYPE, BLOCK_V, GRAD_REVERSED)
-
-
-@triton.jit
-def _cross_entropy_row(logits_ptr, labels_ptr, cscale_ptr, loss_ptr, inv_div_ptr, row, V, stride_l,
-                       ignore_index, softcap, logit_scale, HAS_COLUMN_SCALE: tl.constexpr,
-                       HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr, DTYPE: tl.constexpr,
-                       BLOCK_V: tl.constexpr, GRAD_REVERSED: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # row * stride exceeds 2^31 for large chunks
     logits_row = logits_ptr + row * stride_l
     cols = tl.arange(0, BLOCK_V)
     label = tl.load(labels_ptr + row).to(tl.int64)
@@ -228,12 +212,8 @@ def _cross_entropy_row(logits_ptr, labels_ptr, cscale_ptr, loss_ptr, inv_div_ptr
             inv_div = tl.load(inv_div_ptr)
             inv_div = tl.where(valid, inv_div, float("nan"))
             # Each block's gradient goes over the logits it was computed from, lane for lane.
-            n_blocks = tl.cdiv(V, BLOCK_V)
-            for i in range(0, n_blocks):
-                if GRAD_REVERSED:  # the blocks read last above first: the likeliest still in L2
-                    offs = (n_blocks - 1 - i) * BLOCK_V + cols
-                else:
-                    offs = i * BLOCK_V + cols
+            for start in range(0, V, BLOCK_V):
+                offs = start + cols
                 mask = offs < V
                 z, dz = _logits_block(logits_row, cscale_ptr, offs, mask, softcap, logit_scale,
                                       HAS_COLUMN_SCALE, HAS_SOFTCAP)
@@ -367,18 +347,6 @@ def _kernel_config(v: int, device: torch.device, block_v: Optional[int]) -> tupl
     return block_v, num_warps
 
 
-# The rows kernel's grid, in programs per SM (None: a program per row), and the gradient pass's
-# block order; measured by bench/loss_tiles.py.
-PROGRAMS_PER_SM: Optional[int] = None
-GRAD_REVERSED: bool = False
-
-
-def _rows_programs(device: torch.device, rows: int) -> int:
-    if PROGRAMS_PER_SM is None or device.type != "cuda":
-        return rows
-    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _divisor(labels: torch.Tensor, ignore_index: int, reduction: str,
              normalizer: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
     """D as a 0-d fp32 tensor on the device (None for a plain sum): no host synchronisation."""
@@ -441,23 +409,21 @@ def linear_cross_entropy_forward(
         rows = _chunk_rows(n_rows, v, device, chunk_rows, hidden.element_size())
         buf = torch.empty((rows, v), dtype=hidden.dtype, device=device)
         block_v, num_warps = _kernel_config(v, device, block_v)
-        programs = _rows_programs(device, rows)
         cscale_arg = column_scale if column_scale is not None else buf
         for r0 in range(0, n_rows, rows):
             r1 = min(r0 + rows, n_rows)
             h_c = h2[r0:r1]
             logits = buf[: r1 - r0]
             _project(logits, h_c, weight, bias)
-            linear_cross_entropy_rows_kernel[(min(r1 - r0, programs),)](
+            linear_cross_entropy_rows_kernel[(r1 - r0,)](
                 logits, y[r0:r1], cscale_arg, row_loss[r0:r1], inv_div,
-                r1 - r0, v, logits.stride(0), int(ignore_index),
+                v, logits.stride(0), int(ignore_index),
                 float(softcap) if softcap is not None else 1.0, float(logit_scale),
                 HAS_COLUMN_SCALE=column_scale is not None,
                 HAS_SOFTCAP=softcap is not None,
                 COMPUTE_GRAD=compute_grad,
                 DTYPE=TL_DTYPE[hidden.dtype],
                 BLOCK_V=block_v,
-                GRAD_REVERSED=GRAD_REVERSED,
                 num_warps=num_warps,
             )
             grad = logits  # now dl/da

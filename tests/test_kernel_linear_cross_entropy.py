@@ -139,22 +139,6 @@ def test_chunks_and_blocks(chunk_rows: int, block_v: int, dtype: torch.dtype, de
         _close(have, ref, dtype, kind, k)
 
 
-@pytest.mark.parametrize("programs,reversed_", [(1, False), (3, True), (13, True), (None, True)])
-def test_rows_in_turn_and_reversed(programs, reversed_, device: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The rows kernel over fewer programs than rows (each takes rows in turn; 3 does not divide
-    13) and with its gradient pass from the last vocabulary block back: the same results."""
-    if programs is not None:
-        monkeypatch.setattr(lce, "_rows_programs", lambda _device, rows: min(rows, programs))
-    monkeypatch.setattr(lce, "GRAD_REVERSED", reversed_)
-    n, h, v = 13, 24, 257
-    hidden, weight, b = _problem(n, h, v, torch.bfloat16, device, seed=5, bias=True)
-    labels = _labels(n, v, device, seed=5, ignored=(2, 12))
-    want = _run(linear_cross_entropy_reference, hidden, weight, b, labels, (-100, 10.0, 1.0, "mean", None))
-    have = linear_cross_entropy_forward(hidden, weight, b, labels, -100, 10.0, 1.0, "mean", None, block_v=64)
-    for k, r, kind in zip(have, want, ("loss", "grad", "grad", "grad")):
-        _close(k, r, torch.bfloat16, kind)
-
-
 def test_chunks_through_the_op(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # A 3-row logits budget (below the minimum chunk, which it overrides): 13 rows go in 5
     # chunks of 3 (the last one has 1).
