@@ -31,15 +31,11 @@ class Options:
     patterns: list[Pattern] = field(default_factory=lambda: list(DEFAULT_PATTERNS))
     keep_logits: bool = False  # a fused loss still lets the graph return its logits in training
     cuda_graphs: bool = False  # replay Inductor's lowered graphs as CUDA graphs (one recording per shape)
-    recompute_norms: bool = False  # norms' outputs recomputed in the backward instead of kept
 
     def active_patterns(self) -> list[Pattern]:
-        patterns = list(self.patterns)
-        if self.keep_logits:
-            patterns = [dataclasses.replace(p, release=None) if p.release else p for p in patterns]
-        if not self.recompute_norms:
-            patterns = [dataclasses.replace(p, recompute=False) if p.recompute else p for p in patterns]
-        return patterns
+        if not self.keep_logits:
+            return list(self.patterns)
+        return [dataclasses.replace(p, release=None) if p.release else p for p in self.patterns]
 
 
 class EntryPoint:
@@ -148,11 +144,7 @@ def optimize(model: nn.Module, **options: Any) -> nn.Module:
     output is an empty tensor instead of [batch, seq, vocab] values; True computes them too),
     ``cuda_graphs`` (bool, default False: on a GPU, replay each lowered graph as a CUDA graph,
     which removes the host time of its launches; one recording per input shape, so it suits
-    fixed-length batches; a tensor a step returns is only valid until the next step runs),
-    ``recompute_norms`` (bool, default False: a norm's output, which the next linear's backward
-    reads, is kept from the forward; True recomputes it there from the norm's input, one
-    activation-sized tensor less per norm for one more norm kernel each; checkpointed layers
-    recompute everything inside them either way).
+    fixed-length batches; a tensor a step returns is only valid until the next step runs).
     Calling it again on an optimised model changes nothing and returns it.
     """
     if not isinstance(model, nn.Module):

@@ -55,7 +55,6 @@ class Pattern:
     absorb: Callable[[Match], list] | None = None
     # The fused op is cheap next to keeping its output for the backward (a norm, whose input is
     # kept anyway): AOT autograd's partitioner is asked to recompute it in the backward instead.
-    # optimize's ``recompute_norms`` option decides whether that request is made.
     recompute: bool = False
     # Joins with the glue beside the fused op, made in the graphs Inductor lowers (after autograd,
     # forward and backward): edits the graph in place and counts its joins by kind.

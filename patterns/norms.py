@@ -176,8 +176,7 @@ RMS_NORM = Pattern(
     kernel="fastft::rms_norm",
     anchor_filter=_is_rms_anchor,
     # The normed output feeds linears that keep it for their backward, beside the norm's own
-    # input: recomputing it there (one cheap kernel) keeps one tensor per norm instead of two,
-    # where optimize's recompute_norms asks for that.
+    # input: recomputing it there (one cheap kernel) keeps one tensor per norm instead of two.
     recompute=True,
     lowered_join=join_norm_adds,
 )

@@ -377,41 +377,29 @@ def _saved_bytes(model, x) -> int:
     return total
 
 
-def _saved_by_norm_options(x, **variants) -> tuple[dict, dict]:
-    """Saved bytes and models by variant: name -> (patterns, optimize's recompute_norms)."""
-    saved, models = {}, {}
-    # The compile caches' keys do not include the partitioner's recompute hints: compile afresh.
-    for name, (patterns, recompute_norms) in variants.items():
-        torch.manual_seed(1)
-        model = NormBetweenLinears().to(DEVICE)
-        models[name] = model
-        fastft.optimize(model, lower="inductor", patterns=patterns, recompute_norms=recompute_norms)
-        with _compiled_afresh():
-            _saved_bytes(model, x)  # the first call captures and compiles
-        saved[name] = _saved_bytes(model, x)
-        assert fastft.report(model).counts() == {"rms_norm": 1}
-    return saved, models
-
-
-def test_lowered_norm_is_recomputed_in_the_backward_where_asked():
-    """Under AOT autograd (Inductor lowering) with ``recompute_norms=True`` the norm's output is
-    not kept for the next linear's backward: the norm runs again there from its input, which its
-    own backward keeps anyway. By default, and for a norm pattern that does not ask for it, the
-    output is kept."""
+def test_lowered_norm_is_recomputed_in_the_backward_not_saved():
+    """Under AOT autograd (Inductor lowering) the norm's output is not kept for the next linear's
+    backward: the norm runs again there from its input, which its own backward keeps anyway."""
     import dataclasses
 
     from fastft.patterns import RMS_NORM
 
     torch.manual_seed(0)
     x = torch.randn(4, 8, 48, device=DEVICE)
-    saved, models = _saved_by_norm_options(
-        x, recomputed=([RMS_NORM], True), default=([RMS_NORM], False),
-        not_asked=([dataclasses.replace(RMS_NORM, recompute=False)], True))
-    assert saved["default"] - saved["recomputed"] == x.numel() * x.element_size(), saved
-    assert saved["not_asked"] == saved["default"], saved
-    for name in ("default", "not_asked"):
-        for a, b in zip(models["recomputed"].parameters(), models[name].parameters()):
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+    saved, models = {}, {}
+    # The compile caches' keys do not include the partitioner's recompute hints: compile afresh.
+    for recompute in (True, False):
+        torch.manual_seed(1)
+        model = NormBetweenLinears().to(DEVICE)
+        models[recompute] = model
+        fastft.optimize(model, lower="inductor", patterns=[dataclasses.replace(RMS_NORM, recompute=recompute)])
+        with _compiled_afresh():
+            _saved_bytes(model, x)  # the first call captures and compiles
+        saved[recompute] = _saved_bytes(model, x)
+        assert fastft.report(model).counts() == {"rms_norm": 1}
+    assert saved[False] - saved[True] == x.numel() * x.element_size(), saved
+    for a, b in zip(models[True].parameters(), models[False].parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
 
 
 class UpcastOnlyForTheSquares(nn.Module):
