@@ -1,8 +1,10 @@
 """Match patterns in a captured graph (and every graph nested in it) and splice in fused ops."""
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -108,6 +110,9 @@ def _rewrite_graph(gm: fx.GraphModule, patterns: list[Pattern], result: RewriteR
     consumed: set[fx.Node] = set()
     failures: dict[tuple[str, fx.Node], Failure] = {}
     changed = False
+    # Root -> the node now standing in for it. A match waiting for partners may read a node that
+    # a splice replaced meanwhile (its input is another match's result): it is read through this.
+    replaced: dict[fx.Node, fx.Node] = {}
     for pattern in patterns:
         pending: dict = {}  # group key -> accepted matches waiting for a partner
         # From the output backwards, so that the largest region (the one ending in a final cast)
@@ -123,16 +128,17 @@ def _rewrite_graph(gm: fx.GraphModule, patterns: list[Pattern], result: RewriteR
             consumed.update(match.nodes)
             changed = True
             if pattern.group_key is None:
-                _splice(gm, pattern, [match], prepared, result)
+                replaced.update(_splice(gm, pattern, [match], prepared, result))
                 continue
             group = pending.setdefault(pattern.group_key(match), [])
             group.append((match, prepared))
             if len(group) == pattern.group_size:
-                _splice_group(gm, pattern, group, result)
+                replaced.update(_splice_group(gm, pattern, [_current(e, replaced) for e in group], result))
                 group.clear()
         for group in pending.values():
-            for match, prepared in group:
-                _splice(gm, pattern, [match], prepared, result)
+            for entry in group:
+                match, prepared = _current(entry, replaced)
+                replaced.update(_splice(gm, pattern, [match], prepared, result))
     result.near_misses.extend(_near_misses(graph, patterns, consumed, failures))
     if changed:
         graph.lint()
@@ -184,9 +190,32 @@ def extract_region(matches: list[Match], inputs: list[fx.Node]) -> tuple[fx.Grap
     return fx.GraphModule(owner if owner is not None else torch.nn.Module(), graph), None
 
 
-def _splice_group(gm: fx.GraphModule, pattern: Pattern, group: list, result: RewriteResult) -> None:
+def _followed(value: Any, replaced: dict[fx.Node, fx.Node]) -> Any:
+    """``value`` with each node a splice replaced swapped for the node standing in for it."""
+    if isinstance(value, fx.Node):
+        while value in replaced:
+            value = replaced[value]
+        return value
+    if type(value) in (list, tuple):
+        return type(value)(_followed(v, replaced) for v in value)
+    return value
+
+
+def _current(entry: tuple, replaced: dict[fx.Node, fx.Node]) -> tuple:
+    """An accepted (match, (replacement, region)) whose bindings and call read the graph as it is
+    now. The region, cut out when the match was accepted, keeps its inputs' order."""
+    match, (replacement, region) = entry
+    if not replaced:
+        return entry
+    match = dataclasses.replace(match, bindings={k: _followed(v, replaced) for k, v in match.bindings.items()})
+    return match, (dataclasses.replace(replacement, args=_followed(replacement.args, replaced)), region)
+
+
+def _splice_group(gm: fx.GraphModule, pattern: Pattern, group: list, result: RewriteResult
+                  ) -> dict[fx.Node, fx.Node]:
     """One call for the whole group, placed after its last input and before its first use;
-    where no such place exists (or the region cannot be cut out), each match gets its own call."""
+    where no such place exists (or the region cannot be cut out), each match gets its own call.
+    Returns each root with the node that replaced it."""
     matches = [m for m, _ in group]
     order = _position(gm.graph)
     matches.sort(key=lambda m: order(m.root))
@@ -196,13 +225,17 @@ def _splice_group(gm: fx.GraphModule, pattern: Pattern, group: list, result: Rew
     last_input = max((order(n) for n in inputs), default=-1)
     first_use = min((order(u) for m in matches for u in m.root.users), default=len(gm.graph.nodes))
     if region is None or last_input >= first_use:
+        replaced: dict[fx.Node, fx.Node] = {}
         for match, prepared in group:
-            _splice(gm, pattern, [match], prepared, result)
-        return
-    _splice(gm, pattern, matches, (replacement, region), result)
+            replaced.update(_splice(gm, pattern, [match], prepared, result))
+        return replaced
+    return _splice(gm, pattern, matches, (replacement, region), result)
 
 
-def _splice(gm: fx.GraphModule, pattern: Pattern, matches: list[Match], prepared, result: RewriteResult) -> None:
+def _splice(gm: fx.GraphModule, pattern: Pattern, matches: list[Match], prepared, result: RewriteResult
+            ) -> dict[fx.Node, fx.Node]:
+    """The fused call in place of ``matches``' regions; returns each root with the node that
+    replaced it."""
     replacement, region = prepared
     graph = gm.graph
     order = _position(graph)
@@ -226,14 +259,17 @@ def _splice(gm: fx.GraphModule, pattern: Pattern, matches: list[Match], prepared
         from torch.utils.checkpoint import CheckpointPolicy
 
         fused.meta.setdefault("recompute", CheckpointPolicy.PREFER_RECOMPUTE)
+    replaced: dict[fx.Node, fx.Node] = {}
     if replacement.outputs is None:
-        matches[0].root.replace_all_uses_with(_with_layout_of(graph, fused, matches[0].root, inputs))
+        replaced[matches[0].root] = _with_layout_of(graph, fused, matches[0].root, inputs)
+        matches[0].root.replace_all_uses_with(replaced[matches[0].root])
     else:
         with graph.inserting_after(fused):
             for i, m in reversed(list(enumerate(matches))):
                 out = graph.call_function(operator.getitem, (fused, i))
                 out.meta.update({k: v for k, v in m.root.meta.items() if k != "fastft_canon"})
-                m.root.replace_all_uses_with(_with_layout_of(graph, out, m.root, inputs))
+                replaced[m.root] = _with_layout_of(graph, out, m.root, inputs)
+                m.root.replace_all_uses_with(replaced[m.root])
         fused.meta["example_value"] = tuple(tensor_meta(m.root) for m in matches)
     inside = set(nodes) | {n for m in matches for n in m.absorbed}
     for m in matches:
@@ -244,6 +280,7 @@ def _splice(gm: fx.GraphModule, pattern: Pattern, matches: list[Match], prepared
         if not node.users:
             graph.erase_node(node)
     result.applied.append(applied)
+    return replaced
 
 
 def _with_layout_of(graph: fx.Graph, out: fx.Node, root: fx.Node, inputs: list[fx.Node]) -> fx.Node:

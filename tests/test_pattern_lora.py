@@ -406,3 +406,36 @@ def test_a_conv1d_layer_fuses_for_inputs_of_either_rank(lead):
     result = fastft.check(model, (torch.randn(*lead, 16, device=DEVICE),))
     assert result.ok, str(result)
     assert _counts(model).get("lora") == 1 and not _lora_misses(model), fastft.report(model)
+
+
+class _AdaptedChainBesideSharedInput(torch.nn.Module):
+    """``right`` reads ``left``'s output; ``left``, ``q`` and ``k`` read one input. Matched from the
+    output back, ``right`` waits for partners of its input before ``left`` completes the group of
+    three that replaces that input (a layout Gemma 3n's LAuReL block has beside its attention)."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.left, self.right, self.q, self.k = (torch.nn.Linear(width, width, bias=False) for _ in range(4))
+
+    def forward(self, x):
+        chained = self.right(self.left(x))
+        return (chained + self.q(x) * self.k(x)).square().mean()
+
+
+def test_a_waiting_match_reads_the_op_that_replaced_its_input():
+    model = _adapted_proj(_AdaptedChainBesideSharedInput, targets=("left", "right", "q", "k"))
+    reference = twin(model)
+    fastft.optimize(model)
+    x = torch.randn(3, 5, 16, device=DEVICE)
+    loss, want = model(x), reference(x)
+    loss.backward()
+    want.backward()
+    report = fastft.report(model)
+    assert not report.capture_failures, report.capture_failures
+    # left, q and k as one op, right as another
+    kernels = sorted(r.kernel for r in report.rewrites)
+    assert kernels == ["fastft::lora_linear", "fastft::lora_linear_x3"], kernels
+    torch.testing.assert_close(loss, want)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
