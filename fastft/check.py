@@ -308,14 +308,29 @@ def _float32_run(model: nn.Module, inputs: dict | tuple, loss_fn: Callable | Non
         args, kwargs = (), {k: wide(v) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     else:
         args, kwargs = tuple(wide(v) if isinstance(v, torch.Tensor) else v for v in inputs), {}
+    run = _ForwardAndGradients(model, loss_fn, list(leaves.values()))
     with torch.random.fork_rng(devices=_devices(model)), state.original():
         torch.manual_seed(seed)
-        out = torch.func.functional_call(model, tensors, args, kwargs)
-        loss = _loss_of(out, loss_fn)
-        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        out, loss, grads = torch.func.functional_call(run, {f"model.{n}": t for n, t in tensors.items()},
+                                                      (args, kwargs))
     found = {"loss": loss.detach(), **{k: v.detach() for k, v in _tensors(out, "output").items()}}
     found.update({f"grad {n}": g for n, g in zip(leaves, grads) if g is not None})
     return found
+
+
+class _ForwardAndGradients(nn.Module):
+    """The model's forward, its loss and the loss's gradients in one call, so that all of it runs
+    inside one ``functional_call``: a checkpointed layer runs its forward again in the backward,
+    and must see the substituted tensors there too."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable | None, leaves: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.model, self.loss_fn, self.leaves = model, loss_fn, leaves
+
+    def forward(self, args: tuple, kwargs: dict) -> tuple[Any, torch.Tensor, tuple]:
+        out = self.model(*args, **kwargs)
+        loss = _loss_of(out, self.loss_fn)
+        return out, loss, torch.autograd.grad(loss, self.leaves, allow_unused=True)
 
 
 def _judge_by_float32_run(result: CheckResult, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
