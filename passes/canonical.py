@@ -347,7 +347,12 @@ def _canon_matmul(node: fx.Node) -> Canon | None:
     x, transposed = node.args
     weight = _transposed_matrix(transposed)
     x_meta = tensor_meta(x)
-    if weight is None or x_meta is None or x_meta.dim() < 1:
+    if x_meta is None or x_meta.dim() < 1:
+        return None
+    if weight is None and isinstance(transposed, fx.Node) and _transposed_matrix(outer_value(transposed)) is not None:
+        # A checkpointed layer's body that receives W^T from outside: ``x @ M`` with M = W^T stored [in, out].
+        return Canon("linear_t", (x, transposed, None))
+    if weight is None:
         return None
     return Canon("linear", (x, weight, None), via=(transposed,))
 

@@ -439,3 +439,41 @@ def test_a_waiting_match_reads_the_op_that_replaced_its_input():
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         if p.requires_grad:
             torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+class _CheckpointedSquaredMeanOf(torch.nn.Module):
+    """``_SquaredMeanOf`` with the projection in a non-reentrant checkpointed region, as HF's
+    gradient checkpointing runs a layer."""
+
+    def __init__(self, proj: torch.nn.Module) -> None:
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.proj, x, use_reentrant=False).square().mean()
+
+
+@pytest.mark.parametrize("spelling", ["T", "t", "none"])
+def test_x_times_w_transposed_is_a_linear_inside_a_checkpointed_layer(spelling):
+    """Dynamo may hand the checkpointed body W^T computed outside it (Falcon's layers): x times
+    that input is a linear of the weight stored [in, out]; x W with W itself is not."""
+    model = _adapted_proj(lambda: _CheckpointedSquaredMeanOf(_MatmulLinear(spelling)))
+    reference = twin(model)
+    fastft.optimize(model)
+    x = torch.randn(6, 16, device=DEVICE, requires_grad=True)
+    result = fastft.check(model, (x,))
+    assert result.ok, str(result)
+    if spelling == "none":
+        assert "lora" not in _counts(model)
+        assert any("neither a linear" in m.reason for m in _lora_misses(model))
+        return
+    assert _counts(model).get("lora") == 1 and not _lora_misses(model), fastft.report(model)
+    loss, want = model(x), reference(x)
+    loss.backward()
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
