@@ -341,7 +341,8 @@ def _canon_linear(node: fx.Node) -> Canon | None:
 
 def _canon_matmul(node: fx.Node) -> Canon | None:
     """``x @ W^T`` (``matmul``/``mm``) with W a matrix: the same math as ``linear(x, W)``, as
-    models with their own linear layers write it; the transpose belongs to the region."""
+    models with their own linear layers write it; the transpose belongs to the region. In a
+    checkpointed body that receives W^T as an input: ``linear_t`` of that input."""
     if len(node.args) != 2:
         return None
     x, transposed = node.args
@@ -350,7 +351,7 @@ def _canon_matmul(node: fx.Node) -> Canon | None:
     if x_meta is None or x_meta.dim() < 1:
         return None
     if weight is None and isinstance(transposed, fx.Node) and _transposed_matrix(outer_value(transposed)) is not None:
-        # A checkpointed layer's body that receives W^T from outside: ``x @ M`` with M = W^T stored [in, out].
+        # W^T computed outside the body: the input is W stored [in, out], as a Conv1D's weight.
         return Canon("linear_t", (x, transposed, None))
     if weight is None:
         return None
