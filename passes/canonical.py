@@ -350,12 +350,12 @@ def _canon_matmul(node: fx.Node) -> Canon | None:
     x_meta = tensor_meta(x)
     if x_meta is None or x_meta.dim() < 1:
         return None
-    if weight is None and isinstance(transposed, fx.Node) and _transposed_matrix(outer_value(transposed)) is not None:
+    if weight is not None:
+        return Canon("linear", (x, weight, None), via=(transposed,))
+    if isinstance(transposed, fx.Node) and _transposed_matrix(outer_value(transposed)) is not None:
         # W^T computed outside the body: the input is W stored [in, out], as a Conv1D's weight.
         return Canon("linear_t", (x, transposed, None))
-    if weight is None:
-        return None
-    return Canon("linear", (x, weight, None), via=(transposed,))
+    return None
 
 
 def _canon_addmm(node: fx.Node) -> Canon | None:

@@ -262,6 +262,18 @@ def _adapted_proj(make, targets=("proj",), **lora) -> torch.nn.Module:
     return model
 
 
+def _assert_step_like(model, reference, x) -> None:
+    """One forward and backward of ``model`` and of its unoptimised twin: the same loss and the
+    same gradient for every trainable parameter."""
+    loss, want = model(x), reference(x)
+    loss.backward()
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
 class _InPlaceAfterLinear(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -280,15 +292,8 @@ def test_the_fused_output_takes_an_in_place_add(lower):
     model = _adapted_proj(_InPlaceAfterLinear)
     reference = twin(model)
     fastft.optimize(model, lower=lower)
-    x = torch.randn(3, 5, 16, device=DEVICE)
-    loss, want = model(x), reference(x)
-    loss.backward()
-    want.backward()
+    _assert_step_like(model, reference, torch.randn(3, 5, 16, device=DEVICE))
     assert _counts(model).get("lora") == 1
-    torch.testing.assert_close(loss, want)
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, q.grad, msg=name)
 
 
 class _MatmulLinear(torch.nn.Linear):
@@ -316,13 +321,18 @@ class _MatmulLinear(torch.nn.Linear):
 
 
 class _SquaredMeanOf(torch.nn.Module):
-    """A scalar of one projection's output, for a check or a backward."""
+    """A scalar of one projection's output, for a check or a backward; ``checkpointed``: the
+    projection in a non-reentrant checkpointed region, as HF's gradient checkpointing runs a layer."""
 
-    def __init__(self, proj: torch.nn.Module) -> None:
+    def __init__(self, proj: torch.nn.Module, checkpointed: bool = False) -> None:
         super().__init__()
-        self.proj = proj
+        self.proj, self.checkpointed = proj, checkpointed
 
     def forward(self, x):
+        if self.checkpointed:
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self.proj, x, use_reentrant=False).square().mean()
         return self.proj(x).square().mean()
 
 
@@ -426,40 +436,19 @@ def test_a_waiting_match_reads_the_op_that_replaced_its_input():
     model = _adapted_proj(_AdaptedChainBesideSharedInput, targets=("left", "right", "q", "k"))
     reference = twin(model)
     fastft.optimize(model)
-    x = torch.randn(3, 5, 16, device=DEVICE)
-    loss, want = model(x), reference(x)
-    loss.backward()
-    want.backward()
+    _assert_step_like(model, reference, torch.randn(3, 5, 16, device=DEVICE))
     report = fastft.report(model)
     assert not report.capture_failures, report.capture_failures
     # left, q and k as one op, right as another
     kernels = sorted(r.kernel for r in report.rewrites)
     assert kernels == ["fastft::lora_linear", "fastft::lora_linear_x3"], kernels
-    torch.testing.assert_close(loss, want)
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, q.grad, msg=name)
-
-
-class _CheckpointedSquaredMeanOf(torch.nn.Module):
-    """``_SquaredMeanOf`` with the projection in a non-reentrant checkpointed region, as HF's
-    gradient checkpointing runs a layer."""
-
-    def __init__(self, proj: torch.nn.Module) -> None:
-        super().__init__()
-        self.proj = proj
-
-    def forward(self, x):
-        from torch.utils.checkpoint import checkpoint
-
-        return checkpoint(self.proj, x, use_reentrant=False).square().mean()
 
 
 @pytest.mark.parametrize("spelling", ["T", "t", "none"])
 def test_x_times_w_transposed_is_a_linear_inside_a_checkpointed_layer(spelling):
     """Dynamo may hand the checkpointed body W^T computed outside it (Falcon's layers): x times
     that input is a linear of the weight stored [in, out]; x W with W itself is not."""
-    model = _adapted_proj(lambda: _CheckpointedSquaredMeanOf(_MatmulLinear(spelling)))
+    model = _adapted_proj(lambda: _SquaredMeanOf(_MatmulLinear(spelling), checkpointed=True))
     reference = twin(model)
     fastft.optimize(model)
     x = torch.randn(6, 16, device=DEVICE, requires_grad=True)
@@ -470,10 +459,4 @@ def test_x_times_w_transposed_is_a_linear_inside_a_checkpointed_layer(spelling):
         assert any("neither a linear" in m.reason for m in _lora_misses(model))
         return
     assert _counts(model).get("lora") == 1 and not _lora_misses(model), fastft.report(model)
-    loss, want = model(x), reference(x)
-    loss.backward()
-    want.backward()
-    torch.testing.assert_close(loss, want)
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, q.grad, msg=name)
+    _assert_step_like(model, reference, x)
