@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import fastft.kernels.linear_cross_entropy as lce
+from fastft.kernels.launch import cdiv
 from fastft.kernels.linear_cross_entropy import (
     linear_cross_entropy,
     linear_cross_entropy_forward,
@@ -134,7 +135,7 @@ def test_chunks_and_blocks(chunk_rows: int, block_v: int, dtype: torch.dtype, de
     want = _run(linear_cross_entropy_reference, hidden, weight, b, labels, (-100, 10.0, 1.0, "mean", None))
     loss, dh, dw, db = linear_cross_entropy_forward(
         hidden, weight, b, labels, -100, 10.0, 1.0, "mean", None, chunk_rows=chunk_rows, block_v=block_v)
-    chunks = -(-n // chunk_rows)
+    chunks = cdiv(n, chunk_rows)
     for have, ref, kind, k in zip((loss, dh, dw, db), want, ("loss", "grad", "grad", "grad"), (1, 1, chunks, 1)):
         _close(have, ref, dtype, kind, k)
 
@@ -354,7 +355,7 @@ def test_random(n, h, v, dtype, bias, softcap, logit_scale, reduction, ignored_f
     else:  # the launcher with forced chunks
         loss, dh, dw, db = linear_cross_entropy_forward(hidden, weight, b, labels, *args, *grads, chunk_rows=chunk_rows)
         have = (loss, dh, dw, db if b is not None and grads[2] else None)
-    chunks = 1 if chunk_rows is None else -(-n // chunk_rows)
+    chunks = 1 if chunk_rows is None else cdiv(n, chunk_rows)
     for k, r, kind, c in zip(have, want, ("loss", "grad", "grad", "grad"), (1, 1, chunks, 1)):
         _close(k, r, dtype, kind, c)
 
