@@ -197,3 +197,70 @@ def test_older_dynamo_keeps_a_checkpointed_peft_llama_in_one_graph(older_dynamo,
     report = fastft.report(model)
     assert _breaks(model) == 0 and not report.capture_failures and report.graphs_captured == 1, str(report)
     assert_same_training(reference, model, [random_batch(model, seq=8, seed=s) for s in range(1, 3)])
+
+
+# --- a checkpointed layer with a Python side effect ---------------------------------------------
+
+
+class SharedKeys(nn.Module):
+    """Checkpointed layers that share one projection through a dict, as decoders that share keys
+    and values across layers do: the first layer stores it, the later ones read it. The store is
+    a side effect of a checkpointed region on a dict from outside it."""
+
+    def __init__(self, dim: int = 16, layers: int = 3) -> None:
+        super().__init__()
+        self.projs = nn.ModuleList(nn.Linear(dim, dim, bias=False) for _ in range(layers))
+        self.shared_proj = nn.Linear(dim, dim, bias=False)
+
+    def _layer(self, i: int, x: torch.Tensor, shared: dict) -> torch.Tensor:
+        if i == 0:
+            shared["keys"] = self.shared_proj(x)
+        return x + torch.tanh(self.projs[i](x)) * shared["keys"]
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        shared: dict = {}
+        for i in range(len(self.projs)):
+            x = checkpoint(self._layer, i, x, shared, use_reentrant=False)
+        return Out(x.square().mean())
+
+
+def _shared_keys_adapted() -> nn.Module:
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "1", "2", "shared_proj"])
+    model = peft.get_peft_model(SharedKeys().to(DEVICE), config)
+    with torch.no_grad():  # lora_B starts at zero: give the adapters something to compute
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    return model
+
+
+def _x(seed: int) -> dict:
+    return {"x": torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(seed)).to(DEVICE)}
+
+
+def test_a_checkpointed_layer_storing_into_a_shared_dict_is_captured_and_fused():
+    if "skip_fwd_side_effects_in_bwd_under_checkpoint" not in optimize_module._CAPTURE_CONFIG:
+        pytest.skip("this torch's Dynamo does not trace side effects under checkpointing")
+    model = _shared_keys_adapted()
+    reference = twin(model)
+    fastft.optimize(model)
+    result = fastft.check(model, _x(0))
+    assert result.ok, str(result)
+    report = fastft.report(model)
+    assert _breaks(model) == 0 and report.graphs_captured == 1 and not report.capture_failures, str(report)
+    assert report.counts().get("lora") == 4, str(report)  # every adapted linear, each in its layer
+    assert_same_training(reference, model, [_x(s) for s in range(1, 4)])
+
+
+def test_a_checkpointed_layer_storing_into_a_shared_dict_breaks_without_the_setting(monkeypatch):
+    config = {k: v for k, v in optimize_module._CAPTURE_CONFIG.items()
+              if k != "skip_fwd_side_effects_in_bwd_under_checkpoint"}
+    monkeypatch.setattr(optimize_module, "_CAPTURE_CONFIG", config)
+    model = fastft.optimize(_shared_keys_adapted())
+    model(**_x(0)).loss.backward()
+    report = fastft.report(model)
+    assert _breaks(model) > 0 and "lora" not in report.counts(), str(report)
+    assert any("side effect" in b.reason for b in report.graph_breaks), str(report)
