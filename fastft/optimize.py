@@ -200,14 +200,13 @@ def _entry_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return entries
 
 
-# Ops whose output shape or value depends on the data (a mixture of experts' routing: nonzero,
-# index_select by a routing mask, .item()) are captured with unbacked sizes instead of breaking
-# the graph around every expert.
-# Dynamo's settings while fastft captures. Data-dependent shapes and scalars stay in the graph. A
-# gradient-checkpointed layer may have Python side effects (a dict of keys and values that later
-# layers share, an attribute it sets): they are kept, and happen once, in the forward, where eager
-# checkpointing repeats them while the backward recomputes the layer. Without that Dynamo does not
-# trace such a layer ("HOP: Unsafe side effect") and it runs unoptimised.
+# Dynamo's settings while fastft captures. Ops whose output shape or value depends on the data (a
+# mixture of experts' routing: nonzero, index_select by a routing mask, .item()) are captured with
+# unbacked sizes instead of breaking the graph around every expert. A gradient-checkpointed layer
+# may have Python side effects (a dict of keys and values that later layers share, an attribute it
+# sets): they are kept, and happen once, in the forward, where eager checkpointing repeats them while
+# the backward recomputes the layer. Without that Dynamo does not trace such a layer ("HOP: Unsafe
+# side effect") and it runs unoptimised.
 _CAPTURE_CONFIG: dict[str, bool] = dict(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True)
 if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):  # not in every torch
     _CAPTURE_CONFIG["skip_fwd_side_effects_in_bwd_under_checkpoint"] = True
