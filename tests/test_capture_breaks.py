@@ -6,6 +6,10 @@ gradient_checkpointing_enable and peft call) made Dynamo break the graph. Inside
 mark changes no gradient when the outputs require grad through trainable parameters anyway, so the
 capture drops it and keeps one graph; where the mark is what makes an output require grad, the graph
 still breaks and the Report says why.
+
+A gradient-checkpointed layer that writes into a dict from outside it (keys and values shared
+across layers) made Dynamo break the graph at that layer; the capture now lets the write happen
+once, in the forward, and the layer is fused.
 """
 from __future__ import annotations
 
