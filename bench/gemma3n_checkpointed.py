@@ -20,11 +20,11 @@ import json
 import statistics
 import time
 
-import fastft  # before torch: it sets up what its kernels need
-
 import peft
 import torch
 import transformers
+
+import fastft
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ("eager", "fastft", "fastft-without-side-effects")
