@@ -55,6 +55,16 @@ def assert_same_training(reference: nn.Module, optimised: nn.Module, batches: li
             assert rel <= bound, f"parameter {name} differs after training: rel_l2={rel:.3g}"
 
 
+def random_lora_b(model: nn.Module, std: float = 0.2) -> nn.Module:
+    """peft starts every lora_B at zero, so the adapters add nothing: draw them at random (from
+    torch's global generator) so that the adapters change the output."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)
+    return model
+
+
 def twin(model: nn.Module) -> nn.Module:
     """An unoptimised copy with the same weights."""
     return copy.deepcopy(model)

@@ -25,7 +25,7 @@ import torch.nn as nn
 import fastft
 from fastft.tiny import random_batch
 
-from helpers import DEVICE, assert_same_training, tiny, twin
+from helpers import DEVICE, assert_same_training, random_lora_b, tiny, twin
 
 # The module, not the function fastft exports under the same name.
 optimize_module = importlib.import_module("fastft.optimize")
@@ -143,10 +143,7 @@ def _peft_llama(checkpointing: str | None) -> nn.Module:
     assert model.get_input_embeddings()._forward_hooks
     config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
     model = peft.get_peft_model(model, config)
-    with torch.no_grad():  # lora_B starts at zero: give the adapters something to compute
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    random_lora_b(model, std=0.05)
     return model.train()
 
 
@@ -242,10 +239,7 @@ def _shared_keys_adapted() -> nn.Module:
     torch.manual_seed(0)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "1", "2", "shared_proj"])
     model = peft.get_peft_model(SharedKeys().to(DEVICE), config)
-    with torch.no_grad():  # lora_B starts at zero: give the adapters something to compute
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
+    random_lora_b(model)
     return model
 
 

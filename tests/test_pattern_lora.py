@@ -9,7 +9,7 @@ import torch
 import fastft
 from fastft.optimize import state_of
 
-from helpers import DEVICE, assert_same_training, tiny, twin
+from helpers import DEVICE, assert_same_training, random_lora_b, tiny, twin
 
 ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -20,10 +20,7 @@ def _adapted(model_type="llama", dtype=torch.float32, targets=ALL_LINEARS, **lor
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=lora.pop("lora_dropout", 0.0),
                              **lora)
     model = peft.get_peft_model(model, config)
-    with torch.no_grad():  # lora_B starts at zero: give the adapters something to compute
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
+    random_lora_b(model)
     return model
 
 
@@ -138,10 +135,7 @@ def test_two_active_adapters_are_left_alone():
     model = _adapted(targets=["q_proj"])
     model.add_adapter("second", peft.LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"]))
     model.base_model.set_adapter(["default", "second"])
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
+    random_lora_b(model)
     fastft.optimize(model)
     result = fastft.check(model, _batch())
     assert result.ok, str(result)
@@ -255,10 +249,7 @@ def _adapted_proj(make, targets=("proj",), **lora) -> torch.nn.Module:
     torch.manual_seed(0)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), **lora)
     model = peft.get_peft_model(make().to(DEVICE), config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
+    random_lora_b(model)
     return model
 
 

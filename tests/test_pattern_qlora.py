@@ -9,7 +9,7 @@ import torch
 import fastft
 from fastft.tiny import random_batch
 
-from helpers import DEVICE, assert_same_training, tiny, twin
+from helpers import DEVICE, assert_same_training, random_lora_b, tiny, twin
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -34,10 +34,7 @@ def _qlora(path, quant_type="nf4", double_quant=True, checkpointing=False, dropo
     torch.manual_seed(1)
     model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
                                                        target_modules=TARGETS))
-    with torch.no_grad():  # lora_B starts at zero: give the adapters something to compute
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
+    random_lora_b(model)
     return model.train()
 
 
