@@ -133,12 +133,10 @@ def _rewrite_graph(gm: fx.GraphModule, patterns: list[Pattern], result: RewriteR
             group = pending.setdefault(pattern.group_key(match), [])
             group.append((match, prepared))
             if len(group) == pattern.group_size:
-                replaced.update(_splice_group(gm, pattern, [_current(e, replaced) for e in group], result))
+                _splice_group(gm, pattern, group, replaced, result)
                 group.clear()
         for group in pending.values():
-            for entry in group:
-                match, prepared = _current(entry, replaced)
-                replaced.update(_splice(gm, pattern, [match], prepared, result))
+            _splice_each(gm, pattern, group, replaced, result)
     result.near_misses.extend(_near_misses(graph, patterns, consumed, failures))
     if changed:
         graph.lint()
@@ -211,11 +209,21 @@ def _current(entry: tuple, replaced: dict[fx.Node, fx.Node]) -> tuple:
     return match, (dataclasses.replace(replacement, args=_followed(replacement.args, replaced)), region)
 
 
-def _splice_group(gm: fx.GraphModule, pattern: Pattern, group: list, result: RewriteResult
-                  ) -> dict[fx.Node, fx.Node]:
+def _splice_each(gm: fx.GraphModule, pattern: Pattern, entries: list, replaced: dict[fx.Node, fx.Node],
+                 result: RewriteResult) -> None:
+    """Each accepted (match, prepared) its own call, in turn, each reading the graph as the splices
+    before it left it; ``replaced`` gains each root with the node that replaced it."""
+    for entry in entries:
+        match, prepared = _current(entry, replaced)
+        replaced.update(_splice(gm, pattern, [match], prepared, result))
+
+
+def _splice_group(gm: fx.GraphModule, pattern: Pattern, group: list, replaced: dict[fx.Node, fx.Node],
+                  result: RewriteResult) -> None:
     """One call for the whole group, placed after its last input and before its first use;
     where no such place exists (or the region cannot be cut out), each match gets its own call.
-    Returns each root with the node that replaced it."""
+    ``replaced`` gains each root with the node that replaced it."""
+    group = [_current(entry, replaced) for entry in group]
     matches = [m for m, _ in group]
     order = _position(gm.graph)
     matches.sort(key=lambda m: order(m.root))
@@ -225,11 +233,9 @@ def _splice_group(gm: fx.GraphModule, pattern: Pattern, group: list, result: Rew
     last_input = max((order(n) for n in inputs), default=-1)
     first_use = min((order(u) for m in matches for u in m.root.users), default=len(gm.graph.nodes))
     if region is None or last_input >= first_use:
-        replaced: dict[fx.Node, fx.Node] = {}
-        for match, prepared in group:
-            replaced.update(_splice(gm, pattern, [match], prepared, result))
-        return replaced
-    return _splice(gm, pattern, matches, (replacement, region), result)
+        _splice_each(gm, pattern, group, replaced, result)
+        return
+    replaced.update(_splice(gm, pattern, matches, (replacement, region), result))
 
 
 def _splice(gm: fx.GraphModule, pattern: Pattern, matches: list[Match], prepared, result: RewriteResult
