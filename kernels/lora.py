@@ -774,7 +774,7 @@ def code_table(code: list[float], device: torch.device) -> torch.Tensor:
     return _CODE_TABLES[key]
 
 
-def _check_4bit(x, packed, code, blocksize, out_features, in_features, compute_dtype, lora_a, lora_b):
+def _check_4bit(x, packed, code, blocksize, out_features, in_features, compute_dtype, bias, lora_a, lora_b):
     op = "fastft::qlora_linear"
     if packed.dtype != torch.uint8:
         raise ValueError(f"{op}: packed weight must be uint8, got {packed.dtype}")
@@ -785,27 +785,27 @@ def _check_4bit(x, packed, code, blocksize, out_features, in_features, compute_d
     check_dtype(op, "compute_dtype", compute_dtype)
     # Shapes and dtypes only: meta tensors stand for the cast input and the dequantised weight.
     _check(op, torch.empty((1, in_features), dtype=compute_dtype, device="meta"),
-           torch.empty((out_features, in_features), dtype=compute_dtype, device="meta"), None, lora_a, lora_b)
+           torch.empty((out_features, in_features), dtype=compute_dtype, device="meta"), bias, lora_a, lora_b)
 
 
 @torch.library.custom_op("fastft::qlora_linear", mutates_args=())
 def qlora_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, absmax2: Optional[torch.Tensor],
                  code2: Optional[torch.Tensor], offset: Optional[torch.Tensor], code: list[float], blocksize: int,
-                 out_features: int, in_features: int, compute_dtype: torch.dtype, lora_a: torch.Tensor,
-                 lora_b: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
-    """x W^T + scale (x A^T) B^T with W the dequantised 4-bit weight, computed in ``compute_dtype``;
-    W exists only for the duration of the call (and again in the backward)."""
-    _check_4bit(x, packed, code, blocksize, out_features, in_features, compute_dtype, lora_a, lora_b)
+                 out_features: int, in_features: int, compute_dtype: torch.dtype, bias: Optional[torch.Tensor],
+                 lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """x W^T + bias + scale (x A^T) B^T with W the dequantised 4-bit weight, computed in
+    ``compute_dtype``; W exists only for the duration of the call (and again in the backward)."""
+    _check_4bit(x, packed, code, blocksize, out_features, in_features, compute_dtype, bias, lora_a, lora_b)
     weight = _dequantized(packed, absmax, absmax2, code2, offset, code, blocksize, out_features, in_features,
                           compute_dtype)
-    (y,), _ = _group_forward(_rows(x).to(compute_dtype), [Adapted(weight, None, lora_a, lora_b, scale)])
+    (y,), _ = _group_forward(_rows(x).to(compute_dtype), [Adapted(weight, bias, lora_a, lora_b, scale)])
     return _shaped(y, *x.shape[:-1], out_features).to(out_dtype)
 
 
 @qlora_linear.register_fake
 def _qlora_linear_fake(x, packed, absmax, absmax2, code2, offset, code, blocksize, out_features, in_features,
-                       compute_dtype, lora_a, lora_b, scale, out_dtype):
-    _check_4bit(x, packed, code, blocksize, out_features, in_features, compute_dtype, lora_a, lora_b)
+                       compute_dtype, bias, lora_a, lora_b, scale, out_dtype):
+    _check_4bit(x, packed, code, blocksize, out_features, in_features, compute_dtype, bias, lora_a, lora_b)
     return x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype)
 
 
@@ -816,9 +816,10 @@ def _qlora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, packed: torch.T
                               absmax2: Optional[torch.Tensor], code2: Optional[torch.Tensor],
                               offset: Optional[torch.Tensor], code: list[float], blocksize: int,
                               out_features: int, in_features: int, compute_dtype: torch.dtype,
-                              lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, need: list[bool]
-                              ) -> list[torch.Tensor]:
-    need_dx, need_da, need_db = need
+                              bias: Optional[torch.Tensor], lora_a: torch.Tensor, lora_b: torch.Tensor,
+                              scale: float, need: list[bool]) -> list[torch.Tensor]:
+    """[dX, dbias, dA, dB], each an empty tensor where ``need`` (the same order) says it is not needed."""
+    need_dx, need_dbias, need_da, need_db = need
     weight = _dequantized(packed, absmax, absmax2, code2, offset, code, blocksize, out_features, in_features,
                           compute_dtype)
     x2 = _rows(x).to(compute_dtype)
@@ -830,35 +831,39 @@ def _qlora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, packed: torch.T
     dx, [(_, _, da, db)] = _group_backward([_rows(dy)], x2, xa, [lin], need_dx,
                                            [Needed(dlora_a=need_da, dlora_b=need_db)], ops=ops)
     dx = dx.reshape(x.shape).to(x.dtype) if dx is not None else None
-    return [empty_or(dx, x), empty_or(da, lora_a), empty_or(db, lora_b)]
+    # Summed in fp32 and rounded once, to the bias's own dtype (often fp32 where it trains).
+    dbias = _rows(dy).sum(0, dtype=torch.float32).to(bias.dtype) if need_dbias and bias is not None else None
+    return [empty_or(dx, x), empty_or(dbias, bias if bias is not None else x), empty_or(da, lora_a),
+            empty_or(db, lora_b)]
 
 
 @_qlora_linear_backward_op.register_fake
 def _qlora_linear_backward_fake(dy, x, packed, absmax, absmax2, code2, offset, code, blocksize, out_features,
-                                in_features, compute_dtype, lora_a, lora_b, scale, need):
-    return [ref.new_empty(ref.shape) if n else ref.new_empty(0) for n, ref in zip(need, (x, lora_a, lora_b))]
+                                in_features, compute_dtype, bias, lora_a, lora_b, scale, need):
+    likes = (x, bias if bias is not None else x, lora_a, lora_b)
+    return [ref.new_empty(ref.shape) if n else ref.new_empty(0) for n, ref in zip(need, likes)]
 
 
-_QLORA_GRAD_INPUTS = (0, 11, 12)  # x, lora_a, lora_b among the op's arguments
+_QLORA_GRAD_INPUTS = (0, 11, 12, 13)  # x, bias, lora_a, lora_b among the op's arguments
 
 
 def _qlora_setup_context(ctx, inputs, output) -> None:
     (x, packed, absmax, absmax2, code2, offset, code, blocksize, out_features, in_features, compute_dtype,
-     lora_a, lora_b, scale, _out_dtype) = inputs
-    ctx.save_for_backward(x, packed, absmax, absmax2, code2, offset, lora_a, lora_b)
+     bias, lora_a, lora_b, scale, _out_dtype) = inputs
+    ctx.save_for_backward(x, packed, absmax, absmax2, code2, offset, bias, lora_a, lora_b)
     ctx.static = (code, blocksize, out_features, in_features, compute_dtype, scale)
     ctx.set_materialize_grads(False)
 
 
 def _qlora_backward(ctx, dy: Optional[torch.Tensor]):
-    grads: list[Optional[torch.Tensor]] = [None] * 15
+    grads: list[Optional[torch.Tensor]] = [None] * 16
     need = [bool(ctx.needs_input_grad[i]) for i in _QLORA_GRAD_INPUTS]
     if dy is None or not any(need):
         return tuple(grads)
-    x, packed, absmax, absmax2, code2, offset, lora_a, lora_b = ctx.saved_tensors
+    x, packed, absmax, absmax2, code2, offset, bias, lora_a, lora_b = ctx.saved_tensors
     code, blocksize, out_features, in_features, compute_dtype, scale = ctx.static
     results = torch.ops.fastft.qlora_linear_backward(dy, x, packed, absmax, absmax2, code2, offset, code, blocksize,
-                                                     out_features, in_features, compute_dtype, lora_a, lora_b,
+                                                     out_features, in_features, compute_dtype, bias, lora_a, lora_b,
                                                      scale, need)
     for position, wanted, grad in zip(_QLORA_GRAD_INPUTS, need, results):
         grads[position] = grad if wanted else None

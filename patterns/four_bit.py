@@ -30,7 +30,7 @@ class FourBitLinear:
     blocksize: int
     quant_type: str
     shape: tuple[int, int]  # (out_features, in_features)
-    bias: Any
+    bias: fx.Node | None  # added to the product (the graph's cast of the layer's bias), or None
     nodes: tuple = ()  # what computes the output from the inputs above: the call, views, the Function's bodies
 
 
@@ -105,8 +105,6 @@ def _from_gemm(gemm: fx.Node, outer, nodes: tuple) -> tuple[FourBitLinear | None
             raise _NotFourBit("a 4-bit GEMM call with an unexpected signature")
         x, packed, shape, absmax, blocksize, quant_type = args[:6]
         bias = kwargs.get("bias", args[6] if len(args) > 6 else None)
-        if bias is not None:
-            raise _NotFourBit("a 4-bit linear with a bias")
         nested = None
         if kwargs.get("absmax_8bit") is not None:
             # The float32 scales passed positionally are then the nested ones.
@@ -116,8 +114,8 @@ def _from_gemm(gemm: fx.Node, outer, nodes: tuple) -> tuple[FourBitLinear | None
         # Views of the packed codes read the same memory; a reshape of the input is real.
         record = FourBitLinear(x=outer(x, "input", views=False), packed=outer(packed, "packed weight"),
                                absmax=outer(absmax, "scales"), nested=nested, blocksize=int(blocksize),
-                               quant_type=str(quant_type), shape=tuple(int(s) for s in shape), bias=None,
-                               nodes=nodes)
+                               quant_type=str(quant_type), shape=tuple(int(s) for s in shape),
+                               bias=outer(bias, "bias", views=False) if bias is not None else None, nodes=nodes)
     except _NotFourBit as e:
         return None, str(e)
     if record.quant_type not in QUANT_TYPES:

@@ -160,7 +160,16 @@ def _four_bit_problem(b: dict, p: str = "") -> str | None:
         return f"the 4-bit linear computes in {compute}"
     if b[p + "adapter_cast"] not in (None, compute):
         return f"the adapter's product is cast to {b[p + 'adapter_cast']}, the base computes in {compute}"
+    if record.bias is not None:
+        bias = tensor_meta(record.bias)
+        if bias is None or bias.dtype != compute or tuple(bias.shape) != record.shape[:1]:
+            return (f"the 4-bit linear's bias is {_described(bias)}; the fused op adds a bias of "
+                    f"[{record.shape[0]}] {compute}")
     return _branch_problem(b, b["x"], p, record.shape)
+
+
+def _described(meta) -> str:
+    return "not a tensor" if meta is None else f"{list(meta.shape)} {meta.dtype}"
 
 
 def _uncast(node):
@@ -233,7 +242,8 @@ def _replace_qlora(m: Match) -> Replacement:
     return Replacement(torch.ops.fastft.qlora_linear.default,
                        (b["x"], record.packed, record.absmax, absmax2, code2, offset,
                         code_book(record.quant_type), record.blocksize, out_features, in_features,
-                        dtype_of(record.x), b["lora_a"], b["lora_b"], float(b.get("scale", 1.0)), _out_dtype(m)))
+                        dtype_of(record.x), record.bias, b["lora_a"], b["lora_b"], float(b.get("scale", 1.0)),
+                        _out_dtype(m)))
 
 
 def _absorb_four_bit(m: Match) -> list:

@@ -243,13 +243,28 @@ def _quantised_linear(out_features=16, in_features=64, quant_type="nf4", nested=
 
 
 @pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("fp4", False)])
-def test_qlora_linear_matches_lora_over_the_dequantised_weight(quant_type, nested):
-    """The 4-bit op equals the dense LoRA op over the weight bitsandbytes dequantises."""
+@pytest.mark.parametrize("bias", [False, True])
+def test_qlora_linear_matches_lora_over_the_dequantised_weight(quant_type, nested, bias):
+    """The 4-bit op equals the dense LoRA op over the weight bitsandbytes dequantises; a bias
+    (trainable here, so that its gradient is checked too) is added as a linear's is."""
     quant, dense = _quantised_linear(quant_type=quant_type, nested=nested)
-    x, _, _, lora_a, lora_b = _linear_inputs((2, 5, 64), 16, 4, torch.bfloat16, torch.float32, bias=False)
-    out = torch.ops.fastft.qlora_linear(x, *quant, torch.bfloat16, lora_a, lora_b, 1.5, torch.bfloat16)
-    ref = lora_linear_reference(x, dense.to(torch.bfloat16), None, lora_a, lora_b, 1.5, torch.bfloat16)
-    _assert_matches(out, ref, (x, lora_a, lora_b), torch.bfloat16)
+    x, _, b, lora_a, lora_b = _linear_inputs((2, 5, 64), 16, 4, torch.bfloat16, torch.float32, bias=bias)
+    out = torch.ops.fastft.qlora_linear(x, *quant, torch.bfloat16, b, lora_a, lora_b, 1.5, torch.bfloat16)
+    ref = lora_linear_reference(x, dense.to(torch.bfloat16), b, lora_a, lora_b, 1.5, torch.bfloat16)
+    _assert_matches(out, ref, (x, b, lora_a, lora_b), torch.bfloat16)
+
+
+def test_qlora_linear_fp32_bias_gets_an_fp32_gradient():
+    """A bias kept in fp32 gets its gradient summed in fp32, not rounded to the compute dtype first."""
+    quant, dense = _quantised_linear()
+    x, _, _, lora_a, lora_b = _linear_inputs((4, 9, 64), 16, 4, torch.bfloat16, torch.float32, bias=False)
+    bias = torch.randn(16, generator=torch.Generator().manual_seed(5)).to(DEVICE).requires_grad_()
+    out = torch.ops.fastft.qlora_linear(x, *quant, torch.bfloat16, bias, lora_a, lora_b, 0.5, torch.bfloat16)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(6)).to(out)
+    (dbias,) = torch.autograd.grad(out, [bias], grad_out)
+    assert dbias.dtype == torch.float32
+    want = grad_out.float().reshape(-1, 16).sum(0)
+    torch.testing.assert_close(dbias, want, atol=1e-5, rtol=1e-6)
 
 
 def test_lora_ops_trace_through_aot_autograd():
@@ -259,7 +274,10 @@ def test_lora_ops_trace_through_aot_autograd():
     quant, _ = _quantised_linear()
     x, _, _, lora_a, lora_b = _linear_inputs((3, 64), 16, 2, torch.bfloat16, torch.float32, bias=False)
     torch.library.opcheck(torch.ops.fastft.qlora_linear.default,
-                          (x, *quant, torch.bfloat16, lora_a, lora_b, 0.5, torch.bfloat16), test_utils=utils)
+                          (x, *quant, torch.bfloat16, None, lora_a, lora_b, 0.5, torch.bfloat16), test_utils=utils)
+    bias = torch.randn(16, generator=torch.Generator().manual_seed(4)).to(DEVICE, torch.bfloat16).requires_grad_()
+    torch.library.opcheck(torch.ops.fastft.qlora_linear.default,
+                          (x, *quant, torch.bfloat16, bias, lora_a, lora_b, 0.5, torch.bfloat16), test_utils=utils)
     x, weight, b, lora_a, lora_b = _linear_inputs((3, 16), 8, 2, torch.float32, torch.float32, bias=True)
     torch.library.opcheck(torch.ops.fastft.lora_linear_forward.default,
                           (x, weight, b, lora_a, lora_b, 0.5, torch.float32),

@@ -22,7 +22,16 @@ def saved_model(tmp_path_factory):
     return path
 
 
-def _qlora(path, quant_type="nf4", double_quant=True, checkpointing=False, dropout=0.0):
+@pytest.fixture(scope="module")
+def saved_biased_model(tmp_path_factory):
+    """A tiny model whose q, k and v projections have biases."""
+    path = tmp_path_factory.mktemp("tiny_qwen2")
+    torch.manual_seed(0)
+    tiny("qwen2").save_pretrained(path)
+    return path
+
+
+def _qlora(path, quant_type="nf4", double_quant=True, checkpointing=False, dropout=0.0, bias="none"):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
@@ -33,7 +42,7 @@ def _qlora(path, quant_type="nf4", double_quant=True, checkpointing=False, dropo
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(1)
     model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
-                                                       target_modules=TARGETS))
+                                                       target_modules=TARGETS, bias=bias))
     random_lora_b(model)
     return model.train()
 
@@ -56,6 +65,26 @@ def test_every_adapted_4bit_linear_is_fused_and_checked(saved_model, quant_type,
     assert len(records) == len(TARGETS) * layers, str(fastft.report(model))
     assert {r.kernel for r in records} == {"fastft::qlora_linear"}
     assert not [m for m in fastft.report(model).near_misses if m.pattern == "lora"], str(fastft.report(model))
+
+
+@pytest.mark.parametrize("bias", ["none", "lora_only"])
+def test_4bit_linears_with_a_bias_are_fused(saved_biased_model, bias):
+    """q, k and v carry biases (frozen, or trained beside the adapters with peft's lora_only)."""
+    model = fastft.optimize(_qlora(saved_biased_model, bias=bias))
+    biases = [n for n, p in model.named_parameters() if p.requires_grad and n.endswith(".bias")]
+    assert bool(biases) == (bias == "lora_only")
+    result = fastft.check(model, _batch(model))
+    assert result.ok, str(result)
+    layers = model.get_base_model().config.num_hidden_layers
+    assert len(_lora_records(model)) == len(TARGETS) * layers, str(fastft.report(model))
+    assert not [m for m in fastft.report(model).near_misses if m.pattern == "lora"], str(fastft.report(model))
+
+
+def test_4bit_linears_with_a_trained_bias_train_like_the_original(saved_biased_model):
+    model = _qlora(saved_biased_model, bias="lora_only")
+    reference = twin(model)
+    batches = [_batch(model, seed) for seed in range(3)]
+    assert_same_training(reference, fastft.optimize(model), batches, param_rel_l2=QLORA_PARAM_REL_L2)
 
 
 # The fused ops run the adapters in bf16 where peft runs them in fp32 (kernels/lora.py): one
