@@ -34,6 +34,13 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
         max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=True,
         rope_parameters=dict(rope_type="default", rope_theta=1000000.0), max_window_layers=36,
         use_sliding_window=False, bos_token_id=151643, eos_token_id=151645)),
+    # Qwen2's attention gives q, k and v biases (the config has no switch for them): the shape for
+    # adapted linears with a bias, 4-bit ones included.
+    "qwen2.5-1.5b": ("Qwen2Config", dict(
+        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, hidden_act="silu", max_position_embeddings=32768,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+        use_sliding_window=False, max_window_layers=21, bos_token_id=151643, eos_token_id=151643)),
     # Gemma3TextConfig's own rope defaults are the published ones (local 10,000, global 1e6),
     # with a sliding layer pattern of 5 local : 1 global.
     "gemma-3-1b": ("Gemma3TextConfig", dict(
