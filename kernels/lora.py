@@ -487,25 +487,28 @@ def _lora_linear_x3_forward_op(x: torch.Tensor,
                                w0: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor, s0: float,
                                w1: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor, s1: float,
                                w2: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor, s2: float,
-                               out_dtype: torch.dtype
+                               out_dtype: torch.dtype, bias0: Optional[torch.Tensor] = None,
+                               bias1: Optional[torch.Tensor] = None, bias2: Optional[torch.Tensor] = None
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    group = _x3_group(x, w0, a0, b0, s0, w1, a1, b1, s1, w2, a2, b2, s2)
+    group = _x3_group(x, w0, a0, b0, s0, w1, a1, b1, s1, w2, a2, b2, s2, (bias0, bias1, bias2))
     adapters, (ops,) = _cast_operands([group], x.dtype)
     outs, xa = _group_forward(_rows(x), group, ops)
     return (*(_shaped(y, *x.shape[:-1], lin.weight.shape[0]).to(out_dtype) for y, lin in zip(outs, group)), xa,
             adapters)
 
 
-def _x3_group(x, w0, a0, b0, s0, w1, a1, b1, s1, w2, a2, b2, s2) -> list[Adapted]:
-    group = [Adapted(w0, None, a0, b0, s0), Adapted(w1, None, a1, b1, s1), Adapted(w2, None, a2, b2, s2)]
+def _x3_group(x, w0, a0, b0, s0, w1, a1, b1, s1, w2, a2, b2, s2, biases=(None, None, None)) -> list[Adapted]:
+    group = [Adapted(w0, biases[0], a0, b0, s0), Adapted(w1, biases[1], a1, b1, s1),
+             Adapted(w2, biases[2], a2, b2, s2)]
     for lin in group:
-        _check("fastft::lora_linear_x3", x, lin.weight, None, lin.lora_a, lin.lora_b)
+        _check("fastft::lora_linear_x3", x, lin.weight, lin.bias, lin.lora_a, lin.lora_b)
     return group
 
 
 @_lora_linear_x3_forward_op.register_fake
-def _lora_linear_x3_fake(x, w0, a0, b0, s0, w1, a1, b1, s1, w2, a2, b2, s2, out_dtype):
-    group = _x3_group(x, w0, a0, b0, s0, w1, a1, b1, s1, w2, a2, b2, s2)
+def _lora_linear_x3_fake(x, w0, a0, b0, s0, w1, a1, b1, s1, w2, a2, b2, s2, out_dtype, bias0=None, bias1=None,
+                         bias2=None):
+    group = _x3_group(x, w0, a0, b0, s0, w1, a1, b1, s1, w2, a2, b2, s2, (bias0, bias1, bias2))
     rows, rank = x.numel() // x.shape[-1], sum(lin.lora_a.shape[0] for lin in group)
     return (*(x.new_empty((*x.shape[:-1], lin.weight.shape[0]), dtype=out_dtype) for lin in group),
             x.new_empty((rows, rank), dtype=w0.dtype), x.new_empty(_cast_size([group], x.dtype)))
@@ -515,16 +518,23 @@ def lora_linear_x3(x: torch.Tensor,
                    w0: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor, s0: float,
                    w1: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor, s1: float,
                    w2: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor, s2: float,
-                   out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``lora_linear`` of x by three (W, A, B, s), without biases. One op so that x is read once
-    for the three adapters' x A^T and once for their dA, and the backward sums the three input
-    gradients in one buffer (each GEMM accumulates into it)."""
-    outs = torch.ops.fastft.lora_linear_x3_forward(x, w0, a0, b0, s0, w1, a1, b1, s1, w2, a2, b2, s2, out_dtype)
+                   out_dtype: torch.dtype, bias0: Optional[torch.Tensor] = None, bias1: Optional[torch.Tensor] = None,
+                   bias2: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``lora_linear`` of x by three (W, A, B, s), each with its bias where given (q, k and v of
+    an attention with biases). One op so that x is read once for the three adapters' x A^T and
+    once for their dA, and the backward sums the three input gradients in one buffer (each GEMM
+    accumulates into it)."""
+    outs = torch.ops.fastft.lora_linear_x3_forward(x, w0, a0, b0, s0, w1, a1, b1, s1, w2, a2, b2, s2, out_dtype,
+                                                   bias0, bias1, bias2)
     return outs[0], outs[1], outs[2]
 
 
+# Positions among the op's arguments: each linear's W, A, B and s four apart from 1, its bias after out_dtype.
+_X3_A, _X3_B, _X3_BIAS = (2, 6, 10), (3, 7, 11), (14, 15, 16)
+
+
 def _lora_linear_x3_setup_context(ctx, inputs, output) -> None:
-    x, w0, a0, b0, s0, w1, a1, b1, s1, w2, a2, b2, s2, _out_dtype = inputs
+    x, w0, a0, b0, s0, w1, a1, b1, s1, w2, a2, b2, s2 = inputs[:13]
     ctx.mark_non_differentiable(output[3], output[4])
     ctx.save_for_backward(x, output[3], output[4], w0, a0, b0, w1, a1, b1, w2, a2, b2)
     ctx.scales = (s0, s1, s2)
@@ -533,17 +543,19 @@ def _lora_linear_x3_setup_context(ctx, inputs, output) -> None:
 
 def _lora_linear_x3_backward(ctx, dy0, dy1, dy2, _dxa, _dadapters):
     x, xa, adapters, *saved = ctx.saved_tensors
-    grads: list[Optional[torch.Tensor]] = [None] * 14
+    # One gradient per argument the op was called with: the biases may have been left to their defaults.
+    n_args = len(ctx.needs_input_grad)
+    grads: list[Optional[torch.Tensor]] = [None] * 17
     dys = [dy0, dy1, dy2]
     if all(dy is None for dy in dys):
-        return tuple(grads)
+        return tuple(grads[:n_args])
     group = [Adapted(saved[3 * i], None, saved[3 * i + 1], saved[3 * i + 2], ctx.scales[i]) for i in range(3)]
-    needs = [Needed(dlora_a=ctx.needs_input_grad[2 + 4 * i], dlora_b=ctx.needs_input_grad[3 + 4 * i])
-             for i in range(3)]
-    grads[0], per_linear = _group_backward_call(dys, x, xa, group, adapters, ctx.needs_input_grad[0], needs)
-    for i, (_dw, _dbias, da, db) in enumerate(per_linear):
-        grads[2 + 4 * i], grads[3 + 4 * i] = da, db
-    return tuple(grads)
+    need = list(ctx.needs_input_grad) + [False] * (17 - n_args)
+    needs = [Needed(dbias=need[_X3_BIAS[i]], dlora_a=need[_X3_A[i]], dlora_b=need[_X3_B[i]]) for i in range(3)]
+    grads[0], per_linear = _group_backward_call(dys, x, xa, group, adapters, need[0], needs)
+    for i, (_dw, dbias, da, db) in enumerate(per_linear):
+        grads[_X3_BIAS[i]], grads[_X3_A[i]], grads[_X3_B[i]] = dbias, da, db
+    return tuple(grads[:n_args])
 
 
 _lora_linear_x3_forward_op.register_autograd(_lora_linear_x3_backward, setup_context=_lora_linear_x3_setup_context)

@@ -16,7 +16,7 @@ Two rewrites, the larger first:
 - ``lora_glu_mlp``: a gated MLP whose gate, up and down projections all carry an adapter
   becomes ``fastft::lora_glu_mlp`` (the backward recomputes act(gate) * up);
 - ``lora``: any other adapted linear becomes ``fastft::lora_linear`` (``fastft::qlora_linear`` over a
-  4-bit base); three of one input (attention's q, k and v) become one ``fastft::lora_linear_x3``.
+  4-bit base); three of one input (attention's q, k and v, biases or not) become one ``fastft::lora_linear_x3``.
 """
 from __future__ import annotations
 
@@ -217,10 +217,10 @@ def lora_linear_of_stored_in_out(x: torch.Tensor, weight_t: torch.Tensor, bias: 
 
 
 def _shared_input_key(m: Match):
-    """Plain LoRA linears of one input (q, k and v) without biases group into one op; anything
-    else gets a key of its own, so it never waits for partners."""
+    """Plain LoRA linears of one input (q, k and v, with or without biases) group into one op;
+    anything else gets a key of its own, so it never waits for partners."""
     b = m.bindings
-    if "base4" in b or "bias" in b or _stored_in_out(b):
+    if "base4" in b or _stored_in_out(b):
         return m.root
     return (b["x"], dtype_of(m.root))
 
@@ -230,7 +230,8 @@ def _replace_shared_input(matches: list[Match]) -> Replacement:
     for m in matches:
         b = m.bindings
         args += [b["weight"], b["lora_a"], b["lora_b"], float(b.get("scale", 1.0))]
-    return Replacement(lora_linear_x3, (*args, _out_dtype(matches[0])), outputs=3)
+    biases = [m.bindings.get("bias") for m in matches]
+    return Replacement(lora_linear_x3, (*args, _out_dtype(matches[0]), *biases), outputs=3)
 
 
 def _replace_qlora(m: Match) -> Replacement:

@@ -287,19 +287,30 @@ def test_lora_ops_trace_through_aot_autograd():
                           test_utils=utils)
     torch.library.opcheck(torch.ops.fastft.lora_linear_x3_forward.default, (x, *gate, *up, *gate, torch.float32),
                           test_utils=utils)
+    biases = [torch.randn(24, generator=torch.Generator().manual_seed(i)).to(DEVICE).requires_grad_(i != 1)
+              for i in range(3)]
+    torch.library.opcheck(torch.ops.fastft.lora_linear_x3_forward.default,
+                          (x, *gate, *up, *gate, torch.float32, *biases), test_utils=utils)
 
 
 @pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
-def test_lora_linear_x3_matches_three_lora_linears(dtype, adapter_dtype):
+@pytest.mark.parametrize("biases", ["none", "trained", "k_only_frozen"])
+def test_lora_linear_x3_matches_three_lora_linears(dtype, adapter_dtype, biases):
     x, *_ = _linear_inputs((2, 5, 24), 8, 2, dtype, adapter_dtype, bias=False)
-    projections = []
+    projections, bias_list = [], []
     # q wider than k and v (grouped-query attention); ranks differ, so the stacked x A^T is uneven
-    for seed, out_features, rank in ((1, 16, 4), (2, 8, 2), (3, 8, 3)):
-        _, w, _, a, b = _linear_inputs((1, 24), out_features, rank, dtype, adapter_dtype, bias=False, seed=seed)
+    for i, (seed, out_features, rank) in enumerate(((1, 16, 4), (2, 8, 2), (3, 8, 3))):
+        _, w, bias, a, b = _linear_inputs((1, 24), out_features, rank, dtype, adapter_dtype, bias=True, seed=seed)
         projections.append((w, a, b, 0.5 + seed))
-    outs = lora_linear_x3(x, *[t for p in projections for t in p], dtype)
-    refs = [lora_linear_reference(x, w, None, a, b, s, dtype) for w, a, b, s in projections]
+        if biases == "none" or (biases == "k_only_frozen" and i != 1):
+            bias = None
+        elif biases == "k_only_frozen":
+            bias = bias.detach()
+        bias_list.append(bias)
+    outs = lora_linear_x3(x, *[t for p in projections for t in p], dtype, *bias_list)
+    refs = [lora_linear_reference(x, w, bias, a, b, s, dtype) for (w, a, b, s), bias in zip(projections, bias_list)]
     inputs = [x] + [t for _, a, b, _ in projections for t in (a, b)]
+    inputs += [bias for bias in bias_list if bias is not None and bias.requires_grad]
     grad_outs = [torch.randn(r.shape, generator=torch.Generator().manual_seed(7 + i)).to(r) for i, r in enumerate(refs)]
     have = torch.autograd.grad(outs, inputs, grad_outs)
     want = torch.autograd.grad(refs, inputs, grad_outs)

@@ -53,6 +53,23 @@ def test_all_linear_adapters_fuse_and_check(dtype):
     assert not [m for m in fastft.report(model).near_misses if m.pattern.startswith("lora")]
 
 
+@pytest.mark.parametrize("bias", ["none", "lora_only"])
+def test_q_k_v_with_biases_fuse_as_one_op(bias):
+    """An attention whose q, k and v have biases (frozen, or trained with peft's lora_only) still
+    reads its input once for the three adapters."""
+    torch.manual_seed(0)
+    model = peft.get_peft_model(tiny("qwen2").to(DEVICE), peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, bias=bias, init_lora_weights=False,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model = fastft.optimize(model.train())
+    result = fastft.check(model, _batch())
+    assert result.ok, str(result)
+    layers = model.get_base_model().config.num_hidden_layers
+    kernels = sorted(r.kernel for r in fastft.report(model).rewrites if r.pattern == "lora")
+    assert kernels == ["fastft::lora_linear"] * layers + ["fastft::lora_linear_x3"] * layers
+    assert not [m for m in fastft.report(model).near_misses if m.pattern.startswith("lora")]
+
+
 def test_attention_only_adapters_leave_the_mlp_to_the_glu_rewrite():
     model = fastft.optimize(_adapted(targets=["q_proj", "v_proj"]))
     result = fastft.check(model, _batch())
