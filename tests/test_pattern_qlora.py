@@ -14,21 +14,22 @@ from helpers import DEVICE, assert_same_training, random_lora_b, tiny, twin
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def _saved_tiny(tmp_path_factory, model_type: str):
+    path = tmp_path_factory.mktemp(f"tiny_{model_type}")
+    torch.manual_seed(0)
+    tiny(model_type).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llama")
-    torch.manual_seed(0)
-    tiny("llama").save_pretrained(path)
-    return path
+    return _saved_tiny(tmp_path_factory, "llama")
 
 
 @pytest.fixture(scope="module")
 def saved_biased_model(tmp_path_factory):
     """A tiny model whose q, k and v projections have biases."""
-    path = tmp_path_factory.mktemp("tiny_qwen2")
-    torch.manual_seed(0)
-    tiny("qwen2").save_pretrained(path)
-    return path
+    return _saved_tiny(tmp_path_factory, "qwen2")
 
 
 def _qlora(path, quant_type="nf4", double_quant=True, checkpointing=False, dropout=0.0, bias="none"):
@@ -67,24 +68,28 @@ def test_every_adapted_4bit_linear_is_fused_and_checked(saved_model, quant_type,
     assert not [m for m in fastft.report(model).near_misses if m.pattern == "lora"], str(fastft.report(model))
 
 
-@pytest.mark.parametrize("bias", ["none", "lora_only"])
-def test_4bit_linears_with_a_bias_are_fused(saved_biased_model, bias):
-    """q, k and v carry biases (frozen, or trained beside the adapters with peft's lora_only)."""
-    model = fastft.optimize(_qlora(saved_biased_model, bias=bias))
-    biases = [n for n, p in model.named_parameters() if p.requires_grad and n.endswith(".bias")]
-    assert bool(biases) == (bias == "lora_only")
-    result = fastft.check(model, _batch(model))
-    assert result.ok, str(result)
+def _assert_every_adapted_linear_fused(model):
     layers = model.get_base_model().config.num_hidden_layers
     assert len(_lora_records(model)) == len(TARGETS) * layers, str(fastft.report(model))
     assert not [m for m in fastft.report(model).near_misses if m.pattern == "lora"], str(fastft.report(model))
 
 
+def test_4bit_linears_with_a_bias_are_fused(saved_biased_model):
+    """q, k and v carry (frozen) biases."""
+    model = fastft.optimize(_qlora(saved_biased_model))
+    result = fastft.check(model, _batch(model))
+    assert result.ok, str(result)
+    _assert_every_adapted_linear_fused(model)
+
+
 def test_4bit_linears_with_a_trained_bias_train_like_the_original(saved_biased_model):
+    """peft's lora_only trains the biases of the adapted linears beside the adapters."""
     model = _qlora(saved_biased_model, bias="lora_only")
+    assert [n for n, p in model.named_parameters() if p.requires_grad and n.endswith(".bias")]
     reference = twin(model)
     batches = [_batch(model, seed) for seed in range(3)]
     assert_same_training(reference, fastft.optimize(model), batches, param_rel_l2=QLORA_PARAM_REL_L2)
+    _assert_every_adapted_linear_fused(model)
 
 
 # The fused ops run the adapters in bf16 where peft runs them in fp32 (kernels/lora.py): one
