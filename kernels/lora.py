@@ -810,8 +810,22 @@ def qlora_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, ab
     _check_4bit(x, packed, code, blocksize, out_features, in_features, compute_dtype, bias, lora_a, lora_b)
     weight = _dequantized(packed, absmax, absmax2, code2, offset, code, blocksize, out_features, in_features,
                           compute_dtype)
-    (y,), _ = _group_forward(_rows(x).to(compute_dtype), [Adapted(weight, bias, lora_a, lora_b, scale)])
+    x2 = _rows(x)
+    if _adapters_wider(x, compute_dtype, lora_a, lora_b):
+        bias = bias.to(compute_dtype) if bias is not None else None
+        y = F.linear(x2.to(compute_dtype), weight, bias).to(x.dtype)
+        y.addmm_(torch.mm(x2, lora_a.t()), (lora_b * scale).t())
+    else:
+        (y,), _ = _group_forward(x2.to(compute_dtype), [Adapted(weight, bias, lora_a, lora_b, scale)])
     return _shaped(y, *x.shape[:-1], out_features).to(out_dtype)
+
+
+def _adapters_wider(x: torch.Tensor, compute_dtype: torch.dtype, lora_a: torch.Tensor, lora_b: torch.Tensor) -> bool:
+    """Whether x and the adapters are float32 over a 16-bit 4-bit GEMM, as peft's
+    prepare_model_for_kbit_training leaves a model. peft then runs the adapter and the sum in
+    float32 and only the base in the GEMM's dtype; the op does the same, where it otherwise
+    runs everything in the GEMM's dtype."""
+    return x.dtype == lora_a.dtype == lora_b.dtype == torch.float32 != compute_dtype
 
 
 @qlora_linear.register_fake
@@ -834,6 +848,14 @@ def _qlora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, packed: torch.T
     need_dx, need_dbias, need_da, need_db = need
     weight = _dequantized(packed, absmax, absmax2, code2, offset, code, blocksize, out_features, in_features,
                           compute_dtype)
+    # bitsandbytes sums the bias's gradient from the output gradient in the GEMM's dtype.
+    dy_compute = _rows(dy).to(compute_dtype)
+    dbias = dy_compute.sum(0, dtype=torch.float32).to(bias.dtype) if need_dbias and bias is not None else None
+    if _adapters_wider(x, compute_dtype, lora_a, lora_b):
+        dx, da, db = _qlora_wider_backward(_rows(dy).to(x.dtype), dy_compute, _rows(x), weight, lora_a, lora_b,
+                                           scale, need_dx, need_da, need_db)
+        return [empty_or(dx.reshape(x.shape) if dx is not None else None, x),
+                empty_or(dbias, bias if bias is not None else x), empty_or(da, lora_a), empty_or(db, lora_b)]
     x2 = _rows(x).to(compute_dtype)
     # x A^T is recomputed, not saved: the 4-bit path mostly runs under checkpointed layers, whose
     # forward runs again before this backward anyway.
@@ -843,10 +865,21 @@ def _qlora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, packed: torch.T
     dx, [(_, _, da, db)] = _group_backward([_rows(dy)], x2, xa, [lin], need_dx,
                                            [Needed(dlora_a=need_da, dlora_b=need_db)], ops=ops)
     dx = dx.reshape(x.shape).to(x.dtype) if dx is not None else None
-    # Summed in fp32 and rounded once, to the bias's own dtype (often fp32 where it trains).
-    dbias = _rows(dy).sum(0, dtype=torch.float32).to(bias.dtype) if need_dbias and bias is not None else None
     return [empty_or(dx, x), empty_or(dbias, bias if bias is not None else x), empty_or(da, lora_a),
             empty_or(db, lora_b)]
+
+
+def _qlora_wider_backward(dy: torch.Tensor, dy_compute: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                          lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, need_dx: bool, need_da: bool,
+                          need_db: bool) -> tuple[Optional[torch.Tensor], ...]:
+    """(dX, dA, dB) on row views where ``_adapters_wider``: the base's share of dX from the output
+    gradient in the GEMM's dtype (``dy_compute``), as bitsandbytes computes it, the adapter's
+    products in float32, as peft's autograd does."""
+    dyb = torch.mm(dy, lora_b * scale) if need_dx or need_da else None
+    dx = torch.mm(dy_compute, weight).to(x.dtype).addmm_(dyb, lora_a) if need_dx else None
+    da = torch.mm(dyb.t(), x) if need_da else None
+    db = torch.mm(dy.t(), torch.mm(x, lora_a.t())).mul_(scale) if need_db else None
+    return dx, da, db
 
 
 @_qlora_linear_backward_op.register_fake

@@ -254,6 +254,21 @@ def test_qlora_linear_matches_lora_over_the_dequantised_weight(quant_type, neste
     _assert_matches(out, ref, (x, b, lora_a, lora_b), torch.bfloat16)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_qlora_linear_with_fp32_activations_computes_as_peft_does(bias):
+    """With float32 x and adapters over a bf16 4-bit GEMM (peft's prepare_model_for_kbit_training),
+    peft computes only the base in bf16: the adapter, the sum and their gradients stay float32,
+    and so must the op's (to float32's tolerance, not bf16's)."""
+    quant, dense = _quantised_linear()
+    x, _, _, lora_a, lora_b = _linear_inputs((2, 5, 64), 16, 4, torch.float32, torch.float32, bias=False)
+    b = torch.randn(16, generator=torch.Generator().manual_seed(5)).to(DEVICE, torch.bfloat16).requires_grad_() \
+        if bias else None
+    out = torch.ops.fastft.qlora_linear(x, *quant, torch.bfloat16, b, lora_a, lora_b, 0.75, torch.float32)
+    base = torch.nn.functional.linear(x.to(torch.bfloat16), dense.to(torch.bfloat16), b).float()
+    ref = base + torch.nn.functional.linear(torch.nn.functional.linear(x, lora_a), lora_b) * 0.75
+    _assert_matches(out, ref, (x, b, lora_a, lora_b), torch.float32)
+
+
 def test_qlora_linear_fp32_bias_gets_an_fp32_gradient():
     """A bias kept in fp32 gets its gradient summed in fp32, not rounded to the compute dtype first."""
     quant, dense = _quantised_linear()
@@ -278,6 +293,9 @@ def test_lora_ops_trace_through_aot_autograd():
     bias = torch.randn(16, generator=torch.Generator().manual_seed(4)).to(DEVICE, torch.bfloat16).requires_grad_()
     torch.library.opcheck(torch.ops.fastft.qlora_linear.default,
                           (x, *quant, torch.bfloat16, bias, lora_a, lora_b, 0.5, torch.bfloat16), test_utils=utils)
+    wide_x = x.detach().float().requires_grad_()  # float32 activations over the bf16 GEMM
+    torch.library.opcheck(torch.ops.fastft.qlora_linear.default,
+                          (wide_x, *quant, torch.bfloat16, bias, lora_a, lora_b, 0.5, torch.float32), test_utils=utils)
     x, weight, b, lora_a, lora_b = _linear_inputs((3, 16), 8, 2, torch.float32, torch.float32, bias=True)
     torch.library.opcheck(torch.ops.fastft.lora_linear_forward.default,
                           (x, weight, b, lora_a, lora_b, 0.5, torch.float32),

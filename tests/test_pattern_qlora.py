@@ -92,6 +92,27 @@ def test_4bit_linears_with_a_trained_bias_train_like_the_original(saved_biased_m
     _assert_every_adapted_linear_fused(model)
 
 
+def test_prepare_model_for_kbit_training_recipe_is_fused_and_checked(saved_biased_model):
+    """peft's QLoRA recipe: float32 norms, biases, embeddings and activations around the bf16 4-bit
+    GEMMs, reentrant checkpointing and inputs that require grad. The check holds the fused model to
+    float32's tolerance there."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(saved_biased_model, dtype=torch.bfloat16, quantization_config=config,
+                                                 device_map={"": DEVICE})
+    model = peft.prepare_model_for_kbit_training(model)
+    torch.manual_seed(1)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
+    random_lora_b(model)
+    model = fastft.optimize(model.train())
+    result = fastft.check(model, _batch(model))
+    assert result.ok, str(result)
+    _assert_every_adapted_linear_fused(model)
+    assert fastft.report(model).graphs_captured == 1, str(fastft.report(model))
+
+
 # The fused ops run the adapters in bf16 where peft runs them in fp32 (kernels/lora.py): one
 # step's adapter gradients already differ from peft's by up to 2.9% rel L2 (measured on CPU,
 # 2026-11-30), and three SGD steps of lr 0.1 with momentum move layer 0's adapters by up to
