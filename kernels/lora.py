@@ -848,10 +848,11 @@ def _qlora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, packed: torch.T
     need_dx, need_dbias, need_da, need_db = need
     weight = _dequantized(packed, absmax, absmax2, code2, offset, code, blocksize, out_features, in_features,
                           compute_dtype)
+    wider = _adapters_wider(x, compute_dtype, lora_a, lora_b)
     # bitsandbytes sums the bias's gradient from the output gradient in the GEMM's dtype.
-    dy_compute = _rows(dy).to(compute_dtype)
+    dy_compute = _rows(dy).to(compute_dtype) if wider or need_dbias else None
     dbias = dy_compute.sum(0, dtype=torch.float32).to(bias.dtype) if need_dbias and bias is not None else None
-    if _adapters_wider(x, compute_dtype, lora_a, lora_b):
+    if wider:
         dx, da, db = _qlora_wider_backward(_rows(dy).to(x.dtype), dy_compute, _rows(x), weight, lora_a, lora_b,
                                            scale, need_dx, need_da, need_db)
         return [empty_or(dx.reshape(x.shape) if dx is not None else None, x),
