@@ -32,7 +32,10 @@ def saved_biased_model(tmp_path_factory):
     return _saved_tiny(tmp_path_factory, "qwen2")
 
 
-def _qlora(path, quant_type="nf4", double_quant=True, checkpointing=False, dropout=0.0, bias="none"):
+def _qlora(path, quant_type="nf4", double_quant=True, checkpointing=False, dropout=0.0, bias="none",
+           kbit_recipe=False):
+    """``kbit_recipe``: peft's prepare_model_for_kbit_training before the adapters (which also
+    checkpoints the layers, reentrant)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
@@ -41,6 +44,8 @@ def _qlora(path, quant_type="nf4", double_quant=True, checkpointing=False, dropo
                                                  device_map={"": DEVICE})
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if kbit_recipe:
+        model = peft.prepare_model_for_kbit_training(model)
     torch.manual_seed(1)
     model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
                                                        target_modules=TARGETS, bias=bias))
@@ -96,17 +101,7 @@ def test_prepare_model_for_kbit_training_recipe_is_fused_and_checked(saved_biase
     """peft's QLoRA recipe: float32 norms, biases, embeddings and activations around the bf16 4-bit
     GEMMs, reentrant checkpointing and inputs that require grad. The check holds the fused model to
     float32's tolerance there."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(saved_biased_model, dtype=torch.bfloat16, quantization_config=config,
-                                                 device_map={"": DEVICE})
-    model = peft.prepare_model_for_kbit_training(model)
-    torch.manual_seed(1)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
-    random_lora_b(model)
-    model = fastft.optimize(model.train())
+    model = fastft.optimize(_qlora(saved_biased_model, kbit_recipe=True))
     result = fastft.check(model, _batch(model))
     assert result.ok, str(result)
     _assert_every_adapted_linear_fused(model)
