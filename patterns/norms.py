@@ -74,6 +74,11 @@ def _rms_norm_expr():
     return Cast(weighted, "out_cast") | Cast(normed, "out_cast") | Cast(library, "out_cast")
 
 
+# A model may cast a norm's result to any dtype (one casts it to a 4-bit weight's uint8): the
+# kernels write float32, bfloat16 and float16 only, and any other cast stays as the model has it.
+_OUT_CAST_UNSUPPORTED = "the result is cast to {}, which the fused kernel does not write"
+
+
 def _check_rms_norm(m: Match) -> str | None:
     b = m.bindings
     x = tensor_meta(b["x"])
@@ -83,6 +88,8 @@ def _check_rms_norm(m: Match) -> str | None:
             return reason
     if x.dtype not in SUPPORTED_DTYPES:
         return f"input dtype {x.dtype} has no fused kernel (supported: float32, bfloat16, float16)"
+    if b["out_cast"] not in (None, *SUPPORTED_DTYPES):
+        return _OUT_CAST_UNSUPPORTED.format(b["out_cast"])
     for name in ("sum_sq", "mean_sq"):
         if name in b and dtype_of(b[name]) != torch.float32:
             what = "sum" if name == "sum_sq" else "mean"
@@ -208,6 +215,8 @@ def _check_layer_norm(m: Match) -> str | None:
     x = tensor_meta(b["x"])
     if x.dtype not in SUPPORTED_DTYPES:
         return f"input dtype {x.dtype} has no fused kernel (supported: float32, bfloat16, float16)"
+    if b["out_cast"] not in (None, *SUPPORTED_DTYPES):
+        return _OUT_CAST_UNSUPPORTED.format(b["out_cast"])
     if b["upcast"] not in (None, torch.float32):
         return f"the input is cast to {b['upcast']} first; the fused kernel reads it as it is"
     if "mean" in b and dtype_of(b["mean"]) != torch.float32:

@@ -136,6 +136,32 @@ def test_no_upcast_is_a_near_miss_with_reason():
     assert "bfloat16" in miss.reason and "float32" in miss.reason
 
 
+class CastToBytes(nn.Module):
+    """A norm whose result the model also casts to uint8 (a model casting its input to a 4-bit
+    weight's storage dtype does): the kernel writes no uint8, so that cast stays the model's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 24)
+        self.norm = CastBeforeWeight(24)
+        self.out = nn.Linear(24, 4)
+
+    def forward(self, x):
+        h = self.norm(self.inp(x))
+        return self.out(h).pow(2).mean() + h.to(torch.uint8).float().mean()
+
+
+def test_a_cast_to_a_dtype_the_kernel_does_not_write_stays_the_models():
+    torch.manual_seed(0)
+    model = CastToBytes().to(DEVICE)
+    x = torch.randn(4, 8, device=DEVICE) * 4
+    want = model(x).item()
+    report = _optimise_and_run(model, x)
+    assert model(x).item() == pytest.approx(want, rel=1e-5)
+    assert report.counts() == {"rms_norm": 1}, report  # the norm itself, in float32; the cast after it
+    assert fastft.check(model, (x,)).ok
+
+
 def test_reduction_over_the_wrong_dim_is_left_alone():
     torch.manual_seed(0)
     model = Net(WrongDim(24)).to(DEVICE)
