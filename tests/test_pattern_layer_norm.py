@@ -113,6 +113,31 @@ def test_variants_are_rewritten_and_equivalent(norm, dtype):
     assert result.regions_checked == 1
 
 
+class NormToBytes(nn.Module):
+    """A LayerNorm read only through a cast to uint8, which the kernel does not write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 24)
+        self.out = nn.Linear(24, 4)
+
+    def forward(self, x):
+        h = self.inp(x)
+        codes = F.layer_norm(h, (24,), eps=1e-5).to(torch.uint8).float()
+        return self.out(h).pow(2).mean() + codes.mean()
+
+
+def test_a_cast_to_a_dtype_the_kernel_does_not_write_stays_the_models():
+    torch.manual_seed(0)
+    model = NormToBytes().to(DEVICE)
+    x = torch.randn(4, 8, device=DEVICE) * 4
+    want = model(x).item()
+    report = _optimise_and_run(model, x)
+    assert model(x).item() == pytest.approx(want, rel=1e-5)
+    assert report.counts() == {"layer_norm": 1}, report  # the norm in float32; the cast after it
+    assert fastft.check(model, (x,)).ok
+
+
 def test_eps_and_parameters_are_read_from_the_graph():
     torch.manual_seed(0)
     model = Net(nn.LayerNorm(24, eps=0.125)).to(DEVICE)
