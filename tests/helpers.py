@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn as nn
 
+import fastft
 from fastft.tiny import build_tiny_model, tiny_config
 from fastft.tolerances import tolerance_for
 
@@ -72,3 +74,14 @@ def twin(model: nn.Module) -> nn.Module:
 
 def count_modules(model: nn.Module, class_suffix: str) -> int:
     return sum(type(m).__name__.endswith(class_suffix) for m in model.modules())
+
+
+def assert_norm_before_a_foreign_cast(model: nn.Module, x: torch.Tensor, pattern: str) -> None:
+    """``model``'s norm result is cast to a dtype no kernel writes (uint8): optimised, it computes
+    what it did, with the norm fused once and the cast left to the model, and checks equivalent."""
+    want = model(x).item()
+    fastft.optimize(model)
+    model(x).backward()
+    assert model(x).item() == pytest.approx(want, rel=1e-5)
+    assert fastft.report(model).counts() == {pattern: 1}, fastft.report(model)
+    assert fastft.check(model, (x,)).ok

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import fastft
 
-from helpers import DEVICE
+from helpers import DEVICE, assert_norm_before_a_foreign_cast
 
 
 class Net(nn.Module):
@@ -129,13 +129,7 @@ class NormToBytes(nn.Module):
 
 def test_a_cast_to_a_dtype_the_kernel_does_not_write_stays_the_models():
     torch.manual_seed(0)
-    model = NormToBytes().to(DEVICE)
-    x = torch.randn(4, 8, device=DEVICE) * 4
-    want = model(x).item()
-    report = _optimise_and_run(model, x)
-    assert model(x).item() == pytest.approx(want, rel=1e-5)
-    assert report.counts() == {"layer_norm": 1}, report  # the norm in float32; the cast after it
-    assert fastft.check(model, (x,)).ok
+    assert_norm_before_a_foreign_cast(NormToBytes().to(DEVICE), torch.randn(4, 8, device=DEVICE) * 4, "layer_norm")
 
 
 def test_eps_and_parameters_are_read_from_the_graph():
