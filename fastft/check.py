@@ -6,13 +6,16 @@ against its fused op, forward and backward, on the activations that region reall
 A region output outside the elementwise tolerance still passes where, element by element, it is
 no further from a float64 run of the original region than the original's own output is: the
 fused op may not lose accuracy, but it need not reproduce the original's rounding errors.
-The whole model is judged the same way where it runs in a 16-bit dtype: a loss, output or
-gradient outside the tolerance still passes where it is no further from a float32 run of the
-original model than the original's own result is (the float32 run is made only then, and trusted
-only where the original is close to it: see ``WITNESS_FACTOR``).
+The whole model is judged at the least precise dtype it computes in (its parameters', its
+inputs', or one it computes in: under autocast, or in the GEMMs over 4-bit weights). Where that
+is a 16-bit dtype, a loss, output or gradient outside the tolerance still passes where it is no
+further from a float32 run of the original model (16-bit tensors widened, autocast off) than the
+original's own result is (the float32 run is made only then, and trusted only where the original
+is close to it: see ``WITNESS_FACTOR``).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -20,6 +23,8 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastft.passes.canonical import canonical, tensor_meta
 from fastft.passes.rewrite import REWRITE_META, AppliedRewrite
@@ -105,8 +110,9 @@ def check(model: nn.Module, inputs: dict | tuple, loss_fn: Callable[[Any], torch
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     saved = {n: p.grad for n, p in trainable.items()}
     calls: list[tuple[Any, list]] = []
+    computed = _ComputedDtypes()
     try:
-        with state.original():
+        with state.original(), computed:
             out0, loss0, grads0 = run()
         with state.observing(lambda graph, args: calls.append((graph, _snapshot(args)))):
             out1, loss1, grads1 = run()
@@ -115,9 +121,12 @@ def check(model: nn.Module, inputs: dict | tuple, loss_fn: Callable[[Any], torch
             p.grad = saved[n]
 
     # A float32 loss (or upcast output) of a bf16 model carries bf16 rounding: results are judged
-    # at the least precise dtype among the parameters and inputs, as regions are.
-    floor = _loosest([t.dtype for t in (*model.parameters(), *_tensors(inputs, "input").values())
-                      if t.is_floating_point()])
+    # at the least precise dtype among the parameters and inputs, as regions are, and among the
+    # values the original computes: a float32 model may compute in bf16 (under autocast, or over
+    # 4-bit weights whose GEMMs run in bf16), and its float32 results then carry bf16 rounding too.
+    stored = _loosest([t.dtype for t in (*model.parameters(), *_tensors(inputs, "input").values())
+                       if t.is_floating_point()])
+    floor = _loosest([d for d in (stored, *computed.dtypes) if d is not None])
     result = CheckResult()
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {"loss": (loss1, loss0)}  # name: (optimised, original)
     outs0, outs1 = _tensors(out0, "output"), _tensors(out1, "output")
@@ -136,7 +145,15 @@ def check(model: nn.Module, inputs: dict | tuple, loss_fn: Callable[[Any], torch
     for name in grads1.keys() - grads0.keys():
         result.problems.append(f"gradient of {name} appears only after optimisation")
     result.model = [_compare(name, new, ref, elementwise=False, floor=floor) for name, (new, ref) in pairs.items()]
-    if floor in _SIXTEEN_BIT and any(not c.ok for c in result.model):
+    if floor != stored:
+        computes_in = str(floor).removeprefix("torch.")
+        result.model = [c if c.dtype == computes_in else
+                        dataclasses.replace(c, bound=f"{c.bound}, as the original computes in {computes_in}")
+                        for c in result.model]
+    # The float32 run widens the 16-bit tensors a model stores and turns autocast off: a model
+    # that stores none and runs without autocast would compute the same again.
+    widened = stored in _SIXTEEN_BIT or bool(_autocast_devices())
+    if floor in _SIXTEEN_BIT and widened and any(not c.ok for c in result.model):
         _judge_by_float32_run(result, pairs, floor, lambda: _float32_run(model, inputs, loss_fn, seed, state))
 
     if not calls and state.entry_points and not any(e.failed for e in state.entry_points):
@@ -146,6 +163,21 @@ def check(model: nn.Module, inputs: dict | tuple, loss_fn: Callable[[Any], torch
         with torch.no_grad():
             _RegionRunner(graph.gm, result, generator, graph.module_prefix).run(*args)
     return result
+
+
+class _ComputedDtypes(TorchDispatchMode):
+    """Records the floating dtypes of the values the ops compute while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: set[torch.dtype] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in pytree.tree_leaves(out):
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                self.dtypes.add(value.dtype)
+        return out
 
 
 class _RegionRunner(fx.Interpreter):
@@ -287,8 +319,8 @@ def _compare_to_truth(first: Comparison, new: torch.Tensor, ref: torch.Tensor, t
 def _float32_run(model: nn.Module, inputs: dict | tuple, loss_fn: Callable | None, seed: int,
                  state: Any) -> dict[str, torch.Tensor]:
     """The original model run once more (same inputs and random state) with every 16-bit floating
-    parameter, buffer and input in float32, through ``torch.func.functional_call``: the model's own
-    tensors are not touched. Returns the loss, outputs and trainable gradients by the names the
+    parameter, buffer and input in float32, through ``torch.func.functional_call`` (the model's own
+    tensors are not touched), and autocast off. Returns the loss, outputs and trainable gradients by the names the
     model-level comparisons use. Costs a float32 copy of the 16-bit tensors."""
     def wide(t: torch.Tensor) -> torch.Tensor:
         return t.detach().float() if t.dtype in _SIXTEEN_BIT else t.detach()
@@ -309,7 +341,9 @@ def _float32_run(model: nn.Module, inputs: dict | tuple, loss_fn: Callable | Non
     else:
         args, kwargs = tuple(wide(v) if isinstance(v, torch.Tensor) else v for v in inputs), {}
     run = _ForwardAndGradients(model, loss_fn, list(leaves.values()))
-    with torch.random.fork_rng(devices=_devices(model)), state.original():
+    with torch.random.fork_rng(devices=_devices(model)), state.original(), contextlib.ExitStack() as stack:
+        for device in _autocast_devices():
+            stack.enter_context(torch.autocast(device, enabled=False))
         torch.manual_seed(seed)
         out, loss, grads = torch.func.functional_call(run, {f"model.{n}": t for n, t in tensors.items()},
                                                       (args, kwargs))
@@ -455,6 +489,11 @@ def _tensors(out: Any, prefix: str) -> dict[str, torch.Tensor]:
         for i, v in enumerate(out):
             found.update(_tensors(v, f"{prefix}[{i}]"))
     return found
+
+
+def _autocast_devices() -> list[str]:
+    """The device types autocast is on for here."""
+    return [d for d in ("cpu", "cuda", "xpu", "mps") if torch.is_autocast_enabled(d)]
 
 
 def _devices(model: nn.Module) -> list[int]:

@@ -8,6 +8,7 @@ import torch
 
 import fastft
 from fastft.tiny import random_batch
+from fastft.tolerances import tolerance_for
 
 from helpers import DEVICE, assert_same_training, random_lora_b, tiny, twin
 
@@ -97,13 +98,18 @@ def test_4bit_linears_with_a_trained_bias_train_like_the_original(saved_biased_m
     _assert_every_adapted_linear_fused(model)
 
 
-def test_prepare_model_for_kbit_training_recipe_is_fused_and_checked(saved_biased_model):
+@pytest.mark.parametrize("saved", ["saved_biased_model", "saved_model"])
+def test_prepare_model_for_kbit_training_recipe_is_fused_and_checked(saved, request):
     """peft's QLoRA recipe: float32 norms, biases, embeddings and activations around the bf16 4-bit
-    GEMMs, reentrant checkpointing and inputs that require grad. The check holds the fused model to
-    float32's tolerance there."""
-    model = fastft.optimize(_qlora(saved_biased_model, kbit_recipe=True))
+    GEMMs, reentrant checkpointing and inputs that require grad. Each region is held to float32's
+    tolerance; the whole model to bf16's, the dtype its GEMMs compute in (on the tiny Llama its
+    float32 adapter gradients differ by up to 0.0014 rel L2, float32's bound being 1e-4)."""
+    model = fastft.optimize(_qlora(request.getfixturevalue(saved), kbit_recipe=True))
     result = fastft.check(model, _batch(model))
     assert result.ok, str(result)
+    assert all(c.dtype == "float32" for c in result.regions if c.name.endswith("output")), str(result)
+    bf16 = f"rel_l2<={tolerance_for(torch.bfloat16).rel_l2:g}"
+    assert all(c.bound.startswith(bf16) for c in result.model), str(result)
     _assert_every_adapted_linear_fused(model)
     assert fastft.report(model).graphs_captured == 1, str(fastft.report(model))
 
