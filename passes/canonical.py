@@ -86,13 +86,26 @@ def _is_torch_callable(target: Any) -> bool:
             or getattr(target, "__objclass__", None) is torch._C.TensorBase)
 
 
+# Each dtype holds every value of the dtypes listed for it: a cast into it and on loses nothing.
+_HOLDS_EXACTLY = {
+    torch.float32: (torch.bfloat16, torch.float16),
+    torch.float64: (torch.float32, torch.bfloat16, torch.float16),
+}
+
+
 def _canon_cast(node: fx.Node, name: str) -> Canon | None:
     canon = _cast_of(node, name)
+    inner = canonical(canon.args[0]) if canon is not None and canon.op == "cast" else None
+    if inner is not None and inner.op == "cast" and isinstance(inner.args[0], fx.Node) \
+            and dtype_of(inner.args[0]) in _HOLDS_EXACTLY.get(inner.attrs["dtype"], ()):
+        # A cast of an exact widening (bf16 -> fp32 -> bf16: peft casting x to float32 adapters
+        # under autocast, which casts it back) is the one cast of the narrower value.
+        canon = Canon("cast", (inner.args[0],), canon.attrs, via=(canon.args[0], *inner.via))
     if canon is not None and canon.op == "cast" and isinstance(canon.args[0], fx.Node) \
             and tensor_meta(canon.args[0]) is not None and dtype_of(canon.args[0]) == canon.attrs["dtype"]:
         # A cast to the dtype the tensor already has changes nothing (``.float()`` of a float32
         # value): the same value as its input, wherever a pattern reads the input uncast.
-        return Canon("identity", canon.args)
+        return Canon("identity", canon.args, via=canon.via)
     return canon
 
 

@@ -1,6 +1,7 @@
 """The torch.compile backend: every graph Dynamo captures goes through the pass pipeline.
 
-    normalise (lazily, canonical view) -> match + rewrite -> clean up -> lower -> CapturedGraph
+    autocast made explicit -> normalise (lazily, canonical view) -> match + rewrite -> clean up
+    -> lower -> CapturedGraph
 
 Lowering hands the rewritten graph to Inductor (the fused ops are opaque custom ops to it, so it
 generates code only for the glue between them) or runs it as it is ("eager", the CPU default:
@@ -21,6 +22,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from .autocast import autocast_made_explicit
 from .pattern import Pattern
 from .requires_grad import check_dropped_marks, redundant_requires_grad_dropped
 from .rewrite import RewriteResult, rewrite_graph_module
@@ -157,6 +159,7 @@ def make_backend(patterns: list[Pattern], lower: str, on_capture: Callable[[Capt
     def backend(gm: fx.GraphModule, example_inputs: list) -> CapturedGraph:
         key = graph_key(gm)
         check_dropped_marks(gm)
+        autocast_made_explicit(gm)
         result = rewrite_graph_module(gm, patterns)
         how = resolve_lowering(lower, example_inputs)
         joins: Counter = Counter()

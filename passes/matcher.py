@@ -152,9 +152,9 @@ class _Search:
         if canon is not None and canon.op in ("cast", "identity") and v not in self.blocked:
             dtype = canon.attrs.get("dtype")
             if canon.op == "identity":
-                yield from self._cast(e, canon.args[0], b, nodes + (v,))
+                yield from self._cast(e, canon.args[0], b, nodes + (v,) + canon.via)
             elif e.name not in b or b[e.name] == dtype:
-                yield from self.match(e.inner, canon.args[0], {**b, e.name: dtype}, nodes + (v,))
+                yield from self.match(e.inner, canon.args[0], {**b, e.name: dtype}, nodes + (v,) + canon.via)
         if e.name not in b or b[e.name] is None:
             yield from self.match(e.inner, v, {**b, e.name: None}, nodes)
 
@@ -163,7 +163,7 @@ class _Search:
         if canon is not None and canon.op == "identity" and v not in self.blocked:
             # The same value as its input (a cast to the dtype it has, a layout change): the op
             # is looked for there, and the identity joins the region.
-            yield from self._op(e, canon.args[0], b, nodes + (v,))
+            yield from self._op(e, canon.args[0], b, nodes + (v,) + canon.via)
             return
         if canon is None or canon.op != e.op:
             found = canon.op if canon else (
