@@ -24,7 +24,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 from fastft.passes.canonical import canonical, tensor_meta
 from fastft.passes.rewrite import REWRITE_META, AppliedRewrite
@@ -160,19 +161,21 @@ def check(model: nn.Module, inputs: dict | tuple, loss_fn: Callable[[Any], torch
         result.problems.append("no captured graph ran: the optimised model did not go through fastft")
     generator = torch.Generator().manual_seed(seed)
     for graph, args in calls:
-        with torch.no_grad():
+        with torch.no_grad(), _without_cudnn_attention():
             _RegionRunner(graph.gm, result, generator, graph.module_prefix).run(*args)
     return result
 
 
-class _ComputedDtypes(TorchDispatchMode):
-    """Records the floating dtypes of the values the ops compute while it is active."""
+class _ComputedDtypes(TorchFunctionMode):
+    """Records the floating dtypes of the values torch functions compute while it is active (at
+    the torch API, not the dispatcher: a dispatch mode would also see inside control-flow
+    operators, which then reject it)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.dtypes: set[torch.dtype] = set()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for value in pytree.tree_leaves(out):
             if isinstance(value, torch.Tensor) and value.is_floating_point():
@@ -259,6 +262,16 @@ class _RegionRunner(fx.Interpreter):
             self.result.regions.append(_compare(f"{where} grad[{k}]", a, b, elementwise=False, floor=floor))
 
 
+def _without_cudnn_attention() -> contextlib.AbstractContextManager:
+    """Regions are re-run with attention on any backend but cuDNN's. cuDNN's attention backward
+    (torch 2.11, cuDNN 9.19, H200) reuses the plan it built for the first layout it met at a
+    shape: the re-run hands it q, k and v in the layout eager gives them (views of one fused qkv
+    projection), where the model's compiled graph had handed them laid out otherwise, and gets
+    wrong gradients (tiny Phi-3, bf16: region and fused op 1.3-1.5 apart, rel_l2; agreeing with
+    cuDNN's attention off). The model-level comparison keeps every backend."""
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def _laid_out_like(grad: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     """``grad``'s values in ``output``'s memory layout, as a model's backward usually hands a
     gradient over. cuDNN's attention backward (torch 2.11, cuDNN 9.19, H200) caches its plans
@@ -291,7 +304,20 @@ class _InFloat64(fx.Interpreter):
             (source,) = self.map_nodes_to_values((canon.args[0],), n)
             if isinstance(source, torch.Tensor) and source.dtype == torch.float64:
                 return source
+        if isinstance(n.target, torch._ops.OpOverload) and n.target.namespace not in _TORCH_NAMESPACES:
+            # Another library's kernel keeps its own dtype contract (bitsandbytes' CUDA 4-bit GEMM
+            # takes float32 absmax only): it gets its inputs in the dtypes they were traced with.
+            def traced_dtype(a: fx.Node) -> Any:
+                value, meta = self.env[a], tensor_meta(a)
+                if isinstance(value, torch.Tensor) and value.dtype == torch.float64 and meta is not None:
+                    return value.to(meta.dtype)
+                return value
+
+            return n.target(*fx.node.map_arg(n.args, traced_dtype), **fx.node.map_arg(n.kwargs, traced_dtype))
         return super().run_node(n)
+
+
+_TORCH_NAMESPACES = ("aten", "prims")
 
 
 def _is_floating(dtype: Any) -> bool:

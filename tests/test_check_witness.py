@@ -130,3 +130,27 @@ def test_a_region_with_casts_runs_in_float64():
     xd, wd, ad, bd = (t.double() for t in (x, w, a, b))
     assert out.dtype == torch.float64
     assert torch.allclose(out, xd @ wd.T + 2.0 * (xd @ ad.T) @ bd.T, rtol=1e-12, atol=1e-12)
+
+
+@torch.library.custom_op("fastft_test::float32_only", mutates_args=())
+def _float32_only(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """As bitsandbytes' CUDA 4-bit GEMM takes its absmax: float32 or an error."""
+    if scale.dtype != torch.float32:
+        raise RuntimeError(f"scale must be float32, got {scale.dtype}")
+    return x * scale.to(x.dtype)
+
+
+def test_a_library_op_in_a_region_keeps_its_traced_dtypes_in_the_float64_run():
+    # Before: every floating input was widened, and the op raised on a float64 scale (the 4-bit
+    # regions of peft's QLoRA recipe on the H200, 2026-12-01).
+    def region(x, scale):
+        return torch.ops.fastft_test.float32_only.default(x, scale) + x
+
+    gm = fx.symbolic_trace(region)
+    g = torch.Generator().manual_seed(0)
+    x, scale = torch.randn(5, 8, generator=g), torch.rand(8, generator=g)
+    for node, value in zip([n for n in gm.graph.nodes if n.op == "placeholder"], (x, scale)):
+        node.meta["val"] = value
+    (out,) = _float64_outputs(types.SimpleNamespace(region=gm), [x, scale])
+    assert out.dtype == torch.float64  # the op's float32 result meets the float64 x
+    assert torch.allclose(out, x.double() * scale.double() + x.double(), rtol=1e-6, atol=1e-6)
